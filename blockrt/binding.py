@@ -1,0 +1,67 @@
+"""Binding: the one materialize/evict pair that moves a block's weights in and out of the user's model.
+
+The user's ``nn.Parameter`` (and buffer) objects keep their identity: ``torch.utils.swap_tensors``
+exchanges their contents with either a view into a slot (materialize) or a ``meta``-device placeholder of
+the same shape and dtype (evict), so a stray use of an evicted weight fails loudly instead of computing
+on stale data. Tied names share one object, so binding the owner binds every alias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .plan import TensorSpec, dtype_from_name
+
+
+def _slot_of(model: nn.Module, key: str) -> tuple[nn.Module, str, bool]:
+    prefix, _, name = key.rpartition(".")
+    module = model.get_submodule(prefix) if prefix else model
+    if name in module._parameters:
+        return module, name, True
+    if name in module._buffers:
+        return module, name, False
+    raise KeyError(f"{key!r} is neither a parameter nor a buffer of {type(module).__name__}")
+
+
+class Binder:
+    """Swaps tensors of ``model`` named by state-dict keys."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def tensor(self, key: str) -> torch.Tensor:
+        module, name, is_param = _slot_of(self.model, key)
+        t = module._parameters[name] if is_param else module._buffers[name]
+        assert t is not None
+        return t
+
+    def _swap(self, key: str, new: torch.Tensor) -> None:
+        module, name, is_param = _slot_of(self.model, key)
+        old = module._parameters[name] if is_param else module._buffers[name]
+        if old is None:
+            raise KeyError(f"{key!r} is None in the model")
+        if is_param:
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        torch.utils.swap_tensors(old, new)
+
+    def materialize(self, pairs: Iterable[tuple[TensorSpec, torch.Tensor]]) -> None:
+        """Point each named tensor at its data (a slot view or a pinned tensor)."""
+        for spec, data in pairs:
+            self._swap(spec.key, data)
+
+    def evict(self, specs: Iterable[TensorSpec]) -> None:
+        """Replace each named tensor's data by a meta placeholder of the same shape and dtype."""
+        for spec in specs:
+            self._swap(spec.key, torch.empty(spec.shape, dtype=dtype_from_name(spec.dtype), device="meta"))
+
+
+def meta_leftovers(model: nn.Module, streamed: set[str]) -> list[str]:
+    """Names of parameters/buffers still on ``meta`` that no block streams (they would fail at forward)."""
+    out = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta and name not in streamed:
+            out.append(name)
+    return out

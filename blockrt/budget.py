@@ -1,0 +1,63 @@
+"""Memory budgets: parsing ``"3.3GB"``-style strings into bytes, and formatting bytes for people."""
+
+from __future__ import annotations
+
+import math
+import re
+
+_UNITS: dict[str, int] = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([a-zA-Z]+)?\s*$")
+
+ACCEPTED = (
+    "a positive int of bytes, or a string: a number and a unit "
+    "(B, KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB = powers of 1024), "
+    "case-insensitive, with or without a space, e.g. '3.3GB', '3 GiB', '512MB', '700MiB'"
+)
+
+
+def parse_budget(budget: int | str) -> int:
+    """Return a budget in bytes.
+
+    Args:
+        budget: an int (bytes) or a string such as ``"3.3GB"`` (3.3e9 bytes) or ``"3GiB"`` (3 * 2**30).
+
+    Raises:
+        ValueError: for anything else (zero, negative, NaN, unknown units), listing the accepted forms.
+
+    Example:
+        >>> parse_budget("512MB")
+        512000000
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise ValueError(f"budget must be {ACCEPTED}; got {budget!r} of type {type(budget).__name__}")
+    if isinstance(budget, int):
+        if budget <= 0:
+            raise ValueError(f"budget must be {ACCEPTED}; got {budget} bytes, which is not positive")
+        return budget
+    m = _PATTERN.match(budget)
+    unit = (m.group(3) or "").lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"budget must be {ACCEPTED}; got {budget!r}")
+    value = float(m.group(1)) * 10 ** int(m.group(2) or 0)
+    nbytes = value * _UNITS[unit]
+    if not math.isfinite(nbytes) or nbytes < 1:
+        raise ValueError(f"budget must be {ACCEPTED}; got {budget!r}, which is {nbytes:g} bytes")
+    return int(round(nbytes))
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in decimal units for reports: ``1_500_000`` -> ``"1.50 MB"``."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"

@@ -1,0 +1,308 @@
+"""The Profile: what a run did, as events on a clock, and the measures of design §4 derived from them.
+
+The loader thread and the compute thread record ``load``/``compute``/``wait``/``evict`` events and memory
+counters (``ledger_bytes``, ``rss_bytes``) into one :class:`Profile`; passes are bracketed by
+``begin_pass``/``end_pass``. From these come the :class:`Summary` (``wall_s``, ``load_s``, ``compute_s``,
+``stall_s``, ``stall_fraction``, ``roofline_ratio``, ``bytes_loaded``, ``bytes_reused``,
+``reload_fraction``, ``peak_ledger_bytes``), a Chrome trace event JSON for Perfetto, and a PNG timeline
+(``blockrt.timeline``; matplotlib is imported only when a plot is asked for).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import IO, Any
+
+EVENT_KINDS = ("load", "compute", "wait", "evict")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One interval on the timeline. Times are seconds since the profile's t0."""
+
+    kind: str  # one of EVENT_KINDS
+    block: str  # block name
+    pass_idx: int  # the pass this event serves (a prefetch for pass p+1 is tagged p+1)
+    start: float
+    end: float
+    nbytes: int = 0  # bytes read, for load events
+    thread: str = ""  # lane name: "loader" or "compute"
+
+    @property
+    def lane(self) -> str:
+        """The lane the event is drawn on: its thread, else ``loader`` for loads and ``compute`` otherwise."""
+        return self.thread or ("loader" if self.kind == "load" else "compute")
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.3f} s" if abs(s) >= 1.0 else f"{s * 1e3:.1f} ms"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The measures of design §4 over a selection of completed passes (see :meth:`Profile.summary`)."""
+
+    passes: int
+    wall_s: float  # sum of pass durations
+    load_s: float  # sum of load durations of the selected passes
+    compute_s: float
+    stall_s: float  # sum of wait durations: compute waiting for loads
+    stall_fraction: float  # stall_s / wall_s, 0 if wall_s == 0
+    roofline_ratio: float  # wall_s / max(load_s, compute_s); 1.0 = perfect overlap; nan if both are 0
+    bytes_loaded: int
+    bytes_reused: int  # bytes served by blocks already resident
+    reload_fraction: float  # bytes_loaded / (bytes_loaded + bytes_reused); nan if both are 0
+    peak_ledger_bytes: int  # max of the "ledger_bytes" counter over the whole profile
+    budget: int | None
+    peak_rss_delta: int | None = None  # max of "rss_bytes" minus its first sample; None without samples
+
+    @property
+    def load_bytes_per_s(self) -> float:
+        """Load bandwidth: ``bytes_loaded / load_s`` (nan without load time)."""
+        return self.bytes_loaded / self.load_s if self.load_s > 0 else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (nan stays nan)."""
+        return asdict(self)
+
+    def __str__(self) -> str:
+        bw = self.load_bytes_per_s
+        per_pass = f"{_fmt_s(self.wall_s / self.passes)} per pass" if self.passes else ""
+        if self.budget:
+            pct = 100.0 * self.peak_ledger_bytes / self.budget
+            ledger_note = f"of budget {_fmt_bytes(self.budget)} ({pct:.1f}%)"
+        else:
+            ledger_note = "(no budget set)"
+        rows = [
+            ("wall_s", _fmt_s(self.wall_s), per_pass),
+            ("load_s", _fmt_s(self.load_s), "" if math.isnan(bw) else f"at {_fmt_bytes(bw)}/s"),
+            ("compute_s", _fmt_s(self.compute_s), ""),
+            ("stall_s", _fmt_s(self.stall_s), "compute waiting for loads"),
+            ("stall_fraction", f"{self.stall_fraction:.3f}", "stall_s / wall_s"),
+            ("roofline_ratio", f"{self.roofline_ratio:.2f}", "(1.00 = perfect overlap, 2.00 = sequential)"),
+            ("bytes_loaded", _fmt_bytes(self.bytes_loaded), ""),
+            ("bytes_reused", _fmt_bytes(self.bytes_reused), "served by retained blocks"),
+            ("reload_fraction", f"{self.reload_fraction:.3f}", "loaded / (loaded + reused)"),
+            ("peak_ledger_bytes", _fmt_bytes(self.peak_ledger_bytes), ledger_note),
+        ]
+        if self.peak_rss_delta is not None:
+            rows.append(("peak_rss_delta", _fmt_bytes(self.peak_rss_delta), "peak RSS minus RSS at start"))
+        lines = [f"blockrt profile: {self.passes} pass{'' if self.passes == 1 else 'es'}"]
+        lines += [f"  {name:<18} {value:>10}  {note}".rstrip() for name, value, note in rows]
+        return "\n".join(lines)
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file through ``write(fileobj)`` into a temporary name in the same directory, then rename.
+
+    The file is flushed and fsynced before ``os.replace``, so ``path`` is either the old file or the whole
+    new one; on any error the temporary file is removed and the error propagates.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class Profile:
+    """Events, counters and passes of one runtime, recorded from the loader and compute threads.
+
+    Args:
+        budget: the memory budget in bytes (shown against ``peak_ledger_bytes``), or None.
+        device: the compute device's name, for the trace's metadata.
+
+    Example:
+        >>> p = Profile(budget=3_300_000_000)
+        >>> p.begin_pass(0, p.now()); t = p.now(); p.record("compute", "block.0", 0, t, p.now())
+        >>> p.end_pass(0, p.now()); print(p.summary().passes)
+        1
+    """
+
+    def __init__(self, budget: int | None = None, device: str = "cpu") -> None:
+        self.budget = budget
+        self.device = device
+        self._t0 = time.perf_counter()
+        self._lock = threading.Lock()
+        self._events: list[Event] = []
+        self._counters: dict[str, list[tuple[float, float]]] = {}
+        self._reuse: list[tuple[str, int, int]] = []  # (block, pass_idx, nbytes)
+        self._open: dict[int, float] = {}  # pass_idx -> start of a begun pass
+        self._passes: list[tuple[int, float, float]] = []
+
+    def now(self) -> float:
+        """Seconds since this profile's t0 (``time.perf_counter`` based)."""
+        return time.perf_counter() - self._t0
+
+    def record(self, kind: str, block: str, pass_idx: int, start: float, end: float,
+               nbytes: int = 0, thread: str = "") -> None:
+        """Add one event (thread-safe). Times are seconds since t0, as returned by :meth:`now`."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"event kind {kind!r} is not one of {EVENT_KINDS}")
+        if not (0.0 <= start <= end and math.isfinite(end)):
+            raise ValueError(f"{kind} {block!r}: expected 0 <= start <= end in seconds since t0 "
+                             f"(use Profile.now()), got start={start!r} end={end!r}")
+        if nbytes < 0 or pass_idx < 0:
+            raise ValueError(f"{kind} {block!r}: nbytes and pass_idx must be >= 0, got {nbytes}, {pass_idx}")
+        ev = Event(kind, block, int(pass_idx), float(start), float(end), int(nbytes), thread)
+        with self._lock:
+            self._events.append(ev)
+
+    def record_reuse(self, block: str, pass_idx: int, nbytes: int) -> None:
+        """Note that pass ``pass_idx`` used ``block`` (``nbytes``) while resident, without loading it."""
+        if nbytes < 0:
+            raise ValueError(f"reuse of {block!r}: nbytes must be >= 0, got {nbytes}")
+        with self._lock:
+            self._reuse.append((block, int(pass_idx), int(nbytes)))
+
+    def counter(self, name: str, t: float, value: float) -> None:
+        """Add a sample ``value`` at time ``t`` to the counter series ``name`` (thread-safe)."""
+        if not (t >= 0.0 and math.isfinite(t) and math.isfinite(value)):
+            raise ValueError(f"counter {name!r}: expected t >= 0 (seconds since t0) and a finite value, "
+                             f"got t={t!r} value={value!r}")
+        with self._lock:
+            self._counters.setdefault(name, []).append((float(t), value))
+
+    def begin_pass(self, pass_idx: int, t: float) -> None:
+        """Mark the start of pass ``pass_idx`` at time ``t``."""
+        with self._lock:
+            self._open[pass_idx] = float(t)
+
+    def end_pass(self, pass_idx: int, t: float) -> None:
+        """Mark the end of pass ``pass_idx`` at time ``t``; the pass then counts in summaries."""
+        with self._lock:
+            if pass_idx not in self._open:
+                raise ValueError(f"end_pass({pass_idx}) without begin_pass({pass_idx}); "
+                                 f"open passes: {sorted(self._open)}")
+            start = self._open.pop(pass_idx)
+            if t < start:
+                raise ValueError(f"pass {pass_idx} ends at {t!r} before it began at {start!r}")
+            self._passes.append((pass_idx, start, float(t)))
+
+    @property
+    def events(self) -> list[Event]:
+        """A copy of the events, in recording order."""
+        with self._lock:
+            return list(self._events)
+
+    @property
+    def passes(self) -> list[tuple[int, float, float]]:
+        """``(pass_idx, start, end)`` of the completed passes, in completion order."""
+        with self._lock:
+            return list(self._passes)
+
+    @property
+    def counters(self) -> dict[str, list[tuple[float, float]]]:
+        """A copy of the counter series: name -> ``[(t, value), ...]`` in recording order."""
+        with self._lock:
+            return {k: list(v) for k, v in self._counters.items()}
+
+    def summary(self, passes: Iterable[int] | None = None) -> Summary:
+        """The measures over all completed passes, or over the given completed pass indices.
+
+        Events and reuses count when their ``pass_idx`` is selected; a prefetch tagged with a pass that has
+        not completed is left out. ``peak_ledger_bytes`` is over the whole profile.
+        """
+        with self._lock:
+            events, reuse = list(self._events), list(self._reuse)
+            done = {idx: (s, e) for idx, s, e in self._passes}
+            ledger = [v for _, v in self._counters.get("ledger_bytes", [])]
+            rss = [v for _, v in self._counters.get("rss_bytes", [])]
+        if passes is None:
+            sel = set(done)
+        else:
+            sel = set(passes)
+            missing = sorted(sel - set(done))
+            if missing:
+                raise ValueError(f"passes {missing} have not completed; completed passes: {sorted(done)}")
+        wall = sum(done[i][1] - done[i][0] for i in sel)
+        dur = {k: 0.0 for k in EVENT_KINDS}
+        loaded = 0
+        for ev in events:
+            if ev.pass_idx in sel:
+                dur[ev.kind] += ev.end - ev.start
+                if ev.kind == "load":
+                    loaded += ev.nbytes
+        reused = sum(n for _, i, n in reuse if i in sel)
+        slowest = max(dur["load"], dur["compute"])
+        return Summary(
+            passes=len(sel), wall_s=wall, load_s=dur["load"], compute_s=dur["compute"],
+            stall_s=dur["wait"], stall_fraction=dur["wait"] / wall if wall > 0 else 0.0,
+            roofline_ratio=wall / slowest if slowest > 0 else math.nan,
+            bytes_loaded=loaded, bytes_reused=reused,
+            reload_fraction=loaded / (loaded + reused) if loaded + reused > 0 else math.nan,
+            peak_ledger_bytes=int(max(ledger, default=0)), budget=self.budget,
+            peak_rss_delta=int(max(rss) - rss[0]) if rss else None,
+        )
+
+    def __str__(self) -> str:
+        return str(self.summary())
+
+    def trace_events(self) -> list[dict[str, Any]]:
+        """The Chrome trace events (metadata, complete and counter events), times in microseconds."""
+        events, passes, counters = self.events, self.passes, self.counters
+        lanes = sorted({ev.lane for ev in events} | {"compute"}, key=lambda n: (n != "compute", n))
+        tids = {name: i + 1 for i, name in enumerate(lanes)}
+        tids["passes"] = len(lanes) + 1
+        out: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 1, "tid": 0,
+                                      "args": {"name": f"blockrt ({self.device})"}}]
+        for name, tid in tids.items():
+            out.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}})
+            out.append({"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid,
+                        "args": {"sort_index": tid}})
+        for idx, s, e in passes:
+            out.append({"name": f"pass {idx}", "cat": "pass", "ph": "X", "pid": 1, "tid": tids["passes"],
+                        "ts": s * 1e6, "dur": (e - s) * 1e6, "args": {"pass": idx}})
+        for ev in events:
+            out.append({"name": f"{ev.kind} {ev.block}", "cat": ev.kind, "ph": "X", "pid": 1,
+                        "tid": tids[ev.lane], "ts": ev.start * 1e6, "dur": (ev.end - ev.start) * 1e6,
+                        "args": {"pass": ev.pass_idx, "bytes": ev.nbytes}})
+        for name, series in counters.items():
+            key = "bytes" if name.endswith("bytes") else "value"
+            for t, v in series:
+                out.append({"name": name, "ph": "C", "pid": 1, "ts": t * 1e6, "args": {key: v}})
+        return out
+
+    def save_trace(self, path: str | os.PathLike[str]) -> None:
+        """Write a Chrome trace event JSON (open it in Perfetto or chrome://tracing), atomically."""
+        summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)  # strict JSON: no NaN
+                   for k, v in self.summary().to_dict().items()}
+        doc = {"traceEvents": self.trace_events(), "displayTimeUnit": "ms",
+               "otherData": {"device": self.device, **summary}}
+        data = json.dumps(doc, allow_nan=False).encode()
+        write_atomic(path, lambda f: f.write(data))
+
+    def plot(self, path: str | os.PathLike[str], title: str | None = None) -> None:
+        """Write a PNG timeline: loader and compute lanes, memory under the budget (needs matplotlib)."""
+        from .timeline import plot_timeline
+
+        plot_timeline(self, path, title=title)
+
+    def reset(self) -> None:
+        """Drop all events, counters, reuses and passes; t0 stays, so later times remain comparable."""
+        with self._lock:
+            for store in (self._events, self._counters, self._reuse, self._open, self._passes):
+                store.clear()

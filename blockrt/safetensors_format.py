@@ -1,0 +1,133 @@
+"""The safetensors file format, read and written directly (no mmap, no whole-file load).
+
+blockrt needs two things the ``safetensors`` package does not give: the absolute byte range of every
+tensor (so the loader thread can ``preadv`` straight into a slot), and a writer that checksums the data
+as it writes and fsyncs before the file becomes visible.
+
+Layout: 8-byte little-endian header length N, N bytes of JSON
+``{key: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}``,
+then the data; offsets are relative to the start of the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import StoreError
+from .plan import dtype_name
+
+CODE_TO_DTYPE: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+DTYPE_TO_CODE = {v: k for k, v in CODE_TO_DTYPE.items()}
+_MAX_HEADER = 100_000_000  # the safetensors limit
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Where one tensor's bytes live: ``path`` at absolute ``offset``, ``nbytes`` long."""
+
+    key: str
+    path: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, Segment], dict[str, str]]:
+    """Parse a safetensors header. Returns ({key: Segment}, metadata); checks the file is long enough."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise StoreError(f"{path}: expected a safetensors file, found {size} bytes (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise StoreError(
+                    f"{path}: header length {n} does not fit a file of {size} bytes: the file is truncated "
+                    "or not safetensors; fix: rewrite it"
+                )
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise StoreError(f"expected weight file {path}, but it does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: safetensors header is not valid JSON ({e}); fix: rewrite the file") from None
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    segments: dict[str, Segment] = {}
+    for key, info in header.items():
+        code = info.get("dtype")
+        if code not in CODE_TO_DTYPE:
+            raise StoreError(f"{path}: tensor {key!r} has dtype {code!r}; supported: {sorted(CODE_TO_DTYPE)}")
+        begin, end = info["data_offsets"]
+        if base + end > size:
+            raise StoreError(
+                f"{path}: tensor {key!r} ends at byte {base + end} but the file has {size} bytes: "
+                "the file is truncated; fix: delete it and write it again"
+            )
+        segments[key] = Segment(key, path, base + begin, end - begin, CODE_TO_DTYPE[code], tuple(info["shape"]))
+    return segments, meta
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> tuple[int, int]:
+    """Write ``tensors`` as one safetensors file, fsynced; return (file size, crc32 of the data section).
+
+    Tensors are laid out largest element size first, so every tensor is naturally aligned in the file.
+    The caller writes into a temporary location and renames (see ``store.py``).
+    """
+    order = sorted(tensors, key=lambda k: -tensors[k].element_size())
+    header: dict[str, object] = {}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": DTYPE_TO_CODE[dtype_name(t.dtype)], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    crc = 0
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for key in order:
+            mv = _raw_bytes(tensors[key])
+            crc = zlib.crc32(mv, crc)
+            f.write(mv)
+        f.flush()
+        os.fsync(f.fileno())
+    return 8 + len(blob) + offset, crc
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so a rename inside it is durable."""
+    fd = os.open(Path(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,151 @@
+"""Weight sources: where each tensor of a plan lives on disk.
+
+A source maps every key of a Plan to a ``Segment`` (file, absolute offset, length). Two kinds exist:
+the blockrt store (``store.py``: one file per block, with checksums) and an existing checkpoint, read in
+place: one ``.safetensors`` file, or a sharded one with its ``*.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import StoreError
+from .plan import Plan, dtype_from_name
+from .safetensors_format import Segment, read_header
+
+
+class WeightSource:
+    """Base: a resolved map from plan keys to segments, plus optional per-block checksums."""
+
+    description = "weights"
+
+    def __init__(self, segments: dict[str, Segment]) -> None:
+        self.segments = segments
+
+    def segment(self, key: str) -> Segment:
+        return self.segments[key]
+
+    def block_crc32(self, block_index: int) -> int | None:
+        """The expected crc32 of a block's data in file order, when the source records one."""
+        return None
+
+    def files(self) -> list[str]:
+        return sorted({s.path for s in self.segments.values()})
+
+    def read_tensor(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Read one tensor into fresh memory (used for the small pinned part at start-up)."""
+        seg = self.segments[key]
+        out = torch.empty(seg.shape, dtype=dtype_from_name(seg.dtype))
+        if seg.nbytes:
+            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            with open(seg.path, "rb", buffering=0) as f:
+                read_exactly(f.fileno(), [view], seg.offset, seg.path)
+        return out.to(device)
+
+
+def read_exactly(fd: int, views: list[memoryview], offset: int, path: str) -> int:
+    """``preadv`` the file range starting at ``offset`` into ``views`` (scatter), retrying short reads."""
+    total = sum(v.nbytes for v in views)
+    done = 0
+    pending = list(views)
+    while pending:
+        n = os.preadv(fd, pending[:1024], offset + done)  # IOV_MAX is 1024 on Linux
+        if n == 0:
+            raise StoreError(f"{path}: unexpected end of file at byte {offset + done} (wanted {total - done} more); the file is truncated")
+        done += n
+        while pending and n >= pending[0].nbytes:
+            n -= pending[0].nbytes
+            pending.pop(0)
+        if n:
+            pending[0] = pending[0][n:]
+    return total
+
+
+class CheckpointSource(WeightSource):
+    """Tensors read in place from an existing safetensors checkpoint (single file or sharded).
+
+    Args:
+        path: a ``.safetensors`` file, a ``*.safetensors.index.json``, or a directory holding
+            ``model.safetensors.index.json`` or ``model.safetensors`` (or exactly one of either kind).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.description = f"checkpoint {self.path}"
+        files = self._shard_files()
+        segments: dict[str, Segment] = {}
+        for f in files:
+            segs, _ = read_header(f)
+            segments.update(segs)
+        super().__init__(segments)
+
+    def _shard_files(self) -> list[Path]:
+        p = self.path
+        if p.is_dir():
+            index = p / "model.safetensors.index.json"
+            single = p / "model.safetensors"
+            if index.exists():
+                p = index
+            elif single.exists():
+                p = single
+            else:
+                indexes = sorted(p.glob("*.safetensors.index.json"))
+                files = sorted(p.glob("*.safetensors"))
+                if len(indexes) == 1:
+                    p = indexes[0]
+                elif not indexes and len(files) == 1:
+                    p = files[0]
+                else:
+                    raise StoreError(
+                        f"{self.path}: expected model.safetensors, model.safetensors.index.json, or exactly one "
+                        f"*.safetensors(.index.json) file; found {[f.name for f in indexes + files] or 'none'}"
+                    )
+        if not p.exists():
+            raise StoreError(f"expected a checkpoint at {p}, but it does not exist")
+        if p.name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(p.read_text())["weight_map"]
+            except (KeyError, json.JSONDecodeError) as e:
+                raise StoreError(f"{p}: expected a JSON object with a 'weight_map'; {e}") from None
+            shards = sorted({p.parent / name for name in weight_map.values()})
+            missing = [s.name for s in shards if not s.exists()]
+            if missing:
+                raise StoreError(f"{p} names shard(s) {missing} that do not exist in {p.parent}; fix: copy the missing shards")
+            return shards
+        return [p]
+
+    def resolve(self, plan: Plan, strict: bool = True) -> None:
+        """Check every plan tensor is present with its shape and dtype; keep only the plan's keys.
+
+        A tied tensor may be stored under any of its names. With ``strict``, keys in the checkpoint that
+        the plan does not know are an error too. All problems are reported together.
+        """
+        names_of: dict[str, list[str]] = {}
+        for alias, owner in plan.aliases.items():
+            names_of.setdefault(owner, []).append(alias)
+        resolved: dict[str, Segment] = {}
+        missing, wrong = [], []
+        for key, spec in plan.all_specs().items():
+            found = next((self.segments[n] for n in [key, *names_of.get(key, [])] if n in self.segments), None)
+            if found is None:
+                missing.append(key)
+            elif found.shape != spec.shape or found.dtype != spec.dtype:
+                wrong.append(f"{key}: expected {spec.dtype}{list(spec.shape)}, found {found.dtype}{list(found.shape)}")
+            else:
+                resolved[key] = found
+        known = set(plan.all_specs()) | set(plan.aliases)
+        unexpected = sorted(set(self.segments) - known) if strict else []
+        if missing or wrong or unexpected:
+            parts = [f"{self.description} does not match the model ({plan.model_class}):"]
+            for title, items in (("missing keys", missing), ("wrong shape or dtype", wrong), ("unexpected keys", unexpected)):
+                if items:
+                    shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                    parts.append(f"  {title} ({len(items)}): " + "; ".join(shown))
+            parts.append("fix: point weights= at the checkpoint of this architecture (and dtype)"
+                         + (", or pass RunConfig(strict_keys=False) to ignore extra keys" if unexpected else ""))
+            raise StoreError("\n".join(parts))
+        self.segments = resolved

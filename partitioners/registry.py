@@ -1,0 +1,93 @@
+"""The partitioner registry: which function splits which model class into a Plan.
+
+Partitioners are chosen by model class (never by file or checkpoint names). The most specific class in
+``type(model).__mro__`` with a registered function wins; anything unregistered falls back to the generic
+partitioner, which finds the repeated layer stack by itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from torch import nn
+
+from blockrt.plan import Plan
+from partitioners.generic import check_target_bytes, generic_partition
+
+
+class PartitionFn(Protocol):
+    """``fn(model, *, target_bytes) -> Plan``: the signature every partitioner has."""
+
+    def __call__(self, model: nn.Module, *, target_bytes: int | None) -> Plan: ...
+
+
+_REGISTRY: dict[type, PartitionFn] = {}
+
+
+def register(cls: type) -> Callable[[PartitionFn], PartitionFn]:
+    """Register a partitioner for ``cls`` and its subclasses (unless they have their own).
+
+    Args:
+        cls: the model class, e.g. ``transformers.T5EncoderModel``.
+
+    Example:
+        >>> @register(MyNet)
+        ... def partition_mynet(model, *, target_bytes=None) -> Plan: ...
+    """
+    if not isinstance(cls, type):
+        raise TypeError(f"register expects a model class, got {cls!r}; use @register(MyModel)")
+
+    def decorator(fn: PartitionFn) -> PartitionFn:
+        old = _REGISTRY.get(cls)
+        # Re-registering the same function (e.g. a module reload) is fine; silently replacing another is not.
+        if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ValueError(
+                f"a partitioner for {cls.__qualname__} is already registered ({old.__module__}.{old.__qualname__}); "
+                f"call partitioners.registry.unregister({cls.__qualname__}) first to replace it"
+            )
+        _REGISTRY[cls] = fn
+        return fn
+
+    return decorator
+
+
+def unregister(cls: type) -> None:
+    """Remove the partitioner registered for exactly ``cls`` (no error if there is none)."""
+    _REGISTRY.pop(cls, None)
+
+
+def lookup(model_class: type) -> PartitionFn:
+    """The partitioner ``partition`` would use for an instance of ``model_class``."""
+    for klass in model_class.__mro__:
+        fn = _REGISTRY.get(klass)
+        if fn is not None:
+            return fn
+    return generic_partition
+
+
+def partition(
+    model: nn.Module, *, target_bytes: int | None = None, partitioner: PartitionFn | None = None
+) -> Plan:
+    """Split ``model`` into a Plan of streamable blocks and pinned tensors.
+
+    Args:
+        model: the model; it may live on the ``meta`` device (only shapes and dtypes are read).
+        target_bytes: pack consecutive layers into blocks of at most this many bytes
+            (``None``: one layer per block). A single layer larger than the target is its own block.
+        partitioner: force this function instead of the one registered for the model's class.
+
+    Example:
+        >>> plan = partition(model, target_bytes=256 << 20)
+    """
+    check_target_bytes(target_bytes)
+    if partitioner is None:
+        fn = lookup(type(model))
+    elif callable(partitioner):
+        fn = partitioner
+    else:
+        raise TypeError(f"partitioner must be a callable fn(model, *, target_bytes) -> Plan, got {partitioner!r}")
+    plan = fn(model, target_bytes=target_bytes)
+    if not isinstance(plan, Plan):
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise TypeError(f"partitioner {name} returned {type(plan).__qualname__}, expected a blockrt.plan.Plan")
+    return plan

@@ -1,0 +1,1 @@
+"""Pipelines: small end-to-end models and drivers used by the demo, the benchmarks and the tests."""

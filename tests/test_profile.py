@@ -1,0 +1,271 @@
+"""Tests of blockrt.profile and blockrt.timeline: the measures on synthetic timelines, thread safety, the
+Chrome trace format, the PNG, and atomic writes. Fast: no model, no disk beyond tmp_path."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockrt.profile import EVENT_KINDS, Event, Profile, Summary
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BUDGET = 1000  # bytes
+BLOCK_BYTES = 100
+N_THREADS = 8
+N_PER_THREAD = 500
+MEASURES = ("wall_s", "load_s", "compute_s", "stall_s", "stall_fraction", "roofline_ratio",
+            "bytes_loaded", "bytes_reused", "reload_fraction", "peak_ledger_bytes")
+
+
+def two_pass_profile() -> Profile:
+    """Pass 0 perfectly overlapped, pass 1 sequential, plus a prefetch for a pass 2 that never ran.
+
+    Pass 0, [0, 3]: compute a, b, c for 1 s each while the loader reads three blocks for 1 s each.
+    Pass 1, [3, 9]: load, wait and compute one block after another; block d is reused, not loaded.
+    """
+    p = Profile(budget=BUDGET)
+    p.begin_pass(0, 0.0)
+    for i, blk in enumerate("abc"):
+        p.record("compute", blk, 0, float(i), i + 1.0, thread="compute")
+        p.record("load", blk, 0, float(i), i + 1.0, nbytes=BLOCK_BYTES, thread="loader")
+    p.end_pass(0, 3.0)
+    p.begin_pass(1, 3.0)
+    for i, blk in enumerate("abc"):
+        t = 3.0 + 2 * i
+        p.record("load", blk, 1, t, t + 1, nbytes=BLOCK_BYTES, thread="loader")
+        p.record("wait", blk, 1, t, t + 1, thread="compute")
+        p.record("compute", blk, 1, t + 1, t + 2, thread="compute")
+        p.record("evict", blk, 1, t + 2, t + 2, thread="compute")
+    p.record_reuse("d", 1, BLOCK_BYTES)
+    p.end_pass(1, 9.0)
+    p.record("load", "a", 2, 9.0, 9.5, nbytes=BLOCK_BYTES, thread="loader")  # prefetch for pass 2
+    p.record_reuse("d", 2, BLOCK_BYTES)
+    for t, v in [(0.0, 100), (1.0, 300), (5.0, 250), (9.5, 150)]:
+        p.counter("ledger_bytes", t, v)
+    for t, v in [(0.0, 5000), (2.0, 5600), (9.0, 5200)]:
+        p.counter("rss_bytes", t, v)
+    return p
+
+
+def test_overlapped_pass_is_at_the_roofline() -> None:
+    s = two_pass_profile().summary([0])
+    assert (s.passes, s.wall_s, s.load_s, s.compute_s, s.stall_s) == (1, 3.0, 3.0, 3.0, 0.0)
+    assert s.stall_fraction == 0.0
+    assert s.roofline_ratio == 1.0
+    assert (s.bytes_loaded, s.bytes_reused, s.reload_fraction) == (300, 0, 1.0)
+
+
+def test_sequential_pass_is_twice_the_roofline() -> None:
+    s = two_pass_profile().summary([1])
+    assert (s.passes, s.wall_s, s.load_s, s.compute_s, s.stall_s) == (1, 6.0, 3.0, 3.0, 3.0)
+    assert s.stall_fraction == 0.5
+    assert s.roofline_ratio == 2.0
+    assert (s.bytes_loaded, s.bytes_reused, s.reload_fraction) == (300, 100, 0.75)
+
+
+def test_summary_over_all_completed_passes_excludes_the_pending_prefetch() -> None:
+    p = two_pass_profile()
+    s = p.summary()
+    assert s == p.summary([0, 1]) == p.summary(iter([1, 0]))
+    assert (s.passes, s.wall_s, s.load_s, s.compute_s, s.stall_s) == (2, 9.0, 6.0, 6.0, 3.0)
+    assert s.stall_fraction == 3.0 / 9.0
+    assert s.roofline_ratio == 1.5
+    assert (s.bytes_loaded, s.bytes_reused) == (600, 100)
+    assert s.reload_fraction == 600 / 700
+    assert (s.peak_ledger_bytes, s.budget, s.peak_rss_delta) == (300, BUDGET, 600)
+    assert s.load_bytes_per_s == 100.0
+    assert s.to_dict()["roofline_ratio"] == 1.5 and set(MEASURES) <= set(s.to_dict())
+    assert str(p) == str(s)
+
+
+def test_summary_edge_cases() -> None:
+    p = two_pass_profile()
+    with pytest.raises(ValueError, match=r"\[2\].*completed passes: \[0, 1\]"):
+        p.summary([2])
+    empty = Profile().summary()
+    assert (empty.passes, empty.wall_s, empty.stall_fraction, empty.peak_ledger_bytes) == (0, 0.0, 0.0, 0)
+    assert math.isnan(empty.roofline_ratio) and math.isnan(empty.reload_fraction)
+    assert empty.budget is None and empty.peak_rss_delta is None
+    assert "roofline_ratio" in str(empty)
+
+
+def test_record_validates_and_events_are_copies() -> None:
+    p = Profile()
+    with pytest.raises(ValueError, match="kind"):
+        p.record("read", "a", 0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="start <= end"):
+        p.record("load", "a", 0, 2.0, 1.0)
+    with pytest.raises(ValueError, match="begin_pass"):
+        p.end_pass(0, 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        p.counter("ledger_bytes", 0.0, math.nan)
+    p.record("load", "a", 0, 0.0, 1.0, nbytes=5)
+    p.events.clear()
+    assert p.events == [Event("load", "a", 0, 0.0, 1.0, 5, "")]
+    assert p.events[0].lane == "loader" and Event("wait", "a", 0, 0, 0).lane == "compute"
+
+
+def test_now_is_monotonic_and_reset_keeps_t0() -> None:
+    p = two_pass_profile()
+    t = p.now()
+    assert t >= 0.0
+    p.reset()
+    assert p.events == [] and p.passes == [] and p.counters == {}
+    assert p.summary().passes == 0 and p.summary().bytes_reused == 0
+    assert p.now() >= t
+
+
+def test_concurrent_recording_loses_nothing() -> None:
+    p = Profile()
+    barrier = threading.Barrier(N_THREADS + 1)
+
+    def worker(k: int) -> None:
+        barrier.wait()
+        for i in range(N_PER_THREAD):
+            t = p.now()
+            p.record(EVENT_KINDS[i % 4], f"b{k}", 0, t, t, nbytes=1, thread=f"t{k}")
+            p.counter("ledger_bytes", t, k * N_PER_THREAD + i)
+            p.record_reuse(f"b{k}", 0, 1)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(N_THREADS)]
+    for th in threads:
+        th.start()
+    barrier.wait()
+    while any(th.is_alive() for th in threads):  # readers run while writers write
+        p.summary()
+        len(p.events)
+    for th in threads:
+        th.join()
+    p.begin_pass(0, 0.0)
+    p.end_pass(0, p.now())
+    events = p.events
+    assert len(events) == N_THREADS * N_PER_THREAD
+    for k in range(N_THREADS):
+        assert sum(ev.thread == f"t{k}" for ev in events) == N_PER_THREAD
+    assert len(p.counters["ledger_bytes"]) == N_THREADS * N_PER_THREAD
+    s = p.summary()
+    assert s.bytes_loaded == N_THREADS * N_PER_THREAD // 4
+    assert s.bytes_reused == N_THREADS * N_PER_THREAD
+    assert s.peak_ledger_bytes == N_THREADS * N_PER_THREAD - 1
+
+
+REQUIRED = {"X": {"name", "ph", "ts", "dur", "pid", "tid"}, "M": {"name", "ph", "pid", "args"},
+            "C": {"name", "ph", "ts", "pid", "args"}}
+
+
+def validate_chrome_trace(doc: Any) -> list[dict[str, Any]]:
+    """Check ``doc`` against the Chrome Trace Event Format (JSON object form); returns the events."""
+    assert isinstance(doc, dict) and isinstance(doc["traceEvents"], list)
+    assert doc.get("displayTimeUnit") in ("ms", "ns")
+    assert isinstance(doc.get("otherData", {}), dict)
+    for ev in doc["traceEvents"]:
+        assert ev["ph"] in REQUIRED, ev
+        assert REQUIRED[ev["ph"]] <= set(ev), ev
+        assert isinstance(ev["name"], str) and isinstance(ev["pid"], int)
+        assert isinstance(ev.get("tid", 0), int) and not isinstance(ev.get("tid", 0), bool)
+        for key in ("ts", "dur"):
+            if key in ev:
+                assert isinstance(ev[key], (int, float)) and ev[key] >= 0, ev
+        if ev["ph"] == "M":
+            assert ev["name"] in ("process_name", "thread_name", "process_sort_index", "thread_sort_index")
+            if ev["name"].endswith("_name"):
+                assert isinstance(ev["args"]["name"], str)
+        if ev["ph"] == "C":
+            assert ev["args"] and all(isinstance(v, (int, float)) for v in ev["args"].values())
+    return doc["traceEvents"]
+
+
+def test_trace_is_valid_chrome_trace_json(tmp_path: Path) -> None:
+    p = two_pass_profile()
+    path = tmp_path / "trace.json"
+    p.save_trace(path)
+    events = validate_chrome_trace(json.loads(path.read_text()))
+    names = {ev["tid"]: ev["args"]["name"] for ev in events if ev["name"] == "thread_name"}
+    assert names[min(names)] == "compute" and "loader" in names.values()
+    x = [ev for ev in events if ev["ph"] == "X" and ev.get("cat") in EVENT_KINDS]
+    assert len(x) == len(p.events)
+    assert all(ev["tid"] in names for ev in x)
+    assert {ev["cat"] for ev in x} == set(EVENT_KINDS)  # evictions included
+    load_b = next(ev for ev in x if ev["name"] == "load b" and ev["args"]["pass"] == 1)
+    assert (load_b["ts"], load_b["dur"], load_b["args"]["bytes"]) == (5e6, 1e6, BLOCK_BYTES)
+    assert names[load_b["tid"]] == "loader"
+    counters = [ev for ev in events if ev["ph"] == "C"]
+    assert sorted(ev["args"]["bytes"] for ev in counters if ev["name"] == "ledger_bytes") == [100, 150, 250, 300]
+    assert {ev["name"] for ev in counters} == {"ledger_bytes", "rss_bytes"}
+    other = json.loads(path.read_text())["otherData"]
+    assert other["roofline_ratio"] == 1.5 and other["peak_ledger_bytes"] == 300
+    assert sorted(os.listdir(tmp_path)) == ["trace.json"]
+
+
+def test_trace_of_empty_profile_is_valid_and_nan_free(tmp_path: Path) -> None:
+    Profile().save_trace(tmp_path / "t.json")
+    doc = json.loads((tmp_path / "t.json").read_text())  # strict JSON: NaN written as null
+    validate_chrome_trace(doc)
+    assert doc["otherData"]["roofline_ratio"] is None
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "trace.json"
+    path.write_text("old")
+
+    def boom(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        two_pass_profile().save_trace(path)
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["trace.json"]
+
+
+def test_plot_writes_a_readable_png(tmp_path: Path) -> None:
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    figs_before = plt.get_fignums()
+    p = two_pass_profile()
+    p.plot(tmp_path / "timeline.png")
+    Profile().plot(tmp_path / "empty.png", title="nothing")  # no events, no counters, no budget
+    assert sorted(os.listdir(tmp_path)) == ["empty.png", "timeline.png"]
+    for name in ("timeline.png", "empty.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == PNG_MAGIC
+        img = matplotlib.image.imread(tmp_path / name)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert plt.get_fignums() == figs_before  # no figure left open
+
+
+def test_str_is_one_screen_with_the_measures() -> None:
+    text = str(two_pass_profile().summary())
+    for name in MEASURES:
+        assert name in text
+    assert re.search(r"roofline_ratio +1\.50 +\(1\.00 = perfect overlap, 2\.00 = sequential\)", text)
+    assert "(30.0%)" in text  # peak ledger 300 B of a 1000 B budget
+    assert "9.000 s" in text and "100 B/s" in text
+    assert len(text.splitlines()) <= 24 and max(map(len, text.splitlines())) <= 100
+
+
+def test_str_uses_physical_units() -> None:
+    s = Summary(passes=30, wall_s=0.25, load_s=0.2, compute_s=0.24, stall_s=0.01, stall_fraction=0.04,
+                roofline_ratio=0.25 / 0.24, bytes_loaded=2_900_000_000, bytes_reused=0,
+                reload_fraction=1.0, peak_ledger_bytes=3_100_000_000, budget=3_300_000_000)
+    text = str(s)
+    assert "250.0 ms" in text and "10.0 ms" in text and "2.90 GB" in text
+    assert "14.50 GB/s" in text and "3.10 GB" in text and "of budget 3.30 GB (93.9%)" in text
+    assert re.search(r"roofline_ratio +1\.04 +\(1\.00 = perfect overlap", text)
+
+
+def test_profile_import_does_not_need_matplotlib() -> None:
+    code = "import sys, blockrt.profile; assert 'matplotlib' not in sys.modules, 'imported matplotlib'"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)

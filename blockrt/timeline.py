@@ -98,6 +98,7 @@ def plot_timeline(profile: Profile, path: str | os.PathLike[str], title: str | N
     for name, color in (("ledger_bytes", "#4C72B0"), ("rss_bytes", "#55A868")):
         series = sorted(counters.get(name, []))
         if series:
+            series.append((max(x1, series[-1][0]), series[-1][1]))  # the last value holds to the end
             mem.step([t for t, _ in series], [v / 1e9 for _, v in series], where="post",
                      color=color, linewidth=1.0, label=name)
             drawn = True

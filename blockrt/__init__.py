@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 
 from .budget import parse_budget  # noqa: E402
 from .config import RunConfig  # noqa: E402
+from .device import PROFILES, DeviceProfile, get_profile, register_profile  # noqa: E402
+from .memory import drop_page_cache, read_rss  # noqa: E402
+from .predict import BlockTiming, Prediction, predict, simulate  # noqa: E402
 from .errors import BlockrtError, BudgetError, LoadError, PartitionError, StoreError  # noqa: E402
 from .plan import Block, Plan, TensorSpec  # noqa: E402
 from .profile import Profile, Summary  # noqa: E402
@@ -17,6 +20,7 @@ from .runtime import Runtime, run  # noqa: E402
 from .skeleton import meta_weights  # noqa: E402
 
 __all__ = [
-    "Block", "BlockrtError", "BudgetError", "LoadError", "PartitionError", "Plan", "Profile", "RunConfig",
+    "PROFILES", "BlockTiming", "DeviceProfile", "Prediction", "drop_page_cache", "get_profile", "predict",
+    "read_rss", "register_profile", "simulate", "Block", "BlockrtError", "BudgetError", "LoadError", "PartitionError", "Plan", "Profile", "RunConfig",
     "Runtime", "StoreError", "Summary", "TensorSpec", "meta_weights", "parse_budget", "run", "__version__",
 ]

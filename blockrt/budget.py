@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import re
+import sys
+from fractions import Fraction
 
 _UNITS: dict[str, int] = {
     "b": 1,
@@ -48,11 +49,16 @@ def parse_budget(budget: int | str) -> int:
     unit = (m.group(3) or "").lower() if m else ""
     if m is None or unit not in _UNITS:
         raise ValueError(f"budget must be {ACCEPTED}; got {budget!r}")
-    value = float(m.group(1)) * 10 ** int(m.group(2) or 0)
-    nbytes = value * _UNITS[unit]
-    if not math.isfinite(nbytes) or nbytes < 1:
-        raise ValueError(f"budget must be {ACCEPTED}; got {budget!r}, which is {nbytes:g} bytes")
-    return int(round(nbytes))
+    mantissa, exponent = m.group(1), m.group(2) or "0"
+    # Exact arithmetic: a float rounds "9007199254740993B" and overflows on "1e400GB". Beyond a float's range
+    # (as the length limits make sure before any power is taken) no budget is plausible.
+    if len(mantissa) > 400 or len(exponent.lstrip("+-")) > 3:
+        raise ValueError(f"budget must be {ACCEPTED}; got {budget!r}, which is out of range")
+    nbytes = Fraction(mantissa) * Fraction(10) ** int(exponent) * _UNITS[unit]
+    if nbytes < 1 or nbytes > sys.float_info.max:
+        what = "less than one byte" if nbytes < 1 else "more bytes than any memory"
+        raise ValueError(f"budget must be {ACCEPTED}; got {budget!r}, which is {what}")
+    return round(nbytes)
 
 
 def format_bytes(n: float) -> str:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .device import DeviceProfile
 
 VERIFY_MODES = ("first", "always", "never")
 
@@ -17,7 +21,13 @@ class RunConfig:
             0 = load on demand, the paper's sequential baseline.
         device: where compute runs: ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
         target_block_bytes: pack consecutive layers into blocks up to this many bytes (None = one layer each).
-        read_bytes_per_s: throttle the loader to this read bandwidth (simulates slow flash); None = as fast as the disk.
+        read_bytes_per_s: throttle the loader to this read bandwidth (simulates slow flash); None = the device
+            profile's flash speed if there is one, else as fast as the disk.
+        device_profile: simulate this device's loads (a name such as ``"iphone15pro"`` or a ``DeviceProfile``);
+            a profile name given as the budget sets this too.
+        retention: after the measuring passes, keep as many blocks resident as the free budget holds.
+        cold_reads: drop the weight files from the page cache (``posix_fadvise(DONTNEED)``) before the run.
+        rss_interval_s: sample the process RSS this often into the profile; None = do not sample.
         verify: check each block's crc32 on its ``"first"`` load (default), on ``"always"``, or ``"never"``.
         strict_keys: with ``weights=``, a checkpoint key the model does not have is an error.
         load_timeout_s: the longest compute waits for one block before declaring the loader stuck.
@@ -30,6 +40,10 @@ class RunConfig:
     device: str = "cpu"
     target_block_bytes: int | None = None
     read_bytes_per_s: float | None = None
+    device_profile: "str | DeviceProfile | None" = None
+    retention: bool = True
+    cold_reads: bool = False
+    rss_interval_s: float | None = 0.005
     verify: str = "first"
     strict_keys: bool = True
     load_timeout_s: float = 600.0
@@ -47,5 +61,16 @@ class RunConfig:
             raise ValueError(f"read_bytes_per_s must be a positive number of bytes/s or None; got {self.read_bytes_per_s!r}")
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}; got {self.verify!r}")
+        if self.rss_interval_s is not None and not (self.rss_interval_s > 0):
+            raise ValueError(f"rss_interval_s must be positive or None; got {self.rss_interval_s!r}")
+        self.resolved_profile()  # an unknown profile name fails here, listing the known ones
         if not (self.load_timeout_s > 0):
             raise ValueError(f"load_timeout_s must be positive; got {self.load_timeout_s!r}")
+
+    def resolved_profile(self) -> "DeviceProfile | None":
+        """The ``DeviceProfile`` named by ``device_profile`` (None if unset)."""
+        from .device import DeviceProfile, get_profile
+
+        if self.device_profile is None or isinstance(self.device_profile, DeviceProfile):
+            return self.device_profile
+        return get_profile(self.device_profile)

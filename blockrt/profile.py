@@ -4,8 +4,9 @@ The loader thread and the compute thread record ``load``/``compute``/``wait``/``
 counters (``ledger_bytes``, ``rss_bytes``) into one :class:`Profile`; passes are bracketed by
 ``begin_pass``/``end_pass``. From these come the :class:`Summary` (``wall_s``, ``load_s``, ``compute_s``,
 ``stall_s``, ``stall_fraction``, ``roofline_ratio``, ``bytes_loaded``, ``bytes_reused``,
-``reload_fraction``, ``peak_ledger_bytes``), a Chrome trace event JSON for Perfetto, and a PNG timeline
-(``blockrt.timeline``; matplotlib is imported only when a plot is asked for).
+``reload_fraction``, ``peak_ledger_bytes``, and from the ``rss_*`` counters of ``blockrt.memory.RssSampler``
+``peak_rss_delta``, ``peak_anon_delta``, ``peak_file_delta``), a Chrome trace event JSON for Perfetto, and a
+PNG timeline (``blockrt.timeline``; matplotlib is imported only when a plot is asked for).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
@@ -69,7 +70,11 @@ class Summary:
     reload_fraction: float  # bytes_loaded / (bytes_loaded + bytes_reused); nan if both are 0
     peak_ledger_bytes: int  # max of the "ledger_bytes" counter over the whole profile
     budget: int | None
-    peak_rss_delta: int | None = None  # max of "rss_bytes" minus its first sample; None without samples
+    # Process memory (blockrt.memory): the peak of a counter minus its first sample, the baseline taken before
+    # the runtime started; None without samples. rss = anon + file (+ shmem); see blockrt.memory for meanings.
+    peak_rss_delta: int | None = None  # "rss_bytes" (and the kernel's high-water mark "rss_hwm_bytes")
+    peak_anon_delta: int | None = None  # "rss_anon_bytes": heap and tensors, what iOS counts against an app
+    peak_file_delta: int | None = None  # "rss_file_bytes": clean mapped file pages (mmap'd weights), droppable
 
     @property
     def load_bytes_per_s(self) -> float:
@@ -100,11 +105,22 @@ class Summary:
             ("reload_fraction", f"{self.reload_fraction:.3f}", "loaded / (loaded + reused)"),
             ("peak_ledger_bytes", _fmt_bytes(self.peak_ledger_bytes), ledger_note),
         ]
-        if self.peak_rss_delta is not None:
-            rows.append(("peak_rss_delta", _fmt_bytes(self.peak_rss_delta), "peak RSS minus RSS at start"))
+        for name, note in (("peak_rss_delta", "peak RSS minus RSS at start"),
+                           ("peak_anon_delta", "anon (counts on iOS)"),
+                           ("peak_file_delta", "file-backed (clean, droppable)")):
+            value = getattr(self, name)
+            if value is not None:
+                rows.append((name, _fmt_bytes(value), note))
         lines = [f"blockrt profile: {self.passes} pass{'' if self.passes == 1 else 'es'}"]
         lines += [f"  {name:<18} {value:>10}  {note}".rstrip() for name, value, note in rows]
         return "\n".join(lines)
+
+
+def _peak_delta(series: Sequence[float], also: Sequence[float] = ()) -> int | None:
+    """The peak of ``series`` (and of ``also``, other readings of the same quantity) minus its first value."""
+    if not series:
+        return None
+    return int(max(max(series), max(also, default=series[0])) - series[0])
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
@@ -230,7 +246,8 @@ class Profile:
             events, reuse = list(self._events), list(self._reuse)
             done = {idx: (s, e) for idx, s, e in self._passes}
             ledger = [v for _, v in self._counters.get("ledger_bytes", [])]
-            rss = [v for _, v in self._counters.get("rss_bytes", [])]
+            rss, anon, file, hwm = ([v for _, v in self._counters.get(name, [])] for name in
+                                    ("rss_bytes", "rss_anon_bytes", "rss_file_bytes", "rss_hwm_bytes"))
         if passes is None:
             sel = set(done)
         else:
@@ -255,7 +272,8 @@ class Profile:
             bytes_loaded=loaded, bytes_reused=reused,
             reload_fraction=loaded / (loaded + reused) if loaded + reused > 0 else math.nan,
             peak_ledger_bytes=int(max(ledger, default=0)), budget=self.budget,
-            peak_rss_delta=int(max(rss) - rss[0]) if rss else None,
+            peak_rss_delta=_peak_delta(rss, hwm), peak_anon_delta=_peak_delta(anon),
+            peak_file_delta=_peak_delta(file),
         )
 
     def __str__(self) -> str:

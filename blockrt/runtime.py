@@ -1,10 +1,14 @@
 """The runtime: ``blockrt.run(model, budget)`` and the ``Runtime`` handle it returns.
 
 Removable forward hooks on the user's own modules drive everything; ``forward`` is never rewritten.
-A block's pre-hook makes it resident (waiting for its load if needed, and recording the wait); the
-post-hook of its last module (also when forward raises) releases it and asks the loader for the next
-blocks, cyclically: the block after the last one is block 0 of the next pass. Hooks on the root module
-mark the passes.
+A block's pre-hook makes it resident (``residency.py``); the post-hook of its last module (also when
+forward raises) releases it. Hooks on the root module mark the passes and run the measuring cycle:
+
+1. the first pass (and the first after the inputs' shapes change) tracks the working set live against the
+   budget, with no retention, so it stays inside the budget while measuring;
+2. the next pass measures each block's load and compute time at full speed;
+3. then the free budget (budget - pinned - slots - working set) is filled with retained blocks, chosen by
+   simulating the schedule (``predict.choose_retained``); later passes load only the rest.
 """
 
 from __future__ import annotations
@@ -18,30 +22,37 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .binding import Binder, meta_leftovers
-from .budget import format_bytes, parse_budget
+from .budget import format_bytes
 from .config import RunConfig
-from .errors import BlockrtError, BudgetError, LoadError, PartitionError
+from .device import DeviceProfile, resolve_budget
+from .errors import BlockrtError, BudgetError, PartitionError
 from .ledger import Ledger
-from .loader import BlockLayout, Loader, LoadRequest, Slot
+from .loader import BlockLayout, Loader, Slot
+from .memory import RssSampler, drop_page_cache
 from .plan import Plan
+from .predict import BlockTiming, RetentionDecision, choose_retained
 from .profile import Profile
+from .residency import Residency
 from .sources import CheckpointSource, WeightSource
 from .store import fingerprint, open_store, write_store
+from .working_set import LiveBytes
 
 log = logging.getLogger(__name__)
 
 
-def run(model: nn.Module, budget: int | str, *, weights: str | Path | None = None, store: str | Path | None = None,
-        partitioner: Any = None, config: RunConfig | None = None) -> "Runtime":
+def run(model: nn.Module, budget: int | str | DeviceProfile, *, weights: str | Path | None = None,
+        store: str | Path | None = None, partitioner: Any = None, config: RunConfig | None = None) -> "Runtime":
     """Stream ``model`` block by block under a memory budget.
 
     Args:
         model: the model, in memory (its blocks spill to a store on disk) or built on the ``meta`` device
-            (then ``weights`` is required and nothing is ever materialised whole).
-        budget: bytes as an int, or a string like ``"3.3GB"`` (10^9), ``"3GiB"`` (2^30), ``"512MB"``.
-        weights: a safetensors checkpoint (file, sharded index, or directory) to stream from in place.
+            (then ``weights`` is required and nothing is ever materialised whole; see ``meta_weights``).
+        budget: bytes as an int, a string like ``"3.3GB"`` (10^9), ``"3GiB"`` (2^30), ``"512MB"``, or a device
+            profile name such as ``"iphone15pro"`` (its memory, and loads throttled to its flash speed).
+        weights: a safetensors checkpoint (file, sharded index, directory) or a blockrt store to stream from.
         store: directory of the block store for an in-memory model (reused when it holds these weights);
             default: a temporary directory removed on ``close()``.
         partitioner: a function ``(model, *, target_bytes) -> Plan``; default: the registry's choice.
@@ -61,30 +72,45 @@ def run(model: nn.Module, budget: int | str, *, weights: str | Path | None = Non
 class Runtime:
     """A model streamed block by block; see ``blockrt.run``."""
 
-    def __init__(self, model: nn.Module, budget: int | str, *, weights: str | Path | None = None,
+    def __init__(self, model: nn.Module, budget: int | str | DeviceProfile, *, weights: str | Path | None = None,
                  store: str | Path | None = None, partitioner: Any = None, config: RunConfig | None = None) -> None:
         from partitioners import partition
 
         self.config = config = config or RunConfig()
-        self.budget = parse_budget(budget)
+        self.budget, budget_profile = resolve_budget(budget)
+        self.device_profile = config.resolved_profile() or budget_profile
+        self.read_bytes_per_s = config.read_bytes_per_s or (self.device_profile.read_bytes_per_s if self.device_profile else None)
         self.model = model
         self.device = torch.device(config.device)
         self.profile = Profile(budget=self.budget, device=str(self.device))
         self._closed = True
         self._hooks: list[Any] = []
+        self._rss = RssSampler(self.profile, interval_s=config.rss_interval_s) if config.rss_interval_s else None
+        if self._rss:
+            self._rss.start()  # baseline: the process before the runtime allocates anything
+        try:
+            self._setup(model, weights, store, partitioner, partition)
+        except BaseException:
+            if self._rss:
+                self._rss.stop()
+            raise
+
+    def _setup(self, model: nn.Module, weights: Any, store: Any, partitioner: Any, partition: Any) -> None:
+        config = self.config
         self.plan: Plan = partition(model, target_bytes=config.target_block_bytes, partitioner=partitioner)
         if not self.plan.blocks:
             raise PartitionError(f"the plan for {type(model).__name__} has no blocks to stream")
         self._layouts = [BlockLayout.of(b) for b in self.plan.blocks]
         self._check_budget()
-
         self._tmpdir: str | None = None
         self.source = self._open_source(weights, store)
+        if config.cold_reads:
+            drop_page_cache(self.source.files())
         self.ledger = Ledger(self.budget, on_change=lambda total: self.profile.counter("ledger_bytes", self.profile.now(), total))
-        self._binder = Binder(model)
-        self._bind_pinned(from_source=weights is not None)
+        binder = Binder(model)
+        self._bind_pinned(binder, from_source=weights is not None)
         for block in self.plan.blocks:
-            self._binder.evict(block.tensors)
+            binder.evict(block.tensors)
         streamed = {k for b in self.plan.blocks for k in b.keys} | set(self.plan.aliases)
         leftovers = meta_leftovers(model, streamed)
         if leftovers:
@@ -93,25 +119,31 @@ class Runtime:
                 "these are non-persistent buffers (computed, not stored) or weights missing from the plan; "
                 "fix: build the skeleton inside `with blockrt.meta_weights():` (computed buffers stay real), "
                 "or materialise those tensors before blockrt.run")
-
-        self._slot_bytes = max(lay.nbytes for lay in self._layouts)
-        self.slots: list[Slot] = []
+        slot_bytes = max(lay.nbytes for lay in self._layouts)
+        slots = []
         for s in range(self._n_slots):
-            self.ledger.reserve("slots", self._slot_bytes, f"slot {s}")
-            self.slots.append(Slot(s, self._slot_bytes, self.device))
-        self.loader = Loader(self.source, self.profile, self.device, read_bytes_per_s=config.read_bytes_per_s,
-                             slot_bytes=self._slot_bytes)
-        self._slot_of: dict[int, Slot] = {}
-        self._verified: set[int] = set()
-        self._active: int | None = None
+            self.ledger.reserve("slots", slot_bytes, f"slot {s}")
+            slots.append(Slot(s, slot_bytes, self.device))
+        self.loader = Loader(self.source, self.profile, self.device, read_bytes_per_s=self.read_bytes_per_s,
+                             slot_bytes=slot_bytes, max_queue=len(self.plan.blocks) + self._n_slots)
+        self.residency = Residency(self.plan, self._layouts, slots, self.loader, self.ledger, binder, self.profile,
+                                   config, self.device)
+        self.residency.on_acquire = self._block_started
+        self.residency.on_release = self._block_finished
+        self.retention: RetentionDecision | None = None
+        self.working_set: dict[str, int] = {}  # block name -> peak live activation bytes while it ran
+        self.working_set_bytes = 0  # the pass's peak, held in the ledger once measured
+        self._phase = "measure_memory"
+        self._signature: tuple | None = None
+        self._tracker: LiveBytes | None = None
+        self._timing_pass = -1
         self._running = 0
-        self._pass = -1
         self._in_pass = False
-        self._compute_start = 0.0
+        self._pass_ok = False
         self._closed = False
-        self._finalizer = weakref.finalize(self, _shutdown, self.loader, self._tmpdir)
+        self._finalizer = weakref.finalize(self, _shutdown, self.loader, self._rss, self._tmpdir)
         self._install_hooks()
-        self._prefetch(-1)  # block 0 (and beyond) start loading now, before the first call
+        self.residency.prefetch(-1)  # block 0 (and beyond) start loading now, before the first call
 
     # -- set-up ---------------------------------------------------------------------------------------------
 
@@ -120,8 +152,10 @@ class Runtime:
         return min(self.config.prefetch_depth + 1, len(self.plan.blocks))
 
     def minimum_budget(self) -> int:
-        """The smallest budget this plan and prefetch depth run in: pinned + slots x the largest block."""
-        return self.plan.pinned_bytes + self._n_slots * max(lay.nbytes for lay in self._layouts)
+        """The smallest budget for this plan and prefetch depth: pinned + slots x the largest block, plus the
+        measured working set once the first pass has run."""
+        ws = getattr(self, "working_set_bytes", 0)
+        return self.plan.pinned_bytes + self._n_slots * max(lay.nbytes for lay in self._layouts) + ws
 
     def _check_budget(self) -> None:
         need = self.minimum_budget()
@@ -131,8 +165,8 @@ class Runtime:
                 f"budget {format_bytes(self.budget)} is below the smallest feasible {format_bytes(need)} "
                 f"({need} bytes): block {big.block.name!r} needs {format_bytes(big.nbytes)} in each of "
                 f"{self._n_slots} slot(s) (prefetch_depth={self.config.prefetch_depth}) plus "
-                f"{format_bytes(self.plan.pinned_bytes)} pinned; fix: raise the budget to at least {need} bytes, "
-                "lower prefetch_depth, or split the model into smaller blocks")
+                f"{format_bytes(self.plan.pinned_bytes)} pinned, before any activations; fix: raise the budget "
+                f"to at least {need} bytes, lower prefetch_depth, or split the model into smaller blocks")
 
     def _open_source(self, weights: str | Path | None, store: str | Path | None) -> WeightSource:
         if weights is not None:
@@ -143,7 +177,8 @@ class Runtime:
             source = CheckpointSource(weights)
             source.resolve(self.plan, strict=self.config.strict_keys)
             return source
-        tensors = {k: self._binder_tensor(k) for k in self.plan.all_specs()}
+        binder = Binder(self.model)
+        tensors = {k: binder.tensor(k) for k in self.plan.all_specs()}
         on_meta = [k for k, t in tensors.items() if t.is_meta]
         if on_meta:
             raise BlockrtError(
@@ -156,20 +191,19 @@ class Runtime:
             store = Path(self._tmpdir) / "store"
         return open_store(store, self.plan, fp) or write_store(store, self.plan, tensors, fp)
 
-    def _binder_tensor(self, key: str) -> torch.Tensor:
-        return Binder(self.model).tensor(key)
-
-    def _bind_pinned(self, from_source: bool) -> None:
+    def _bind_pinned(self, binder: Binder, from_source: bool) -> None:
         self.ledger.reserve("pinned", self.plan.pinned_bytes, "the pinned part")
         if from_source:
             pairs = [(s, self.source.read_tensor(s.key, self.device)) for s in self.plan.pinned]
         else:
-            pairs = [(s, self._binder.tensor(s.key).detach().to(self.device)) for s in self.plan.pinned]
-        self._binder.materialize(pairs)
+            pairs = [(s, binder.tensor(s.key).detach().to(self.device)) for s in self.plan.pinned]
+        binder.materialize(pairs)
 
     def _install_hooks(self) -> None:
         m = self.model
-        self._hooks.append(m.register_forward_pre_hook(lambda mod, args: self._begin_pass()))
+        self._hooks.append(m.register_forward_pre_hook(lambda mod, args, kwargs: self._begin_pass(args, kwargs),
+                                                       with_kwargs=True))
+        self._hooks.append(m.register_forward_hook(lambda mod, args, out: setattr(self, "_pass_ok", True)))
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: self._end_pass(), always_call=True))
         for i, block in enumerate(self.plan.blocks):
             for path in block.modules:
@@ -188,6 +222,24 @@ class Runtime:
         with torch.no_grad():
             return self.model(*args, **kwargs)
 
+    def set_budget(self, budget: int | str | DeviceProfile) -> None:
+        """Change the budget between passes; retention is planned again for the new budget."""
+        if self._in_pass:
+            raise BlockrtError("set_budget must be called between passes, not during one")
+        new, _ = resolve_budget(budget)
+        old = self.budget
+        self.budget = new
+        try:
+            self._check_budget()
+        except BudgetError:
+            self.budget = old
+            raise
+        self.residency.unretain_all()
+        self.retention = None
+        self.ledger.budget = self.profile.budget = new
+        if self._phase == "steady":
+            self._plan_retention()
+
     def close(self) -> None:
         """Remove the hooks, stop the loader, free the slots and any temporary store. Idempotent.
 
@@ -196,16 +248,19 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
-        if self._active is not None:
-            self._release(self._active)
+        if self._tracker is not None:
+            self._stop_tracking()
+        if self.residency.active is not None:
+            self.residency.release(self.residency.active)
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
         self._finalizer()
-        self._slot_of.clear()
-        for s in self.slots:
+        self.residency.unretain_all()
+        for s in self.residency.slots:
             self.ledger.release("slots", s.buf.numel())
-        self.slots.clear()
+        self.residency.slots.clear()
+        self.residency.slot_of.clear()
 
     def __enter__(self) -> "Runtime":
         return self
@@ -213,117 +268,150 @@ class Runtime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- hooks ----------------------------------------------------------------------------------------------
+    # -- passes and measurement -----------------------------------------------------------------------------
 
-    def _begin_pass(self) -> None:
+    def _begin_pass(self, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled():
             raise BlockrtError("blockrt streams weights for inference only: call the model under torch.no_grad() "
                                "(Runtime.__call__ does this for you)")
-        self._pass += 1
+        signature = tuple((tuple(t.shape), t.dtype, t.device.type) for t in tree_leaves((args, kwargs))
+                          if isinstance(t, torch.Tensor))
+        if signature != self._signature:
+            if self._signature is not None:
+                log.info("input shapes changed: measuring the working set again and re-planning retention")
+            self._signature = signature
+            self.residency.unretain_all()
+            self.retention = None
+            if self.working_set_bytes:
+                self.ledger.release("working_set", self.working_set_bytes)
+                self.working_set_bytes = 0
+            self._phase = "measure_memory"
+        self.residency.pass_idx += 1
         self._running = 0
         self._in_pass = True
-        self.profile.begin_pass(self._pass, self.profile.now())
+        self._pass_ok = False
+        self.profile.begin_pass(self.residency.pass_idx, self.profile.now())
+        if self._phase == "measure_memory":
+            self._tracker = LiveBytes(on_change=self._working_set_changed)
+            self._tracker.__enter__()
 
     def _end_pass(self) -> None:
         if not self._in_pass:  # begin_pass refused the call
             return
         self._in_pass = False
-        if self._active is not None:
-            self._release(self._active)
+        if self.residency.active is not None:
+            self.residency.release(self.residency.active)
         self._running = 0
-        self.profile.end_pass(self._pass, self.profile.now())
+        self.profile.end_pass(self.residency.pass_idx, self.profile.now())
+        if self._tracker is not None:
+            peak = self._tracker.peak
+            self._stop_tracking()
+            if not self._pass_ok:  # forward raised: the measurement is partial; measure again next pass
+                self._signature = None
+                return
+            self.ledger.reserve("working_set", peak, "the measured working set")
+            self.working_set_bytes = peak
+            self._phase = "measure_time"
+            self._timing_pass = self.residency.pass_idx + 1
+        elif self._phase == "measure_time" and not self._pass_ok:
+            self._timing_pass = self.residency.pass_idx + 1
+        elif self._phase == "measure_time" and self.residency.pass_idx == self._timing_pass:
+            self._phase = "steady"
+            if self.config.retention:
+                self._plan_retention()
+
+    def _stop_tracking(self) -> None:
+        tracker, self._tracker = self._tracker, None
+        assert tracker is not None
+        tracker.__exit__(None, None, None)
+        tracker.detach()
+        self.ledger.release("working_set", self.ledger.held()["working_set"])
+
+    def _working_set_changed(self, delta: int) -> None:
+        if delta < 0:
+            self.ledger.release("working_set", min(-delta, self.ledger.held()["working_set"]))
+            return
+        active = self.residency.active
+        where = f"block {self.plan.blocks[active].name!r}" if active is not None else "the pinned modules"
+        try:
+            self.ledger.reserve("working_set", delta, f"activations of {where}")
+        except BudgetError as e:
+            need = self.minimum_budget() + self.ledger.held()["working_set"] + delta
+            raise BudgetError(
+                f"the measured working set passed the budget while running {where}: {e}; this run needs at least "
+                f"{format_bytes(need)} ({need} bytes) with these input shapes; fix: raise the budget, use smaller "
+                "inputs, or lower prefetch_depth") from None
+
+    def _block_started(self, i: int) -> None:
+        if self._tracker is not None:
+            self._tracker.start_window()
+
+    def _block_finished(self, i: int) -> None:
+        if self._tracker is not None:
+            self.working_set[self.plan.blocks[i].name] = self._tracker.window_peak
+
+    def timings(self, pass_idx: int | None = None) -> tuple[list[BlockTiming], float]:
+        """Per-block load/compute/gap seconds measured in one pass (default: the timing pass), and ``head_s``.
+
+        ``gap_s`` is the pinned compute after a block: until the next block starts, less that block's wait;
+        the last block's gap runs to the end of the pass. ``head_s`` is the pinned compute before block 0.
+        """
+        p = self._timing_pass if pass_idx is None else pass_idx
+        events = [e for e in self.profile.events if e.pass_idx == p]
+        span = next(((s, e) for q, s, e in self.profile.passes if q == p), None)
+        if span is None:
+            raise ValueError(f"pass {p} has not completed; completed passes: {[q for q, _, _ in self.profile.passes]}")
+        loads = {e.block: e.end - e.start for e in events if e.kind == "load"}
+        waits = {e.block: (e.start, e.end) for e in events if e.kind == "wait"}
+        computes = {e.block: e for e in events if e.kind == "compute"}
+        blocks = self.plan.blocks
+
+        def began(name: str) -> float:  # when the block was entered: its wait's start, else its compute's
+            return waits[name][0] if name in waits else computes[name].start
+
+        head = began(blocks[0].name) - span[0] if blocks[0].name in computes else 0.0
+        out = []
+        for k, b in enumerate(blocks):
+            c = computes.get(b.name)
+            if c is None:
+                compute, gap = 0.0, 0.0
+            else:
+                compute = c.end - c.start
+                nxt = blocks[k + 1].name if k + 1 < len(blocks) else None
+                gap = (began(nxt) if nxt in computes else span[1]) - c.end if nxt else span[1] - c.end
+            default = b.nbytes / self.read_bytes_per_s if self.read_bytes_per_s else 0.0
+            out.append(BlockTiming(b.name, self._layouts[k].nbytes, loads.get(b.name, default), compute, max(gap, 0.0)))
+        return out, max(head, 0.0)
+
+    def _plan_retention(self) -> None:
+        free = self.budget - self.ledger.total
+        timings, head = self.timings()
+        self.retention = choose_retained(timings, prefetch_depth=self.config.prefetch_depth, free_bytes=free,
+                                         head_s=head)
+        self.residency.retain(self.retention.retained)
+
+    # -- block hooks ----------------------------------------------------------------------------------------
 
     def _pre(self, i: int) -> None:
-        if self._active is not None and self._active != i:
+        active = self.residency.active
+        if active is not None and active != i:
             if self._running:
                 raise BlockrtError(f"block {self.plan.blocks[i].name!r} was called from inside block "
-                                   f"{self.plan.blocks[self._active].name!r}; nested blocks are not supported")
-            self._release(self._active)
+                                   f"{self.plan.blocks[active].name!r}; nested blocks are not supported")
+            self.residency.release(active)
         self._running += 1
-        if self._active is None:
-            self._acquire(i)
+        if self.residency.active is None:
+            self.residency.acquire(i)
 
     def _post(self, i: int, last: bool) -> None:
         self._running = max(0, self._running - 1)
-        if last and not self._running and self._active == i:
-            self._release(i)
-
-    # -- residency ------------------------------------------------------------------------------------------
-
-    def _acquire(self, i: int) -> None:
-        t0 = self.profile.now()
-        slot = self._slot_of.get(i)
-        if slot is None:  # not prefetched (depth 0, or an unexpected order): load on demand
-            slot = self._free_slot(i)
-            self._request(i, slot, self._pass)
-        req = slot.request
-        assert req is not None
-        waited = not req.done.is_set()
-        try:
-            self.loader.wait(req, self.config.load_timeout_s)
-        except BaseException:
-            slot.block, slot.request = None, None
-            self._slot_of.pop(i, None)
-            raise
-        if waited:
-            self.profile.record("wait", self.plan.blocks[i].name, self._pass, t0, self.profile.now(), 0, "compute")
-        self._verified.add(i)
-        self._binder.materialize(self._layouts[i].views(slot.buf))
-        self._active = i
-        self._compute_start = self.profile.now()
-        self._prefetch(i)
-
-    def _release(self, i: int) -> None:
-        end = self.profile.now()
-        name = self.plan.blocks[i].name
-        self.profile.record("compute", name, self._pass, self._compute_start, end, 0, "compute")
-        self._binder.evict(self.plan.blocks[i].tensors)
-        slot = self._slot_of.pop(i)
-        slot.block, slot.request = None, None
-        if self.device.type == "cuda":
-            slot.release_event = torch.cuda.Event()
-            slot.release_event.record()
-        self._active = None
-        self.profile.record("evict", name, self._pass, end, self.profile.now(), self.plan.blocks[i].nbytes, "compute")
-        self._prefetch(i)
-
-    def _request(self, j: int, slot: Slot, pass_idx: int) -> None:
-        verify = self.config.verify == "always" or (self.config.verify == "first" and j not in self._verified)
-        slot.block = j
-        slot.request = LoadRequest(j, self._layouts[j], slot, pass_idx, verify)
-        self._slot_of[j] = slot
-        self.loader.submit(slot.request)
-
-    def _prefetch(self, i: int) -> None:
-        """Request the ``prefetch_depth`` blocks after block ``i`` (cyclically) into free slots."""
-        n = len(self.plan.blocks)
-        for k in range(1, self.config.prefetch_depth + 1):
-            j = (i + k) % n
-            if j == self._active or j in self._slot_of:
-                continue
-            free = [s for s in self.slots if s.block is None]
-            if not free:
-                return
-            self._request(j, free[0], self._pass + (1 if j <= i or i < 0 else 0))
-
-    def _free_slot(self, i: int) -> Slot:
-        free = [s for s in self.slots if s.block is None]
-        if free:
-            return free[0]
-        n = len(self.plan.blocks)
-        # reclaim the slot whose block is needed furthest in the future
-        victim = max((s for s in self.slots if s.block != self._active), key=lambda s: (s.block - i) % n)
-        assert victim.request is not None and victim.block is not None
-        try:
-            self.loader.wait(victim.request, self.config.load_timeout_s)
-        except LoadError:
-            pass  # that block is not needed now; its error will resurface if it is loaded again
-        self._slot_of.pop(victim.block, None)
-        victim.block, victim.request = None, None
-        return victim
+        if last and not self._running and self.residency.active == i:
+            self.residency.release(i)
 
 
-def _shutdown(loader: Loader, tmpdir: str | None) -> None:
+def _shutdown(loader: Loader, rss: RssSampler | None, tmpdir: str | None) -> None:
     loader.close()
+    if rss is not None:
+        rss.stop()
     if tmpdir:
         shutil.rmtree(tmpdir, ignore_errors=True)

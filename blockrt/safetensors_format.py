@@ -12,6 +12,7 @@ then the data; offsets are relative to the start of the data.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zlib
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import StoreError
-from .plan import dtype_name
+from .plan import dtype_from_name, dtype_name
 
 CODE_TO_DTYPE: dict[str, str] = {
     "F64": "float64",
@@ -71,20 +72,33 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Segment], dict[str, 
         raise StoreError(f"expected weight file {path}, but it does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{path}: safetensors header is not valid JSON ({e}); fix: rewrite the file") from None
+    if not isinstance(header, dict):
+        raise StoreError(f"{path}: expected a safetensors header (a JSON object), found {type(header).__name__}; "
+                         "the file is not safetensors")
     meta = header.pop("__metadata__", None) or {}
     base = 8 + n
     segments: dict[str, Segment] = {}
     for key, info in header.items():
-        code = info.get("dtype")
-        if code not in CODE_TO_DTYPE:
+        code = info.get("dtype") if isinstance(info, dict) else None
+        if not isinstance(code, str) or code not in CODE_TO_DTYPE:
             raise StoreError(f"{path}: tensor {key!r} has dtype {code!r}; supported: {sorted(CODE_TO_DTYPE)}")
-        begin, end = info["data_offsets"]
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and isinstance(shape, list)
+                and all(type(x) is int for x in offsets + shape)):
+            raise StoreError(f"{path}: tensor {key!r} has a malformed entry {info!r}; expected "
+                             "'shape' and 'data_offsets' lists of ints; the file is not valid safetensors")
+        begin, end = offsets
+        shape = tuple(shape)
+        expected = math.prod(shape) * dtype_from_name(CODE_TO_DTYPE[code]).itemsize
+        if not 0 <= begin <= end or end - begin != expected or min(shape, default=0) < 0:
+            raise StoreError(f"{path}: tensor {key!r} of dtype {code} and shape {list(shape)} needs {expected} bytes, "
+                             f"but its data_offsets are {[begin, end]}; the file is not valid safetensors")
         if base + end > size:
             raise StoreError(
                 f"{path}: tensor {key!r} ends at byte {base + end} but the file has {size} bytes: "
                 "the file is truncated; fix: delete it and write it again"
             )
-        segments[key] = Segment(key, path, base + begin, end - begin, CODE_TO_DTYPE[code], tuple(info["shape"]))
+        segments[key] = Segment(key, path, base + begin, end - begin, CODE_TO_DTYPE[code], shape)
     return segments, meta
 
 

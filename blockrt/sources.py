@@ -109,9 +109,10 @@ class CheckpointSource(WeightSource):
         if p.name.endswith(".index.json"):
             try:
                 weight_map = json.loads(p.read_text())["weight_map"]
-            except (KeyError, json.JSONDecodeError) as e:
-                raise StoreError(f"{p}: expected a JSON object with a 'weight_map'; {e}") from None
-            shards = sorted({p.parent / name for name in weight_map.values()})
+                shards = sorted({p.parent / name for name in weight_map.values()})
+            except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+                raise StoreError(f"{p}: expected a JSON object with a 'weight_map' of key -> shard file name; "
+                                 f"{type(e).__name__}: {e}") from None
             missing = [s.name for s in shards if not s.exists()]
             if missing:
                 raise StoreError(f"{p} names shard(s) {missing} that do not exist in {p.parent}; fix: copy the missing shards")

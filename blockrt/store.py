@@ -98,7 +98,12 @@ def _check_manifest(root: Path, plan: Plan, fp: str | None) -> dict:
             f"store {root} was written for other weights (fingerprint {manifest['fingerprint']}, "
             f"this model's is {fp}); fix: pass a different store path, or delete that store"
         )
-    if Plan.from_dict(manifest["plan"]) != plan:
+    try:
+        stored_plan = Plan.from_dict(manifest["plan"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"{path}: the plan in the manifest cannot be read ({type(e).__name__}: {e}); "
+                         "fix: delete the store directory so it is rewritten") from None
+    if stored_plan != plan:
         raise StoreError(
             f"store {root} holds these weights split by another plan "
             f"({len(manifest['plan']['blocks'])} blocks vs {len(plan.blocks)} now); "

@@ -95,7 +95,24 @@ def test_summary_edge_cases() -> None:
     assert (empty.passes, empty.wall_s, empty.stall_fraction, empty.peak_ledger_bytes) == (0, 0.0, 0.0, 0)
     assert math.isnan(empty.roofline_ratio) and math.isnan(empty.reload_fraction)
     assert empty.budget is None and empty.peak_rss_delta is None
+    assert empty.peak_anon_delta is None and empty.peak_file_delta is None
     assert "roofline_ratio" in str(empty)
+
+
+def test_rss_by_kind_is_peak_minus_first_sample() -> None:
+    p = two_pass_profile()
+    for name, series in (("rss_anon_bytes", [(0.0, 3000), (2.0, 3500), (9.0, 3100)]),
+                         ("rss_file_bytes", [(0.0, 2000), (2.0, 2100), (9.0, 2100)]),
+                         ("rss_hwm_bytes", [(0.0, 5000), (9.5, 5800)])):  # the kernel saw a higher peak
+        for t, v in series:
+            p.counter(name, t, v)
+    s = p.summary()
+    assert (s.peak_rss_delta, s.peak_anon_delta, s.peak_file_delta) == (800, 500, 100)
+    text = str(s)
+    assert re.search(r"peak_anon_delta +500 B +anon \(counts on iOS\)", text)
+    assert re.search(r"peak_file_delta +100 B +file-backed \(clean, droppable\)", text)
+    assert two_pass_profile().summary().peak_anon_delta is None  # rss alone: no split rows
+    assert "peak_anon_delta" not in str(two_pass_profile().summary())
 
 
 def test_record_validates_and_events_are_copies() -> None:

@@ -1,0 +1,370 @@
+"""Process memory as the operating system sees it: RSS split by kind, a sampler thread, and cold-cache helpers.
+
+What the numbers mean (Linux ``/proc/self/status``; all in bytes here):
+
+- ``rss`` (VmRSS): every page of the process that is in RAM right now. It is the sum of the three below.
+- ``anon`` (RssAnon): anonymous memory: the heap, torch tensors, slot buffers, activations, and pages of a
+  private file mapping that were written to (copy-on-write). This is the memory that counts: nothing but
+  freeing it gives it back. **It is what iOS charges an app against its limit** (the "phys_footprint":
+  dirty plus compressed pages, plus GPU buffers that Linux RSS does not see), so it is the number to hold
+  against a phone budget such as 3.3 GB.
+- ``file`` (RssFile): clean pages of mapped files: mmap'd weights (``safetensors.load_file`` and
+  ``safe_open`` map the file and hand out views of it), and the code of the interpreter and libraries. The
+  OS can drop them at any time and read them again from the file; iOS does not count clean file-backed
+  pages against the app. **People misread this all the time:** a model "loaded" with mmap shows its whole
+  size in RSS once touched, yet none of it is anonymous memory, and a budget check on plain RSS would call
+  it an overrun. Look at ``anon`` for what the runtime holds, at ``file`` for what the page cache lends.
+- ``shmem`` (RssShmem): shared memory (``/dev/shm``, shared anonymous mappings, e.g. torch's
+  multiprocessing tensors). Counted like anonymous memory by most accounting.
+- ``hwm`` (VmHWM): the kernel's own high-water mark of ``rss``. It is exact where sampling can miss a short
+  peak: the kernel records it before RSS shrinks by unmapping (freeing a large tensor), and reading
+  ``/proc/self/status`` reports the larger of it and the current RSS. Writing ``5`` to
+  ``/proc/self/clear_refs`` (Linux >= 4.0, no root needed: a process may write its own) resets it to the
+  current RSS; :class:`RssSampler` does so at start when it can, so its ``hwm_rss_delta`` is the exact
+  peak of the sampled window. There is no such mark per kind: the peaks of ``anon`` and ``file`` are
+  sampled.
+
+Where ``/proc`` is not there (macOS, Windows) ``read_rss`` falls back to ``psutil`` and gives
+``anon = rss, file = shmem = 0`` with ``split = False``: the kinds are unknown there, and
+:class:`RssSampler` then records only ``rss_bytes`` (``peak_anon_delta`` and ``peak_file_delta`` are None)
+rather than pass mmap'd pages off as anonymous memory.
+
+Cold reads: :func:`drop_page_cache` evicts files from the page cache with
+``posix_fadvise(POSIX_FADV_DONTNEED)`` (no root, unlike ``/proc/sys/vm/drop_caches``), and
+:func:`cached_fraction` tells how much of a file is in the page cache (``mincore``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import sys
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .profile import Profile
+
+__all__ = ["COUNTERS", "RssSample", "RssSampler", "cached_fraction", "drop_page_cache", "read_rss"]
+
+logger = logging.getLogger(__name__)
+
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+_FIELDS = {b"VmRSS": "rss", b"RssAnon": "anon", b"RssFile": "file", b"RssShmem": "shmem", b"VmHWM": "hwm"}
+
+# Counter names in a Profile: sample field -> counter. "rss_hwm_bytes" holds the kernel's high-water mark.
+COUNTERS = {"rss": "rss_bytes", "anon": "rss_anon_bytes", "file": "rss_file_bytes"}
+HWM_COUNTER = "rss_hwm_bytes"
+DEFAULT_INTERVAL_S = 0.005
+DEFAULT_RESOLUTION_BYTES = 2**20
+
+
+@dataclass(frozen=True)
+class RssSample:
+    """One reading of the process's resident memory, in bytes (see the module docstring for the meanings).
+
+    ``split`` is False where the kinds are unknown (the psutil fallback: ``anon = rss``, ``file = 0``).
+    ``hwm`` is the kernel's RSS high-water mark, None where the OS does not report one.
+    """
+
+    rss: int
+    anon: int
+    file: int
+    shmem: int
+    hwm: int | None = None
+    split: bool = True
+
+
+def _read_proc_status() -> RssSample | None:
+    try:
+        with open(_STATUS, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    values: dict[str, int] = {}
+    for line in data.splitlines():
+        key, _, rest = line.partition(b":")
+        field = _FIELDS.get(key)
+        if field is not None:
+            values[field] = int(rest.split()[0]) * 1024  # "VmRSS:\t  1732 kB"
+    if "rss" not in values:
+        return None
+    rss = values["rss"]
+    if "anon" not in values:  # kernels before 4.5 have no split
+        return RssSample(rss, rss, 0, 0, values.get("hwm"), split=False)
+    return RssSample(rss, values["anon"], values.get("file", 0), values.get("shmem", 0), values.get("hwm"))
+
+
+def read_rss() -> RssSample:
+    """The process's resident memory now: from ``/proc/self/status``, else from ``psutil``.
+
+    Example:
+        >>> s = read_rss()
+        >>> s.rss >= s.anon > 0
+        True
+    """
+    sample = _read_proc_status()
+    if sample is not None:
+        return sample
+    import psutil
+
+    info = psutil.Process().memory_info()
+    peak = getattr(info, "peak_wset", None)  # Windows reports its own high-water mark
+    return RssSample(int(info.rss), int(info.rss), 0, 0, None if peak is None else int(peak), split=False)
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's RSS high-water mark to the current RSS; False where that is not possible."""
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class RssSampler:
+    """A daemon thread sampling :func:`read_rss` into a :class:`~blockrt.profile.Profile`.
+
+    Start it before the runtime allocates anything: the sample taken in :meth:`start` is the baseline, the
+    RSS before the runtime started. Each sample adds the absolute values to the counters ``rss_bytes``,
+    ``rss_anon_bytes`` and ``rss_file_bytes`` (the last two only where the kinds are known); a value is
+    written when it moved by ``resolution_bytes`` or more since the last one written, or is a new maximum,
+    so the counters keep every peak exactly while a long run does not write a sample every few
+    milliseconds. :meth:`stop` takes a last sample and, where the high-water mark could be reset at start,
+    writes it as ``rss_hwm_bytes``. ``peak_*_delta`` are peaks minus the baseline.
+
+    Args:
+        profile: where the counters go; None keeps only the peaks on the sampler.
+        interval_s: seconds between samples (a sample costs about 20 us).
+        resolution_bytes: the smallest change written to the profile's counters.
+        reset_hwm: reset the kernel's high-water mark at start (process-wide: another sampler running at the
+            same time only makes this one's ``hwm_rss_delta`` a lower bound, never too high).
+        name: the thread's name.
+
+    Example:
+        >>> with RssSampler(profile) as rss:
+        ...     x = torch.ones(50_000_000)  # 200 MB
+        >>> rss.peak_anon_delta > 190e6
+        True
+    """
+
+    def __init__(self, profile: Profile | None = None, interval_s: float = DEFAULT_INTERVAL_S, *,
+                 resolution_bytes: int = DEFAULT_RESOLUTION_BYTES, reset_hwm: bool = True,
+                 name: str = "blockrt-rss") -> None:
+        if not (isinstance(interval_s, (int, float)) and 0 < interval_s < float("inf")):
+            raise ValueError(f"interval_s must be a positive number of seconds; got {interval_s!r}")
+        if isinstance(resolution_bytes, bool) or not isinstance(resolution_bytes, int) or resolution_bytes < 0:
+            raise ValueError(f"resolution_bytes must be an int >= 0; got {resolution_bytes!r}")
+        self.profile = profile
+        self.interval_s = float(interval_s)
+        self.resolution_bytes = resolution_bytes
+        self._reset_hwm_at_start = reset_hwm
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._started = self._stopped = False
+        self._hwm_valid = False
+        self._written: dict[str, float] = {}  # counter -> last value written
+        self._top: dict[str, float] = {}  # counter -> largest value written
+        self.baseline: RssSample | None = None
+        self.last: RssSample | None = None
+        self.samples = 0
+        self.peak_rss = self.peak_anon = self.peak_file = 0  # sampled maxima
+        self.hwm: int | None = None  # the kernel's high-water mark at stop, if it was reset at start
+        self.error: BaseException | None = None  # what stopped the thread early, if anything
+
+    # ---- lifecycle ----
+    def start(self) -> RssSampler:
+        """Take the baseline sample and start the thread. Returns self."""
+        if self._started:
+            raise RuntimeError("this RssSampler was started already; make a new one")
+        self._started = True
+        self._hwm_valid = self._reset_hwm_at_start and _reset_hwm()
+        self.baseline = self._take()
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """Stop the thread (waits at most ``timeout_s``) and take a last sample. Idempotent; never hangs."""
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():  # a daemon thread: it cannot keep the process alive
+            logger.warning("RSS sampler thread %r did not stop within %.1f s", self._thread.name, timeout_s)
+        last = self._take()
+        if self._hwm_valid and last.hwm is not None:
+            self.hwm = last.hwm
+            if self.profile is not None:
+                self.profile.counter(HWM_COUNTER, self.profile.now(), float(last.hwm))
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def __enter__(self) -> RssSampler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- sampling ----
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval_s):
+                self._take()
+        except BaseException as e:  # noqa: BLE001 - a sampler must never take the process down
+            self.error = e
+            logger.warning("RSS sampler stopped early: %r", e)
+
+    def _take(self) -> RssSample:
+        s = read_rss()
+        with self._lock:
+            self.samples += 1
+            self.last = s
+            self.peak_rss = max(self.peak_rss, s.rss)
+            self.peak_anon = max(self.peak_anon, s.anon)
+            self.peak_file = max(self.peak_file, s.file)
+            if self.profile is not None:
+                t = self.profile.now()
+                for field, counter in COUNTERS.items():
+                    if field != "rss" and not s.split:
+                        continue
+                    v = float(getattr(s, field))
+                    last = self._written.get(counter)
+                    if last is None or abs(v - last) >= self.resolution_bytes or v > self._top[counter]:
+                        self.profile.counter(counter, t, v)
+                        self._written[counter] = v
+                        self._top[counter] = max(v, self._top.get(counter, v))
+        return s
+
+    # ---- results ----
+    @property
+    def hwm_rss_delta(self) -> int | None:
+        """The kernel's exact peak RSS of the window minus the baseline; None before stop or without a reset."""
+        if self.hwm is None or self.baseline is None:
+            return None
+        return self.hwm - self.baseline.rss
+
+    @property
+    def peak_rss_delta(self) -> int | None:
+        """Peak RSS minus the baseline: the larger of the sampled peak and the kernel's high-water mark."""
+        if self.baseline is None:
+            return None
+        return max(self.peak_rss, self.hwm or 0) - self.baseline.rss
+
+    @property
+    def peak_anon_delta(self) -> int | None:
+        """Sampled peak of anonymous memory minus the baseline (None where the kinds are unknown)."""
+        if self.baseline is None or not self.baseline.split:
+            return None
+        return self.peak_anon - self.baseline.anon
+
+    @property
+    def peak_file_delta(self) -> int | None:
+        """Sampled peak of file-backed resident pages minus the baseline (None where the kinds are unknown)."""
+        if self.baseline is None or not self.baseline.split:
+            return None
+        return self.peak_file - self.baseline.file
+
+
+# ---- the page cache ----
+def _files(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file())
+        elif p.is_file():
+            out.append(p)
+        elif p.exists():
+            raise ValueError(f"drop_page_cache: {str(p)!r} is neither a regular file nor a directory")
+        else:
+            raise FileNotFoundError(f"drop_page_cache: no such file or directory: {str(p)!r}")
+    return out
+
+
+def drop_page_cache(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> int:
+    """Evict files from the OS page cache, so the next read comes from the disk. Returns the bytes covered.
+
+    Each file is ``fdatasync``-ed first (dirty pages cannot be dropped) and then advised
+    ``POSIX_FADV_DONTNEED`` over its whole length. No root is needed. Pages that some process has mapped
+    (a live ``safetensors`` mmap tensor, for one) stay cached. A directory stands for every file under it.
+
+    Raises:
+        FileNotFoundError: naming the first missing path (before anything is dropped).
+        NotImplementedError: where the OS has no ``posix_fadvise`` (macOS: ``sudo purge`` drops all caches).
+
+    Example:
+        >>> drop_page_cache(["store/block_000.safetensors"])
+        134217728
+    """
+    files = _files(paths)
+    if not hasattr(os, "posix_fadvise"):
+        raise NotImplementedError(f"drop_page_cache needs os.posix_fadvise, which {sys.platform} lacks; "
+                                  f"on macOS 'sudo purge' drops the whole page cache")
+    total = 0
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            try:
+                os.fdatasync(fd)
+            except OSError as e:  # e.g. EINVAL on a file system without sync support: nothing dirty to write
+                logger.debug("fdatasync(%s) failed: %s", path, e)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
+def cached_fraction(path: str | os.PathLike[str]) -> float:
+    """The fraction (0..1) of a file's pages that are in the page cache, read without touching the file.
+
+    Uses ``mincore`` on a fresh mapping (Linux, macOS). Linux reports page cache residency only for files
+    the caller owns or may write (otherwise it claims every page resident), so other files raise.
+
+    Raises:
+        FileNotFoundError: for a missing file.
+        PermissionError: for a file this process neither owns nor may write (the answer would be wrong).
+        NotImplementedError: where there is no ``mincore`` (Windows).
+    """
+    path = Path(path)
+    st = path.stat()
+    if sys.platform.startswith("linux") and not (st.st_uid == os.geteuid() or os.geteuid() == 0
+                                                  or os.access(path, os.W_OK)):
+        raise PermissionError(f"cached_fraction({str(path)!r}): Linux's mincore reports page cache residency "
+                              f"only for files the caller owns or may write")
+    if st.st_size == 0:
+        return 1.0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mincore = libc.mincore
+    except (OSError, AttributeError):
+        raise NotImplementedError(f"cached_fraction needs mincore, which {sys.platform} lacks") from None
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    mincore.restype = ctypes.c_int
+    npages = (st.st_size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * npages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+        # ACCESS_COPY (MAP_PRIVATE) makes the mapping's buffer exportable to ctypes; nothing is read or
+        # written, so no page is faulted in or copied.
+        anchor = ctypes.c_char.from_buffer(mm)
+        try:
+            if mincore(ctypes.addressof(anchor), st.st_size, vec) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mincore on {str(path)!r}: {os.strerror(err)}")
+        finally:
+            del anchor  # release the buffer export so the mapping can close
+    data = bytes(vec)
+    resident = len(data) - len(data.translate(None, bytes(range(1, 256, 2))))  # bit 0 = in core
+    return resident / npages

@@ -1,0 +1,169 @@
+"""Residency: which block's weights sit where, and what the loader fetches next.
+
+Streamed blocks rotate through ``prefetch_depth + 1`` reusable slots. Retained blocks (the paper's Dynamic
+Loading) get a buffer of their own, are loaded once and reused every pass. The prefetch window after block
+i is the next ``prefetch_depth`` blocks in cyclic order that still need loading (retained blocks already
+loaded are skipped), so while retained blocks compute the loader is already on the next streamed one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .binding import Binder
+from .config import RunConfig
+from .errors import LoadError
+from .ledger import Ledger
+from .loader import BlockLayout, Loader, LoadRequest, Slot
+from .plan import Plan
+
+
+class Residency:
+    """Slots, retained buffers and load requests of one runtime; used from the compute thread only."""
+
+    def __init__(self, plan: Plan, layouts: list[BlockLayout], slots: list[Slot], loader: Loader, ledger: Ledger,
+                 binder: Binder, profile, config: RunConfig, device: torch.device) -> None:
+        self.plan, self.layouts, self.slots = plan, layouts, slots
+        self.loader, self.ledger, self.binder, self.profile = loader, ledger, binder, profile
+        self.config, self.device = config, device
+        self.slot_of: dict[int, Slot] = {}  # streamed block -> the slot it is in (loading, loaded or active)
+        self.retained: dict[int, Slot] = {}  # retained block -> its own buffer
+        self.verified: set[int] = set()
+        self.active: int | None = None
+        self.pass_idx = -1
+        self.on_acquire = None  # callbacks the runtime sets for measuring: f(i) / f(i)
+        self.on_release = None
+        self._compute_start = 0.0
+
+    # -- the block lifecycle -----------------------------------------------------------------------------
+
+    def acquire(self, i: int) -> None:
+        """Make block ``i`` resident and bound (waiting for its load if needed), then prefetch."""
+        t0 = self.profile.now()
+        slot = self.retained.get(i) or self.slot_of.get(i)
+        if slot is None or slot.request is None:  # not prefetched (depth 0, or an unexpected order)
+            slot = slot or self._free_slot(i)
+            self._request(i, slot, self.pass_idx)
+        req = slot.request
+        assert req is not None
+        waited = not req.done.is_set()
+        try:
+            self.loader.wait(req, self.config.load_timeout_s)
+        except BaseException:
+            self._forget(i, slot)
+            raise
+        name = self.plan.blocks[i].name
+        if waited:
+            self.profile.record("wait", name, self.pass_idx, t0, self.profile.now(), 0, "compute")
+        elif i in self.retained and req.pass_idx < self.pass_idx:
+            self.profile.record_reuse(name, self.pass_idx, self.plan.blocks[i].nbytes)
+        self.verified.add(i)
+        self.binder.materialize(self.layouts[i].views(slot.buf))
+        self.active = i
+        if self.on_acquire:
+            self.on_acquire(i)
+        self._compute_start = self.profile.now()
+        self.prefetch(i)
+
+    def release(self, i: int) -> None:
+        """Unbind block ``i``; free its slot unless it is retained; prefetch into what was freed."""
+        end = self.profile.now()
+        block = self.plan.blocks[i]
+        self.profile.record("compute", block.name, self.pass_idx, self._compute_start, end, 0, "compute")
+        if self.on_release:
+            self.on_release(i)
+        self.binder.evict(block.tensors)
+        self.active = None
+        if i not in self.retained:
+            slot = self.slot_of.pop(i)
+            slot.block, slot.request = None, None
+            if self.device.type == "cuda":
+                slot.release_event = torch.cuda.Event()
+                slot.release_event.record()
+            self.profile.record("evict", block.name, self.pass_idx, end, self.profile.now(), block.nbytes, "compute")
+        self.prefetch(i)
+
+    def prefetch(self, i: int) -> None:
+        """Request the next ``prefetch_depth`` blocks after ``i`` (cyclically) that still need loading."""
+        n = len(self.plan.blocks)
+        wanted = 0
+        for k in range(1, n + 1):
+            if wanted >= self.config.prefetch_depth:
+                return
+            j = (i + k) % n
+            ret = self.retained.get(j)
+            if ret is not None and ret.request is not None:
+                continue  # retained and loaded (or loading): costs the loader nothing
+            wanted += 1
+            if j == self.active or j in self.slot_of:
+                continue
+            target = ret or next((s for s in self.slots if s.block is None), None)
+            if target is None:
+                return
+            self._request(j, target, self.pass_idx + (1 if j <= i or i < 0 else 0))
+
+    # -- retention -----------------------------------------------------------------------------------------
+
+    def retain(self, blocks: Iterable[int]) -> None:
+        """Give each block a buffer of its own (reserved in the ledger). A block already loaded in a slot is
+        copied over; the others load through the prefetch window on their next turn."""
+        for i in sorted(blocks):
+            lay = self.layouts[i]
+            self.ledger.reserve("retained", lay.nbytes, f"retaining block {lay.block.name!r}")
+            buf = Slot(-1 - i, lay.nbytes, self.device)
+            buf.block = i
+            slot = self.slot_of.get(i)
+            if slot is not None and slot.request is not None and i != self.active:
+                try:
+                    self.loader.wait(slot.request, self.config.load_timeout_s)
+                    buf.buf.copy_(slot.buf[: lay.nbytes])
+                    buf.request = slot.request
+                except LoadError:
+                    pass
+                self._forget(i, slot)
+            self.retained[i] = buf
+
+    def unretain_all(self) -> None:
+        """Drop every retained buffer (between passes), returning its bytes to the ledger."""
+        for i, buf in list(self.retained.items()):
+            if buf.request is not None and not buf.request.done.is_set():
+                try:
+                    self.loader.wait(buf.request, self.config.load_timeout_s)
+                except LoadError:
+                    pass
+            self.ledger.release("retained", buf.buf.numel())
+            del self.retained[i]
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _request(self, j: int, slot: Slot, pass_idx: int) -> None:
+        verify = self.config.verify == "always" or (self.config.verify == "first" and j not in self.verified)
+        slot.block = j
+        slot.request = LoadRequest(j, self.layouts[j], slot, pass_idx, verify)
+        if j not in self.retained:
+            self.slot_of[j] = slot
+        self.loader.submit(slot.request)
+
+    def _forget(self, i: int, slot: Slot) -> None:
+        if i in self.retained and self.retained[i] is slot:
+            slot.request = None
+            return
+        slot.block, slot.request = None, None
+        self.slot_of.pop(i, None)
+
+    def _free_slot(self, i: int) -> Slot:
+        free = [s for s in self.slots if s.block is None]
+        if free:
+            return free[0]
+        n = len(self.plan.blocks)
+        # reclaim the slot whose block is needed furthest in the future
+        victim = max((s for s in self.slots if s.block != self.active), key=lambda s: (s.block - i) % n)
+        assert victim.request is not None and victim.block is not None
+        try:
+            self.loader.wait(victim.request, self.config.load_timeout_s)
+        except LoadError:
+            pass  # that block is not needed now; its error will resurface if it is loaded again
+        self._forget(victim.block, victim)
+        return victim

@@ -1,0 +1,81 @@
+"""Measuring the working set: bytes of tensors that ops allocate while a pass runs, until they are freed.
+
+A ``TorchDispatchMode`` sees every op's outputs. An output whose storage is new (shared with none of the
+op's inputs and not already tracked) is an allocation; it stays counted until the last tracked tensor
+viewing that storage dies (a ``weakref.finalize`` per tensor). The peak of the live total is the
+activation footprint of the pass (the inputs the caller passed in are the caller's and not counted).
+The same works on every device; only measuring passes pay for it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class LiveBytes(TorchDispatchMode):
+    """Tracks live bytes of storages allocated by ops inside the mode.
+
+    Args:
+        on_change: called with the signed change in live bytes after each allocation and free.
+    """
+
+    def __init__(self, on_change: Callable[[int], None] | None = None) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.window_peak = 0  # peak since the last ``start_window``
+        self._refs: dict[int, list[int]] = {}  # storage data_ptr -> [tracked tensors alive, nbytes]
+        self._on_change = on_change
+
+    def start_window(self) -> None:
+        """Begin a new sub-interval (a block); ``window_peak`` restarts from the bytes live now."""
+        self.window_peak = self.live
+
+    def detach(self) -> None:
+        """Stop reporting changes (tensors that die later no longer call ``on_change``)."""
+        self._on_change = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if _real(t)}
+        for t in tree_leaves(out):
+            if not _real(t):
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            entry = self._refs.get(ptr)
+            if entry is None:
+                if ptr in inputs or storage.nbytes() == 0:
+                    continue  # a view of, or in-place write into, memory someone else allocated
+                entry = self._refs[ptr] = [0, storage.nbytes()]
+                self._change(entry[1])
+            entry[0] += 1
+            weakref.finalize(t, self._drop, ptr)
+        return out
+
+    def _drop(self, ptr: int) -> None:
+        entry = self._refs.get(ptr)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._refs[ptr]
+            self._change(-entry[1])
+
+    def _change(self, delta: int) -> None:
+        self.live += delta
+        if self.live > self.peak:
+            self.peak = self.live
+        if self.live > self.window_peak:
+            self.window_peak = self.live
+        if self._on_change is not None:
+            self._on_change(delta)
+
+
+def _real(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type != "meta"

@@ -383,6 +383,20 @@ class Runtime:
             out.append(BlockTiming(b.name, self._layouts[k].nbytes, loads.get(b.name, default), compute, max(gap, 0.0)))
         return out, max(head, 0.0)
 
+    def predict(self, budget: int | str | None = None, device_profile: str | DeviceProfile | None = None):
+        """Predict this model's steady pass (sequential / concurrent / concurrent + retention) at ``budget``
+        from the timings measured so far, with loads rescaled to ``device_profile``'s flash if given.
+
+        Returns a ``blockrt.Prediction``; needs the two measuring passes to have run.
+        """
+        from .device import get_profile
+        from .planning import runtime_prediction
+
+        if self._phase != "steady":
+            raise BlockrtError("predict() needs the measuring passes: call the runtime at least twice first")
+        profile = get_profile(device_profile) if isinstance(device_profile, str) else device_profile
+        return runtime_prediction(self, resolve_budget(budget)[0] if budget is not None else None, profile)
+
     def _plan_retention(self) -> None:
         free = self.budget - self.ledger.total
         timings, head = self.timings()

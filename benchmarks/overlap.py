@@ -24,7 +24,6 @@ writes ``results.json``, ``results.csv``, and the prefetch run's ``trace_prefetc
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import io
 import json
@@ -177,14 +176,22 @@ def working_set_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     return live.peak
 
 
-def time_streamed(model: torch.nn.Module, ids: torch.Tensor, depth: int, budget: int, bandwidth: float,
+def spill(model: torch.nn.Module, budget: int, store: Path) -> None:
+    """Write ``model``'s blocks to a blockrt store once (a runtime that runs no pass). Afterwards the model's
+    streamed weights are meta placeholders: the process no longer holds the whole model."""
+    blockrt.run(model, budget=budget, store=store, config=RunConfig(prefetch_depth=0, retention=False)).close()
+
+
+def time_streamed(mcfg: ToyConfig, ids: torch.Tensor, depth: int, budget: int, bandwidth: float,
                   store: Path, passes: int, out_dir: Path | None) -> tuple[list[torch.Tensor], dict]:
-    """Stream a copy of ``model`` (blockrt leaves the streamed weights as meta placeholders on close):
-    one warm-up pass (blockrt's working-set measuring pass), ``passes`` timed passes, summary over the timed
-    ones. Retention is off: every block streams every pass, which is what this benchmark measures."""
+    """Stream a skeleton (weights on meta, never materialised) from the store: one warm-up pass (blockrt's
+    working-set measuring pass), ``passes`` timed passes, summary over the timed ones. Retention is off:
+    every block streams every pass, which is what this benchmark measures."""
     cfg = RunConfig(prefetch_depth=depth, read_bytes_per_s=bandwidth, retention=False)
+    with blockrt.meta_weights():
+        skeleton = ToyTransformer(mcfg).eval()
     outs = []
-    with blockrt.run(copy.deepcopy(model), budget=budget, store=store, config=cfg) as rt:
+    with blockrt.run(skeleton, budget=budget, weights=store, config=cfg) as rt:
         for _ in range(passes + 1):
             outs.append(rt(ids))
         s = rt.profile.summary(passes=range(1, passes + 1))
@@ -288,13 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     modes: dict[str, dict] = {"resident": resident}
     outputs: dict[str, list[torch.Tensor]] = {}
     with tempfile.TemporaryDirectory(prefix="blockrt-bench-") as tmp:
-        store = Path(tmp) / "store"  # written by the first streamed run, reused by the others
+        store = Path(tmp) / "store"
+        spill(model, plan.pinned_bytes + block_slot_bytes + ws + BUDGET_SLACK_BYTES, store)
+        del model  # its streamed weights are meta now; every mode streams a fresh skeleton from the store
         for name, depth in STREAMED.items():
             budget = plan.pinned_bytes + (depth + 1) * block_slot_bytes + ws + BUDGET_SLACK_BYTES
             print(f"{name}: prefetch_depth={depth}, budget {budget / 1e6:.1f} MB (pinned {plan.pinned_bytes / 1e6:.1f} "
                   f"+ {depth + 1} x {block_slot_bytes / 1e6:.1f} MB slots + working set {ws / 1e6:.1f} MB + 1 MiB)",
                   flush=True)
-            outputs[name], modes[name] = time_streamed(model, ids, depth, budget, bandwidth, store, args.passes,
+            outputs[name], modes[name] = time_streamed(mcfg, ids, depth, budget, bandwidth, store, args.passes,
                                                        out_dir if name == "prefetch" else None)
 
     hw["other_cpu_cores_during"] = busy = other.cores()  # before the parity check: it uses the CPU too
@@ -330,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: other processes used {busy:.2f} of {hw['cores']} cores during the run: compute and overlap "
               "timings are disturbed; rerun on a quiet machine")
     print(table(modes, args.passes))
+    rss = [f"{k} {m['peak_rss_delta'] / 1e6:.1f} MB" for k, m in modes.items() if m.get("peak_rss_delta") is not None]
+    if rss:
+        print("peak_rss_delta (process RSS over its value when the runtime started): " + ", ".join(rss))
     print("speedups (wall per pass ratios):")
     print(f"  prefetch over sequential   {speedups['prefetch_over_sequential']:.2f}x   "
           f"(prefetch2 over sequential {speedups['prefetch2_over_sequential']:.2f}x)")

@@ -85,14 +85,20 @@ class Runtime:
         self.profile = Profile(budget=self.budget, device=str(self.device))
         self._closed = True
         self._hooks: list[Any] = []
+        self._tmpdir: str | None = None
+        self.loader: Loader | None = None
         self._rss = RssSampler(self.profile, interval_s=config.rss_interval_s) if config.rss_interval_s else None
         if self._rss:
             self._rss.start()  # baseline: the process before the runtime allocates anything
         try:
             self._setup(model, weights, store, partitioner, partition)
         except BaseException:
+            if getattr(self, "loader", None) is not None:
+                self.loader.close()
             if self._rss:
                 self._rss.stop()
+            if getattr(self, "_tmpdir", None):
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
             raise
 
     def _setup(self, model: nn.Module, weights: Any, store: Any, partitioner: Any, partition: Any) -> None:
@@ -102,15 +108,12 @@ class Runtime:
             raise PartitionError(f"the plan for {type(model).__name__} has no blocks to stream")
         self._layouts = [BlockLayout.of(b) for b in self.plan.blocks]
         self._check_budget()
-        self._tmpdir: str | None = None
         self.source = self._open_source(weights, store)
         if config.cold_reads:
             drop_page_cache(self.source.files())
         self.ledger = Ledger(self.budget, on_change=lambda total: self.profile.counter("ledger_bytes", self.profile.now(), total))
         binder = Binder(model)
         self._bind_pinned(binder, from_source=weights is not None)
-        for block in self.plan.blocks:
-            binder.evict(block.tensors)
         streamed = {k for b in self.plan.blocks for k in b.keys} | set(self.plan.aliases)
         leftovers = meta_leftovers(model, streamed)
         if leftovers:
@@ -119,6 +122,8 @@ class Runtime:
                 "these are non-persistent buffers (computed, not stored) or weights missing from the plan; "
                 "fix: build the skeleton inside `with blockrt.meta_weights():` (computed buffers stay real), "
                 "or materialise those tensors before blockrt.run")
+        for block in self.plan.blocks:
+            binder.evict(block.tensors)
         slot_bytes = max(lay.nbytes for lay in self._layouts)
         slots = []
         for s in range(self._n_slots):

@@ -201,3 +201,22 @@ def test_close_stops_the_thread_and_leaks_no_files():
     assert proc.num_fds() == before_fds
     with pytest.raises(blockrt.BlockrtError, match="closed"):
         rt(**inputs)
+
+
+def test_failed_setup_leaves_no_temporary_store_and_keeps_the_weights(monkeypatch):
+    import glob
+    import tempfile
+
+    model, inputs = BUILDERS["toy"]()
+    ref = reference(model, inputs)
+    pattern = f"{tempfile.gettempdir()}/blockrt-*"
+    before = set(glob.glob(pattern))
+
+    def fail(*args, **kwargs):
+        raise OSError("simulated failure while binding the pinned part")
+
+    monkeypatch.setattr(blockrt.runtime.Runtime, "_bind_pinned", fail)
+    with pytest.raises(OSError, match="simulated"):
+        blockrt.run(model, budget=roomy(model))
+    assert set(glob.glob(pattern)) == before
+    assert torch.equal(reference(model, inputs), ref)  # nothing was evicted

@@ -40,12 +40,45 @@ def _demo(args: argparse.Namespace) -> int:
     with run(model, budget=args.budget, config=config) as rt:
         same = all(torch.equal(rt(ids), ref) for _ in range(args.passes))
         print(rt.profile)
+        print(f"working set (measured, pass 0): {format_bytes(rt.working_set_bytes)}; "
+              f"ledger by kind: {', '.join(f'{k} {format_bytes(v)}' for k, v in rt.ledger.held().items() if v)}")
+        if rt.retention is not None:
+            print(rt.retention)
         print(f"  resident (plain model)   {resident_s * 1e3:.1f} ms per pass, whole model in memory")
         print(f"outputs identical to the plain model (torch.equal): {'yes' if same else 'NO'}")
         rt.profile.save_trace(out_dir / "trace.json")
         rt.profile.plot(out_dir / "timeline.png")
     print(f"wrote {out_dir / 'trace.json'} (open in https://ui.perfetto.dev) and {out_dir / 'timeline.png'}")
     return 0 if same else 1
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from partitioners import partition
+    from pipelines.toy import ToyConfig, ToyTransformer
+
+    from .device import get_profile
+    from .planning import block_flops, flop_timings, plan_sweep
+    from .skeleton import meta_weights
+
+    profile = get_profile(args.profile)
+    with meta_weights():
+        model = ToyTransformer(ToyConfig(vocab=1024, dim=args.dim, n_layers=args.layers, n_heads=8, max_len=args.tokens))
+    plan = partition(model)
+    flops, pinned_flops = block_flops(model, plan, (torch.zeros(1, args.tokens, dtype=torch.long),))
+    timings, head = flop_timings(plan, flops, pinned_flops, profile)
+    budgets = [parse_budget(b) for b in args.budgets.split(",")] if args.budgets else None
+    ws = parse_budget(args.working_set) if args.working_set else 0
+    print(f"plan for the demo transformer ({args.layers} layers x dim {args.dim}, {args.tokens} tokens) on "
+          f"{profile.name}: {len(plan.blocks)} blocks of {format_bytes(plan.largest_block().nbytes)}, "
+          f"{format_bytes(plan.pinned_bytes)} pinned; per block {flops[0] / 1e9:.2f} GFLOP = "
+          f"{timings[0].compute_s * 1e3:.1f} ms compute vs {timings[0].load_s * 1e3:.1f} ms load at "
+          f"{profile.read_bytes_per_s / 1e9:.2f} GB/s; working set assumed {format_bytes(ws)}")
+    print(f"{'budget':>12} {'sequential':>12} {'concurrent':>12} {'+ retention':>12} {'speedup':>8}  retained")
+    for p in plan_sweep(timings, pinned_bytes=plan.pinned_bytes, working_set_bytes=ws,
+                        prefetch_depth=args.prefetch, head_s=head, budgets=budgets, points=args.points):
+        print(f"{format_bytes(p.budget):>12} {p.sequential_s:>11.3f}s {p.concurrent_s:>11.3f}s "
+              f"{p.retention_s:>11.3f}s {p.sequential_s / p.retention_s:>7.2f}x  {len(p.retention.retained)} blocks")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,9 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--read-gbps", type=float, default=IPHONE15PRO_READ_BPS / 1e9,
                       help="throttle loads to this many GB/s (0 = disk speed)")
     demo.add_argument("--threads", type=int, default=2, help="torch compute threads")
+    plan = sub.add_parser("plan", help="predict sequential / concurrent / retention pass times over budgets "
+                                        "(paper Eq. 10/11) from FLOPs and a device profile, without running")
+    plan.add_argument("--profile", default="iphone15pro", help="device profile (iphone15pro, laptop-nvme, ...)")
+    plan.add_argument("--budgets", default=None, help="comma-separated budgets, e.g. 64MB,128MB (default: a sweep)")
+    plan.add_argument("--points", type=int, default=8, help="budgets in the default sweep")
+    plan.add_argument("--prefetch", type=int, default=1)
+    plan.add_argument("--working-set", default=None, help="activation bytes to reserve, e.g. 20MB (default 0)")
+    plan.add_argument("--layers", type=int, default=12)
+    plan.add_argument("--dim", type=int, default=512)
+    plan.add_argument("--tokens", type=int, default=256)
     args = parser.parse_args(argv)
     try:
-        return {"demo": _demo}[args.command](args)
+        return {"demo": _demo, "plan": _plan}[args.command](args)
     except (ValueError, OSError) as e:
         print(f"blockrt: error: {e}", file=sys.stderr)
         return 2

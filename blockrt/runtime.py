@@ -38,7 +38,7 @@ from .profile import Profile
 from .residency import Residency
 from .sources import CheckpointSource, WeightSource
 from .store import fingerprint, open_store, write_store
-from .working_set import LiveBytes
+from .working_set import LiveBytes, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class Runtime:
         self._pass_ok = False
         self._closed = False
         self._finalizer = weakref.finalize(self, _shutdown, self.loader, self._rss, self._tmpdir)
+        warm_up()
         self._install_hooks()
         self.residency.prefetch(-1)  # block 0 (and beyond) start loading now, before the first call
 

@@ -95,12 +95,17 @@ def plot_timeline(profile: Profile, path: str | os.PathLike[str], title: str | N
     ax.set_title(title, fontsize=10, loc="left")
 
     drawn = False
-    for name, color in (("ledger_bytes", "#4C72B0"), ("rss_bytes", "#55A868")):
+    # the ledger is absolute; RSS is drawn as growth over the baseline (the first sample), anonymous memory
+    # (what a phone counts) when it was sampled apart from file-backed pages, else the total
+    rss_name = "rss_anon_bytes" if counters.get("rss_anon_bytes") else "rss_bytes"
+    for name, color, label in (("ledger_bytes", "#4C72B0", "ledger_bytes"),
+                               (rss_name, "#55A868", f"{rss_name.removesuffix('_bytes')} - baseline")):
         series = sorted(counters.get(name, []))
         if series:
+            base = series[0][1] if name != "ledger_bytes" else 0.0
             series.append((max(x1, series[-1][0]), series[-1][1]))  # the last value holds to the end
-            mem.step([t for t, _ in series], [v / 1e9 for _, v in series], where="post",
-                     color=color, linewidth=1.0, label=name)
+            mem.step([t for t, _ in series], [(v - base) / 1e9 for _, v in series], where="post",
+                     color=color, linewidth=1.0, label=label)
             drawn = True
     if profile.budget:
         mem.axhline(profile.budget / 1e9, color=COLORS["wait"], linestyle="--", linewidth=1.0,

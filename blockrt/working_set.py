@@ -79,3 +79,10 @@ class LiveBytes(TorchDispatchMode):
 
 def _real(t: object) -> bool:
     return isinstance(t, torch.Tensor) and t.device.type != "meta"
+
+
+def warm_up() -> None:
+    """Pay the one-time cost of the first dispatch-mode op (torch imports its compile machinery, ~1 s)
+    at set-up, so it does not land inside the first pass's timeline."""
+    with torch.no_grad(), LiveBytes():
+        torch.zeros(1) + 1

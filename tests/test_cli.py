@@ -1,0 +1,33 @@
+"""The command line: `blockrt demo` and `blockrt plan` end to end (small sizes)."""
+
+from __future__ import annotations
+
+import json
+
+from blockrt.cli import main
+
+
+def test_demo_writes_trace_and_timeline(tmp_path, capsys):
+    rc = main(["demo", "--out", str(tmp_path), "--layers", "4", "--dim", "128", "--tokens", "32", "--passes", "4",
+               "--budget", "8MB"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "outputs identical to the plain model (torch.equal): yes" in out
+    assert "roofline_ratio" in out and "retain" in out
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert any(e.get("cat") == "load" for e in trace["traceEvents"])
+    assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_prints_a_budget_sweep(capsys):
+    assert main(["plan", "--layers", "4", "--dim", "128", "--tokens", "32", "--points", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "sequential" in out and "+ retention" in out
+    assert len([line for line in out.splitlines() if line.strip().endswith("blocks")]) == 3
+
+
+def test_bad_arguments_are_clear_errors(capsys):
+    assert main(["plan", "--profile", "iphone99"]) == 2
+    assert "known profiles" in capsys.readouterr().err
+    assert main(["demo", "--budget", "3.3 gigs"]) == 2
+    assert "budget must be" in capsys.readouterr().err

@@ -28,6 +28,8 @@ class RunConfig:
         retention: after the measuring passes, keep as many blocks resident as the free budget holds.
         cold_reads: drop the weight files from the page cache (``posix_fadvise(DONTNEED)``) before the run.
         rss_interval_s: sample the process RSS this often into the profile; None = do not sample.
+        pin_malloc_threshold: on glibc, fix malloc's mmap threshold at 128 KiB (process-wide) so freed
+            activations return to the OS instead of staying in RSS unseen by the ledger.
         verify: check each block's crc32 on its ``"first"`` load (default), on ``"always"``, or ``"never"``.
         strict_keys: with ``weights=``, a checkpoint key the model does not have is an error.
         load_timeout_s: the longest compute waits for one block before declaring the loader stuck.
@@ -44,6 +46,7 @@ class RunConfig:
     retention: bool = True
     cold_reads: bool = False
     rss_interval_s: float | None = 0.005
+    pin_malloc_threshold: bool = True
     verify: str = "first"
     strict_keys: bool = True
     load_timeout_s: float = 600.0

@@ -31,7 +31,7 @@ from .device import DeviceProfile, resolve_budget
 from .errors import BlockrtError, BudgetError, PartitionError
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, Slot
-from .memory import RssSampler, drop_page_cache
+from .memory import RssSampler, drop_page_cache, pin_malloc_mmap_threshold
 from .plan import Plan
 from .predict import BlockTiming, RetentionDecision, choose_retained
 from .profile import Profile
@@ -87,6 +87,8 @@ class Runtime:
         self._hooks: list[Any] = []
         self._tmpdir: str | None = None
         self.loader: Loader | None = None
+        if config.pin_malloc_threshold:
+            pin_malloc_mmap_threshold()
         self._rss = RssSampler(self.profile, interval_s=config.rss_interval_s) if config.rss_interval_s else None
         if self._rss:
             self._rss.start()  # baseline: the process before the runtime allocates anything

@@ -78,8 +78,9 @@ BUDGET_SLACK_BYTES = 1 << 20  # on top of each budget: the working set is measur
 TOKEN_STEP = 4  # calibrated sequence lengths are multiples of this
 CALIBRATION_TOKENS = (4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)  # also the model's max_len
 CALIBRATION_REPS = 5
-RATIO_TOL = 0.15  # a regime is reached when the timing pass's load/compute is within 15 % of the wanted ratio
+RATIO_TOL = 0.15  # a regime is reached when the probe's load/compute is within 15 % of the wanted ratio
 REFINE_PROBES = 3  # at most this many probe runs per regime to reach it
+PROBE_PASSES = 5  # per probe run: pass 0 measures the working set, passes 1.. give load / compute
 
 CSV_FIELDS = ("regime", "mode", "repeat", "budget", "budget_fraction", "retained_blocks", "blocks", "tokens", "passes",
               "steady_passes", "wall_s_per_pass", "predicted_s_per_pass", "prediction_error_pct",
@@ -189,8 +190,8 @@ def token_ids(tokens: int) -> torch.Tensor:
 def settle_tokens(cal: dict[str, Any], cfg: ToyConfig, store: Path, bandwidth: float,
                   ratio: float) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
     """Start from the resident calibration's token count, then probe blockrt itself: streamed compute is
-    slower than resident compute (the loader's copies compete for memory bandwidth), so when the timing
-    pass's load/compute misses ``ratio`` by more than RATIO_TOL, correct the tokens by the slowdown seen."""
+    slower than resident compute (the loader's copies compete for memory bandwidth), so when the probe's
+    load/compute misses ``ratio`` by more than RATIO_TOL, correct the tokens by the slowdown seen."""
     curve = cal["curve"]
     tokens = _interpolate(curve, cal["layer_load_s"] / ratio)
     tried = []
@@ -231,16 +232,17 @@ def skeleton(cfg: ToyConfig) -> torch.nn.Module:
 
 def probe(cfg: ToyConfig, ids: torch.Tensor, store: Path, bandwidth: float) -> dict[str, Any]:
     """Warm-up and sizing run at a roomy budget, no retention: the working set and the smallest feasible
-    budget with this input, and the per-block load / compute measured in blockrt's timing pass."""
+    budget with this input, and load / compute per pass averaged over passes 1..PROBE_PASSES-1 (one pass
+    alone moves by up to ~10 % on a 2-core machine)."""
     conf = RunConfig(read_bytes_per_s=bandwidth, retention=False)
     roomy = 10 * sum(BlockLayout.of(b).nbytes for b in partition(skeleton(cfg)).blocks)
     with blockrt.run(skeleton(cfg), budget=roomy, weights=store, config=conf) as rt:
-        for _ in range(STEADY_FROM):
+        for _ in range(PROBE_PASSES):
             rt(ids)
-        timings, head = rt.timings()
+        s = rt.profile.summary(passes=range(1, PROBE_PASSES))
         return {"working_set_bytes": rt.working_set_bytes, "min_budget": rt.minimum_budget(),
-                "block_bytes": [t.nbytes for t in timings], "load_s": sum(t.load_s for t in timings),
-                "compute_s": sum(t.compute_s for t in timings), "head_s": head}
+                "block_bytes": [BlockLayout.of(b).nbytes for b in rt.plan.blocks], "load_s": s.load_s / s.passes,
+                "compute_s": s.compute_s / s.passes}
 
 
 def run_one(cfg: ToyConfig, ids: torch.Tensor, store: Path, *, budget: int, retention: bool, bandwidth: float,
@@ -470,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         for regime, t in tokens.items():
             ids, pr = token_ids(t), probes[regime]
             grid = budget_grid(pr, args.budgets)
-            print(f"{regime}: {t} tokens (probed {', '.join(str(p['tokens']) for p in pr['tried'])}); timing pass: "
+            print(f"{regime}: {t} tokens (probed {', '.join(str(p['tokens']) for p in pr['tried'])}); probe: "
                   f"load {pr['load_s'] * 1e3:.0f} ms, compute {pr['compute_s'] * 1e3:.0f} ms per pass (load/compute "
                   f"{pr['load_s'] / pr['compute_s']:.2f}, wanted {REGIMES[regime]:.2f}); working set "
                   f"{pr['working_set_bytes'] / 1e6:.1f} MB; budgets " +

@@ -56,6 +56,14 @@ class Ledger:
         if self._on_change:
             self._on_change(total)
 
+    def move(self, src: str, dst: str, nbytes: int) -> None:
+        """Re-label ``nbytes`` held as ``src`` as ``dst`` (e.g. a slot while a load fills it); total unchanged."""
+        with self._lock:
+            if nbytes > self._held[src]:
+                raise RuntimeError(f"ledger: moving {nbytes} bytes from {src} but only {self._held[src]} held")
+            self._held[src] -= nbytes
+            self._held[dst] += nbytes
+
     @property
     def total(self) -> int:
         with self._lock:

@@ -36,6 +36,7 @@ class Residency:
         self.on_acquire = None  # callbacks the runtime sets for measuring: f(i) / f(i)
         self.on_release = None
         self._compute_start = 0.0
+        self._in_flight: dict[int, tuple[str, int]] = {}  # id(request) -> (ledger kind of its buffer, bytes)
 
     # -- the block lifecycle -----------------------------------------------------------------------------
 
@@ -52,8 +53,10 @@ class Residency:
         try:
             self.loader.wait(req, self.config.load_timeout_s)
         except BaseException:
+            self.settle(req)
             self._forget(i, slot)
             raise
+        self.settle(req)
         name = self.plan.blocks[i].name
         if waited:
             self.profile.record("wait", name, self.pass_idx, t0, self.profile.now(), 0, "compute")
@@ -122,6 +125,7 @@ class Residency:
                     buf.request = slot.request
                 except LoadError:
                     pass
+                self.settle(slot.request)
                 self._forget(i, slot)
             self.retained[i] = buf
 
@@ -133,6 +137,7 @@ class Residency:
                     self.loader.wait(buf.request, self.config.load_timeout_s)
                 except LoadError:
                     pass
+            self.settle(buf.request)
             self.ledger.release("retained", buf.buf.numel())
             del self.retained[i]
 
@@ -144,7 +149,16 @@ class Residency:
         slot.request = LoadRequest(j, self.layouts[j], slot, pass_idx, verify)
         if j not in self.retained:
             self.slot_of[j] = slot
+        kind = "retained" if j in self.retained else "slots"
+        self.ledger.move(kind, "in_flight", slot.buf.numel())
+        self._in_flight[id(slot.request)] = (kind, slot.buf.numel())
         self.loader.submit(slot.request)
+
+    def settle(self, req: LoadRequest | None) -> None:
+        """A load the compute thread has seen finish: its buffer's bytes are no longer in flight."""
+        entry = self._in_flight.pop(id(req), None) if req is not None else None
+        if entry is not None:
+            self.ledger.move("in_flight", entry[0], entry[1])
 
     def _forget(self, i: int, slot: Slot) -> None:
         if i in self.retained and self.retained[i] is slot:
@@ -165,5 +179,12 @@ class Residency:
             self.loader.wait(victim.request, self.config.load_timeout_s)
         except LoadError:
             pass  # that block is not needed now; its error will resurface if it is loaded again
+        self.settle(victim.request)
         self._forget(victim.block, victim)
         return victim
+
+    def settle_all(self) -> None:
+        """Return every in-flight buffer to its kind (the runtime is closing; the loader has stopped)."""
+        for kind, n in self._in_flight.values():
+            self.ledger.move("in_flight", kind, n)
+        self._in_flight.clear()

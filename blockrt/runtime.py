@@ -264,6 +264,7 @@ class Runtime:
             h.remove()
         self._hooks.clear()
         self._finalizer()
+        self.residency.settle_all()
         self.residency.unretain_all()
         for s in self.residency.slots:
             self.ledger.release("slots", s.buf.numel())

@@ -170,3 +170,29 @@ def test_prediction_matches_the_measured_run():
         measured = rt.profile.summary(passes=STEADY).wall_s / len(STEADY)
         predicted = rt.predict().retention_s
     assert abs(predicted - measured) / measured < PREDICTION_TOLERANCE, (predicted, measured)
+
+
+def test_ledger_shows_loads_in_flight_and_settles():
+    model, inputs = BUILDERS["toy"](n_layers=4)
+    plan = partition(model)
+    with blockrt.run(model, budget=plan.pinned_bytes + 2 * slot_bytes(plan) + 2**20,
+                     config=RunConfig(read_bytes_per_s=20e6)) as rt:
+        assert rt.ledger.held()["in_flight"] == slot_bytes(plan)  # block 0 is loading already
+        rt(**inputs)
+        held = rt.ledger.held()
+        assert held["in_flight"] + held["slots"] == 2 * slot_bytes(plan)
+        assert rt.ledger.total <= rt.budget
+    assert rt.ledger.held()["in_flight"] == 0 and rt.ledger.total == rt.plan.pinned_bytes + rt.working_set_bytes
+
+
+def test_cold_reads_drop_the_block_files_from_the_page_cache():
+    from blockrt.memory import cached_fraction
+
+    model, inputs = BUILDERS["toy"](n_layers=4)
+    rt = blockrt.run(model, budget="64MB", config=RunConfig(cold_reads=True, prefetch_depth=0))
+    try:
+        files = [f for f in rt.source.files() if "blocks/" in f]
+        assert max(cached_fraction(f) for f in files) < 0.5
+        rt(**inputs)
+    finally:
+        rt.close()

@@ -58,10 +58,11 @@ class BlockLayout:
 class Slot:
     """One reusable buffer that holds one block at a time."""
 
-    def __init__(self, index: int, nbytes: int, device: torch.device) -> None:
+    def __init__(self, index: int, nbytes: int, device: torch.device, prefault: bool = True) -> None:
         self.index = index
         self.buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self.buf.zero_()  # fault the pages in now, not during the first load
+        if prefault:
+            self.buf.zero_()  # fault the pages in now, not during the first load
         self.block: int | None = None  # block index assigned to this slot
         self.request: LoadRequest | None = None
         self.release_event: torch.cuda.Event | None = None  # CUDA: compute finished with the slot

@@ -392,3 +392,18 @@ def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
     except (OSError, AttributeError):
         return False
+
+
+def trim_malloc() -> bool:
+    """Return the free memory at the top and inside glibc's heap to the OS (``malloc_trim(0)``), so RSS
+    shows what is in use rather than what glibc keeps for later. False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

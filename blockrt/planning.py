@@ -67,9 +67,10 @@ def plan_sweep(timings: Sequence[BlockTiming], *, pinned_bytes: int, working_set
                  prefetch_depth=prefetch_depth, head_s=head_s)
 
 
-def runtime_prediction(rt: Any, budget: int | None = None, profile: DeviceProfile | None = None) -> Prediction:
-    """Predict ``rt``'s steady pass from its measured timings (loads rescaled to ``profile`` if given)."""
-    timings, head = rt.timings()
+def runtime_prediction(rt: Any, budget: int | None = None, profile: DeviceProfile | None = None,
+                       pass_idx: int | None = None) -> Prediction:
+    """Predict ``rt``'s steady pass from timings measured in ``pass_idx`` (loads rescaled to ``profile``)."""
+    timings, head = rt.timings(pass_idx)
     if profile is not None:
         timings = [replace(t, load_s=t.nbytes / profile.read_bytes_per_s) for t in timings]
     return predict(timings, budget=budget or rt.budget, pinned_bytes=rt.plan.pinned_bytes,

@@ -115,7 +115,7 @@ class Residency:
         for i in sorted(blocks):
             lay = self.layouts[i]
             self.ledger.reserve("retained", lay.nbytes, f"retaining block {lay.block.name!r}")
-            buf = Slot(-1 - i, lay.nbytes, self.device)
+            buf = Slot(-1 - i, lay.nbytes, self.device, prefault=False)  # the loader's read faults the pages in
             buf.block = i
             slot = self.slot_of.get(i)
             if slot is not None and slot.request is not None and i != self.active:
@@ -138,6 +138,7 @@ class Residency:
                 except LoadError:
                     pass
             self.settle(buf.request)
+            buf.request = None  # break the slot <-> request cycle so the memory goes back at once
             self.ledger.release("retained", buf.buf.numel())
             del self.retained[i]
 

@@ -31,7 +31,7 @@ from .device import DeviceProfile, resolve_budget
 from .errors import BlockrtError, BudgetError, PartitionError
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, Slot
-from .memory import RssSampler, drop_page_cache, pin_malloc_mmap_threshold
+from .memory import RssSampler, drop_page_cache, pin_malloc_mmap_threshold, trim_malloc
 from .plan import Plan
 from .predict import BlockTiming, RetentionDecision, choose_retained
 from .profile import Profile
@@ -89,6 +89,7 @@ class Runtime:
         self.loader: Loader | None = None
         if config.pin_malloc_threshold:
             pin_malloc_mmap_threshold()
+            trim_malloc()  # what glibc kept from before the runtime goes back to the OS: an honest baseline
         self._rss = RssSampler(self.profile, interval_s=config.rss_interval_s) if config.rss_interval_s else None
         if self._rss:
             self._rss.start()  # baseline: the process before the runtime allocates anything
@@ -267,6 +268,7 @@ class Runtime:
         self.residency.settle_all()
         self.residency.unretain_all()
         for s in self.residency.slots:
+            s.request = None
             self.ledger.release("slots", s.buf.numel())
         self.residency.slots.clear()
         self.residency.slot_of.clear()
@@ -320,6 +322,8 @@ class Runtime:
                 return
             self.ledger.reserve("working_set", peak, "the measured working set")
             self.working_set_bytes = peak
+            if self.config.pin_malloc_threshold:
+                trim_malloc()
             self._phase = "measure_time"
             self._timing_pass = self.residency.pass_idx + 1
         elif self._phase == "measure_time" and not self._pass_ok:
@@ -362,6 +366,8 @@ class Runtime:
     def timings(self, pass_idx: int | None = None) -> tuple[list[BlockTiming], float]:
         """Per-block load/compute/gap seconds measured in one pass (default: the timing pass), and ``head_s``.
 
+        A block that pass did not load (retained) gets its latest earlier load time.
+
         ``gap_s`` is the pinned compute after a block: until the next block starts, less that block's wait;
         the last block's gap runs to the end of the pass. ``head_s`` is the pinned compute before block 0.
         """
@@ -370,7 +376,9 @@ class Runtime:
         span = next(((s, e) for q, s, e in self.profile.passes if q == p), None)
         if span is None:
             raise ValueError(f"pass {p} has not completed; completed passes: {[q for q, _, _ in self.profile.passes]}")
-        loads = {e.block: e.end - e.start for e in events if e.kind == "load"}
+        # a block retained in pass p was not loaded then: take its latest load from an earlier pass
+        loads = {e.block: e.end - e.start for e in sorted(self.profile.events, key=lambda e: e.pass_idx)
+                 if e.kind == "load" and e.pass_idx <= p}
         waits = {e.block: (e.start, e.end) for e in events if e.kind == "wait"}
         computes = {e.block: e for e in events if e.kind == "compute"}
         blocks = self.plan.blocks
@@ -392,11 +400,16 @@ class Runtime:
             out.append(BlockTiming(b.name, self._layouts[k].nbytes, loads.get(b.name, default), compute, max(gap, 0.0)))
         return out, max(head, 0.0)
 
-    def predict(self, budget: int | str | None = None, device_profile: str | DeviceProfile | None = None):
+    def predict(self, budget: int | str | None = None, device_profile: str | DeviceProfile | None = None,
+                pass_idx: int | None = None):
         """Predict this model's steady pass (sequential / concurrent / concurrent + retention) at ``budget``
-        from the timings measured so far, with loads rescaled to ``device_profile``'s flash if given.
+        from per-block timings measured in ``pass_idx`` (default: the timing pass, as the runtime's own plan),
+        with loads rescaled to ``device_profile``'s flash if given.
 
-        Returns a ``blockrt.Prediction``; needs the two measuring passes to have run.
+        Compute measured while every block streams includes the loader's memory traffic (on this 2-core
+        machine it slows memory-bound compute by up to a third), so budgets that retain most blocks come out
+        pessimistic; timings from a later pass re-base the prediction on that pass's conditions.
+        Returns a ``blockrt.Prediction``; needs the measuring passes.
         """
         from .device import get_profile
         from .planning import runtime_prediction
@@ -404,7 +417,8 @@ class Runtime:
         if self._phase != "steady":
             raise BlockrtError("predict() needs the measuring passes: call the runtime at least twice first")
         profile = get_profile(device_profile) if isinstance(device_profile, str) else device_profile
-        return runtime_prediction(self, resolve_budget(budget)[0] if budget is not None else None, profile)
+        p = self._timing_pass if pass_idx is None else pass_idx
+        return runtime_prediction(self, resolve_budget(budget)[0] if budget is not None else None, profile, p)
 
     def _plan_retention(self) -> None:
         free = self.budget - self.ledger.total

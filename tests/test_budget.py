@@ -125,8 +125,11 @@ def test_format_bytes(n, text):
 
 
 def _invalid_text(text: str) -> bool:
+    """Neither a budget nor a device profile name (``run`` accepts both, e.g. "hdd")."""
+    from blockrt.device import resolve_budget
+
     try:
-        blockrt.parse_budget(text)
+        resolve_budget(text)
     except ValueError:
         return True
     return False

@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS := test,hf,plot,video
 STAMP := $(VENV)/.installed
+# glibc: keep malloc's mmap/trim thresholds at their 128 KiB defaults from the first allocation, so freed
+# activations leave RSS and peak_rss_delta matches the ledger (README, "Memory"); no effect elsewhere
+export MALLOC_MMAP_THRESHOLD_ = 131072
+export MALLOC_TRIM_THRESHOLD_ = 131072
 
 .PHONY: demo test bench clean
 
@@ -21,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overlap.py --out out/bench
+	$(PY) benchmarks/retention.py --out out/bench/retention
 
 clean:
 	rm -rf out .pytest_cache

@@ -370,7 +370,8 @@ def cached_fraction(path: str | os.PathLike[str]) -> float:
     return resident / npages
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
+_M_MMAP_THRESHOLD = -3
 
 
 def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
@@ -378,8 +379,9 @@ def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
 
     glibc raises the threshold each time a large mmap'd chunk is freed (up to 32 MiB), after which
     activations of up to that size come from the heap and stay in RSS after they are freed: tens of MB
-    that no ledger sees. Setting it explicitly turns that adjustment off. Returns False where there is no
-    glibc (macOS, musl): nothing is changed there.
+    that no ledger sees. Setting it explicitly turns that adjustment off. The trim threshold (raised to
+    twice the mmap threshold by the same adjustment, so up to 64 MiB of freed heap top stays mapped) is
+    set back to the same default. Returns False where there is no glibc (macOS, musl): nothing changes.
     """
     import ctypes
     import ctypes.util
@@ -389,7 +391,7 @@ def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
         return False
     try:
         libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes))) and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(nbytes)))
     except (OSError, AttributeError):
         return False
 

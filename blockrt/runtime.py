@@ -313,6 +313,8 @@ class Runtime:
         if self.residency.active is not None:
             self.residency.release(self.residency.active)
         self._running = 0
+        if self.config.pin_malloc_threshold:
+            trim_malloc()  # freed activations that glibc served from old heap chunks leave RSS again
         self.profile.end_pass(self.residency.pass_idx, self.profile.now())
         if self._tracker is not None:
             peak = self._tracker.peak
@@ -322,8 +324,6 @@ class Runtime:
                 return
             self.ledger.reserve("working_set", peak, "the measured working set")
             self.working_set_bytes = peak
-            if self.config.pin_malloc_threshold:
-                trim_malloc()
             self._phase = "measure_time"
             self._timing_pass = self.residency.pass_idx + 1
         elif self._phase == "measure_time" and not self._pass_ok:

@@ -17,7 +17,14 @@ IPHONE15PRO_READ_BPS = 1.45e9  # sequential flash read of the phone class the pa
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import gc
+
+    from safetensors.torch import save_file
+
+    from partitioners import partition
     from pipelines.toy import ToyConfig, ToyTransformer
+
+    from .skeleton import meta_weights
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -31,13 +38,20 @@ def _demo(args: argparse.Namespace) -> int:
         ref = model(ids)
         resident_s = time.perf_counter() - t0
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    save_file({k: state[k].contiguous() for k in partition(model).all_specs()}, weights / "model.safetensors")
+    del model, state
+    gc.collect()
+    with meta_weights():  # the streamed model is never materialised: its weights come from the checkpoint
+        skeleton = ToyTransformer(cfg).eval()
     bps = None if args.read_gbps <= 0 else args.read_gbps * 1e9
     config = RunConfig(prefetch_depth=args.prefetch, read_bytes_per_s=bps)
-    print(f"toy transformer: {cfg.n_layers} layers x dim {cfg.dim}, {format_bytes(model_bytes)} of fp32 weights; "
-          f"budget {format_bytes(parse_budget(args.budget))}; loader throttled to "
+    print(f"toy transformer: {cfg.n_layers} layers x dim {cfg.dim}, {format_bytes(model_bytes)} of fp32 weights "
+          f"in {weights / 'model.safetensors'}; budget {format_bytes(parse_budget(args.budget))}; loader throttled to "
           f"{'disk speed' if bps is None else f'{bps / 1e9:.2f} GB/s (iPhone 15 Pro flash)'}")
-    with run(model, budget=args.budget, config=config) as rt:
+    with run(skeleton, budget=args.budget, weights=weights, config=config) as rt:
         same = all(torch.equal(rt(ids), ref) for _ in range(args.passes))
         print(rt.profile)
         print(f"working set (measured, pass 0): {format_bytes(rt.working_set_bytes)}; "
@@ -46,8 +60,8 @@ def _demo(args: argparse.Namespace) -> int:
             print(rt.retention)
         print(f"  resident (plain model)   {resident_s * 1e3:.1f} ms per pass, whole model in memory")
         print(f"outputs identical to the plain model (torch.equal): {'yes' if same else 'NO'}")
-        rt.profile.save_trace(out_dir / "trace.json")
-        rt.profile.plot(out_dir / "timeline.png")
+    rt.profile.save_trace(out_dir / "trace.json")
+    rt.profile.plot(out_dir / "timeline.png")
     print(f"wrote {out_dir / 'trace.json'} (open in https://ui.perfetto.dev) and {out_dir / 'timeline.png'}")
     return 0 if same else 1
 

@@ -1,5 +1,10 @@
-"""Partitioners: split a model into a Plan of streamable blocks, chosen by model class via a registry."""
+"""Partitioners: split a model into a Plan of streamable blocks, chosen by model class via a registry.
 
+The per-model partitioners register themselves by class path on import (no optional dependency is
+imported here): T5 encoders, STDiT3 and the Open-Sora VAE.
+"""
+
+from partitioners import stdit3, t5  # noqa: F401  (registration)
 from partitioners.generic import generic_partition
 from partitioners.registry import partition, register
 

@@ -21,29 +21,37 @@ class PartitionFn(Protocol):
     def __call__(self, model: nn.Module, *, target_bytes: int | None) -> Plan: ...
 
 
-_REGISTRY: dict[type, PartitionFn] = {}
+_REGISTRY: dict[type | str, PartitionFn] = {}
 
 
-def register(cls: type) -> Callable[[PartitionFn], PartitionFn]:
+def class_path(cls: type) -> str:
+    """``"transformers.models.t5.modeling_t5.T5EncoderModel"``: the class's module and qualified name."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register(cls: type | str) -> Callable[[PartitionFn], PartitionFn]:
     """Register a partitioner for ``cls`` and its subclasses (unless they have their own).
 
     Args:
-        cls: the model class, e.g. ``transformers.T5EncoderModel``.
+        cls: the model class, e.g. ``transformers.T5EncoderModel``, or its full class path as a string
+            (``"transformers.models.t5.modeling_t5.T5EncoderModel"``) so that registering does not import
+            an optional dependency; it matches exactly that class (module and qualified name).
 
     Example:
         >>> @register(MyNet)
         ... def partition_mynet(model, *, target_bytes=None) -> Plan: ...
     """
-    if not isinstance(cls, type):
-        raise TypeError(f"register expects a model class, got {cls!r}; use @register(MyModel)")
+    if not isinstance(cls, (type, str)):
+        raise TypeError(f"register expects a model class or its class path, got {cls!r}; use @register(MyModel)")
 
     def decorator(fn: PartitionFn) -> PartitionFn:
         old = _REGISTRY.get(cls)
         # Re-registering the same function (e.g. a module reload) is fine; silently replacing another is not.
         if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+            name = cls if isinstance(cls, str) else cls.__qualname__
             raise ValueError(
-                f"a partitioner for {cls.__qualname__} is already registered ({old.__module__}.{old.__qualname__}); "
-                f"call partitioners.registry.unregister({cls.__qualname__}) first to replace it"
+                f"a partitioner for {name} is already registered ({old.__module__}.{old.__qualname__}); "
+                f"call partitioners.registry.unregister({name}) first to replace it"
             )
         _REGISTRY[cls] = fn
         return fn
@@ -51,7 +59,7 @@ def register(cls: type) -> Callable[[PartitionFn], PartitionFn]:
     return decorator
 
 
-def unregister(cls: type) -> None:
+def unregister(cls: type | str) -> None:
     """Remove the partitioner registered for exactly ``cls`` (no error if there is none)."""
     _REGISTRY.pop(cls, None)
 
@@ -59,7 +67,7 @@ def unregister(cls: type) -> None:
 def lookup(model_class: type) -> PartitionFn:
     """The partitioner ``partition`` would use for an instance of ``model_class``."""
     for klass in model_class.__mro__:
-        fn = _REGISTRY.get(klass)
+        fn = _REGISTRY.get(klass) or _REGISTRY.get(class_path(klass))
         if fn is not None:
             return fn
     return generic_partition

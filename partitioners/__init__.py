@@ -4,7 +4,7 @@ The per-model partitioners register themselves by class path on import (no optio
 imported here): T5 encoders, STDiT3 and the Open-Sora VAE.
 """
 
-from partitioners import stdit3, t5  # noqa: F401  (registration)
+from partitioners import stdit3, t5, vae  # noqa: F401  (registration)
 from partitioners.generic import generic_partition
 from partitioners.registry import partition, register
 

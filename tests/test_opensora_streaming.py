@@ -45,3 +45,36 @@ def test_vae_decoder_parts_cover_every_weight_at_full_size():
         n = sum(p.numel() * p.element_size() for p in decoder.parameters())
         assert plan.total_bytes == n
         assert plan.pinned_bytes < 0.02 * n  # the big parts stream
+
+
+def test_stdit3_streams_from_a_checkpoint_in_the_real_layout(tmp_path):
+    """A random checkpoint written by ``checkpoints.py`` (tiny sizes, real names and files), streamed onto a meta
+    skeleton, equals the same weights loaded whole."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from pipelines.opensora.checkpoints import write_random_checkpoints
+    from pipelines.opensora.stdit3 import STDiT3, STDiT3Config
+
+    weights = write_random_checkpoints(tmp_path, which=("stdit3",), size="tiny")["stdit3"]
+    assert (weights / "model.safetensors").exists() and (weights / "config.json").exists()
+    cfg = STDiT3Config.from_dict(json.loads((weights / "config.json").read_text()))
+    plain = STDiT3(cfg).eval()
+    plain.load_state_dict(load_file(weights / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    feed = {"x": torch.randn(2, cfg.in_channels, 3, 6, 7, generator=g), "timestep": torch.tensor([700.0, 700.0]),
+            "y": torch.cat([torch.randn(1, 1, cfg.model_max_length, cfg.caption_channels, generator=g),
+                            plain.null_caption(1)]),
+            "mask": torch.tensor([[1] * 5 + [0] * (cfg.model_max_length - 5)]), "fps": torch.tensor([24.0]),
+            "height": torch.tensor([48.0]), "width": torch.tensor([56.0])}
+    with torch.no_grad():
+        ref = plain(**feed)
+    with blockrt.meta_weights():
+        skeleton = STDiT3(cfg).eval()
+    plan = partition(skeleton)
+    assert plan.partitioner == "stdit3" and len(plan.blocks) == cfg.depth
+    assert plan.blocks[0].modules == ("spatial_blocks.0", "temporal_blocks.0")
+    with blockrt.run(skeleton, budget="64MB", weights=weights, config=RunConfig(prefetch_depth=1)) as rt:
+        for _ in range(PASSES):
+            assert torch.equal(rt(**feed), ref)

@@ -1,0 +1,441 @@
+"""Open-Sora v1.2's components from local Hugging Face-style directories, as skeletons to stream (spec §6).
+
+``load_t5``, ``load_stdit3`` and ``load_vae`` read ``config.json``, build the model with its weights on the
+``meta`` device (``blockrt.meta_weights()``: computed buffers stay real), check the weight files against the
+model, and return ``Loaded(model, weights)``: pass ``weights`` to ``blockrt.run(model, budget, weights=...)``.
+With ``meta=False`` the weights are read into the model instead (small models, references in tests).
+
+Weight files, in order of preference:
+
+- safetensors, one file or sharded with ``*.safetensors.index.json``: streamed in place;
+- ``pytorch_model.bin`` or ``pytorch_model-*.bin`` + ``pytorch_model.bin.index.json`` (the real T5 repo):
+  converted once to safetensors shards (+ index) in a cache directory (``<directory>/.blockrt-safetensors``
+  or ``cache_dir``), shard by shard, each read lazily with ``torch.load(..., weights_only=True, mmap=True)``
+  so memory stays bounded by one shard of clean file pages; later calls reuse the conversion while the
+  source files keep their sizes and modification times. A pickle is never loaded without ``weights_only``.
+
+Every problem of one kind comes back as one ``CheckpointError`` listing all of it: files (missing
+``config.json``, missing shards, truncated or refused files), then keys (missing, unexpected, wrong
+shape or dtype). ``shared.weight`` and ``encoder.embed_tokens.weight`` of T5 are one tensor: either name, or
+both, may be stored.
+
+Example:
+    >>> t5, weights = load_t5("weights/t5-v1_1-xxl")
+    >>> with blockrt.run(t5, budget="3GB", weights=weights) as rt:
+    ...     y, mask = encode_prompts(load_tokenizer("weights/t5-v1_1-xxl"), rt, ["a cat"])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from blockrt.errors import StoreError
+from blockrt.skeleton import meta_weights
+from blockrt.sources import CheckpointSource
+
+log = logging.getLogger(__name__)
+
+CACHE_NAME = ".blockrt-safetensors"
+CONVERSION_MANIFEST = "blockrt-conversion.json"
+CONVERSION_FORMAT = "blockrt-bin-to-safetensors"
+CONVERSION_VERSION = 1
+_SHOWN = 20  # items listed per kind of problem
+
+
+class CheckpointError(StoreError):
+    """A checkpoint directory is incomplete, damaged, unsafe to read, or does not match the model."""
+
+
+class Loaded(NamedTuple):
+    """A model (weights on ``meta`` unless loaded with ``meta=False``) and the checkpoint to stream from."""
+
+    model: nn.Module
+    weights: Path
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = items[:_SHOWN] + ([f"... and {len(items) - _SHOWN} more"] if len(items) > _SHOWN else [])
+    return f"  {title} ({len(items)}): " + "; ".join(shown)
+
+
+def _contents(d: Path) -> str:
+    names = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    return ", ".join(names) if names else "nothing"
+
+
+# -- .bin files -------------------------------------------------------------------------------------------
+
+
+def load_bin(path: str | Path) -> dict[str, torch.Tensor]:
+    """A ``torch.save``'d state dict, read lazily (``mmap=True``) and only as tensors (``weights_only=True``).
+
+    Raises:
+        CheckpointError: the file is missing, truncated, in the legacy (non-zip) format, holds objects other
+            than tensors (refused, never unpickled), or is not a flat ``{name: tensor}`` dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"expected the weight file {path}, but it does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused: the pickle holds objects other than tensors, and .bin files are only read with "
+            f"torch.load(weights_only=True) ({first}); fix: re-save it as a plain state dict or as safetensors") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable torch.save zip file ({type(e).__name__}: {str(e).strip().splitlines()[0]}); "
+            "it is truncated, corrupt, or in the legacy pre-1.6 format; fix: download or re-save it") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict ({{name: tensor}}), found {type(obj).__name__}")
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise CheckpointError(f"{path}: expected a flat {{name: tensor}} state dict; these entries are not tensors: "
+                              + ", ".join(bad[:_SHOWN]))
+    return obj
+
+
+def _bin_shards(d: Path) -> tuple[Path | None, list[Path]]:
+    """(index file or None, shard files) of a directory's .bin checkpoint; no shards if there is none."""
+    index = d / "pytorch_model.bin.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' of key -> shard file; "
+                                  f"{type(e).__name__}: {e}") from None
+        return index, [d / n for n in names]
+    single = d / "pytorch_model.bin"
+    return None, [single] if single.is_file() else []
+
+
+def _converted_name(name: str) -> str:
+    """``pytorch_model-00001-of-00002.bin`` -> ``model-00001-of-00002.safetensors`` (the hub's own naming)."""
+    stem = name.removesuffix(".bin")
+    return (stem.replace("pytorch_model", "model", 1) if stem.startswith("pytorch_model") else stem) + ".safetensors"
+
+
+def _stamp(files: list[Path]) -> list[list[Any]]:
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _reusable(cache: Path, stamp: list[list[Any]]) -> bool:
+    try:
+        m = json.loads((cache / CONVERSION_MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if m.get("format") != CONVERSION_FORMAT or m.get("version") != CONVERSION_VERSION or m.get("sources") != stamp:
+        return False
+    files = m.get("files")
+    return isinstance(files, dict) and bool(files) and all(
+        (cache / n).is_file() and (cache / n).stat().st_size == s for n, s in files.items())
+
+
+def _convert_shard(shard: Path, out: Path) -> tuple[list[str], int, int]:
+    """One .bin shard -> one safetensors file: (keys written, file size, data bytes). A tensor saved under
+    two names (a tied weight: one storage) is written once, under its first name. Returning drops the mapping."""
+    from pipelines.opensora.checkpoints import write_safetensors
+
+    sd = load_bin(shard)
+    seen: dict[tuple, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and ident in seen:
+            log.info("%s: %s is the same tensor as %s; written once", shard.name, key, seen[ident])
+            continue
+        seen[ident] = key
+        tensors[key] = t
+    log.info("converting %s -> %s (%d tensors)", shard, out, len(tensors))
+    specs = [(k, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()]
+    size = write_safetensors(out, specs, lambda k: tensors[k].contiguous())
+    return list(tensors), size, sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def convert_bin_checkpoint(directory: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Convert a directory's ``.bin`` checkpoint to safetensors once; return the converted directory.
+
+    Shard by shard (each read lazily, tensor by tensor) into ``cache_dir`` (default
+    ``<directory>/.blockrt-safetensors``): ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
+    (or ``model.safetensors`` for a single ``pytorch_model.bin``). A tensor saved under two names (a tied
+    weight) is written once, under its first name. Built in a temporary directory and renamed; reused while
+    the sources keep their sizes and modification times; a non-empty ``cache_dir`` that is not a conversion
+    is never replaced.
+    """
+    d = Path(directory)
+    index, shards = _bin_shards(d)
+    if not shards:
+        raise CheckpointError(f"{d}: no pytorch_model.bin or pytorch_model.bin.index.json; found {_contents(d)}")
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise CheckpointError(f"{index} names shard(s) that are missing from {d}: {', '.join(missing)}; "
+                              "fix: download the missing shards")
+    cache = Path(cache_dir) if cache_dir is not None else d / CACHE_NAME
+    stamp = _stamp(shards)
+    if _reusable(cache, stamp):
+        return cache
+    if cache.exists() and (not cache.is_dir() or (any(cache.iterdir()) and not (cache / CONVERSION_MANIFEST).is_file())):
+        raise CheckpointError(f"cache directory {cache} exists and is not a blockrt conversion; refusing to replace "
+                              "it; fix: pass another cache_dir")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{cache.name}-", dir=cache.parent))
+    except OSError as e:
+        raise CheckpointError(f"cannot write the safetensors conversion of {d} into {cache.parent} ({e}); "
+                              "fix: pass cache_dir= a writable directory") from None
+    try:
+        weight_map: dict[str, str] = {}
+        sizes: dict[str, int] = {}
+        total = 0
+        for shard in shards:
+            out = _converted_name(shard.name)
+            keys, sizes[out], nbytes = _convert_shard(shard, tmp / out)
+            weight_map.update({k: out for k in keys})
+            total += nbytes
+        if index is not None:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+        manifest = {"format": CONVERSION_FORMAT, "version": CONVERSION_VERSION, "source": str(d.resolve()),
+                    "sources": stamp, "files": sizes}
+        (tmp / CONVERSION_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        if cache.exists():  # a stale or damaged conversion of ours, or an empty directory
+            shutil.rmtree(cache)
+        os.replace(tmp, cache)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return cache
+
+
+# -- finding and checking weights -------------------------------------------------------------------------
+
+
+def _safetensors_path(d: Path) -> Path | None:
+    """What ``CheckpointSource`` should open in ``d``, if ``d`` holds a safetensors checkpoint."""
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        if (d / name).is_file():
+            return d / name
+    indexes = sorted(d.glob("*.safetensors.index.json"))
+    files = sorted(d.glob("*.safetensors"))
+    if len(indexes) == 1:
+        return indexes[0]
+    if not indexes and len(files) == 1:
+        return files[0]
+    if indexes or files:
+        raise CheckpointError(f"{d}: several safetensors checkpoints ({', '.join(p.name for p in indexes + files)}); "
+                              "expected model.safetensors or one *.safetensors.index.json")
+    return None
+
+
+def find_weights(directory: str | Path, *, cache_dir: str | Path | None = None) -> Path:
+    """The safetensors checkpoint of a directory, converting a ``.bin`` one first (see ``convert_bin_checkpoint``).
+
+    Returns a ``.safetensors`` file or ``*.safetensors.index.json`` for ``blockrt.run(weights=...)``; its
+    headers are checked (missing shards, truncated files) before it is returned.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"expected a checkpoint directory at {d}, but it does not exist")
+    path = _safetensors_path(d)
+    if path is None:
+        if not _bin_shards(d)[1]:
+            raise CheckpointError(f"{d}: no weights: expected model.safetensors, model.safetensors.index.json, "
+                                  f"pytorch_model.bin or pytorch_model.bin.index.json; found {_contents(d)}")
+        path = _safetensors_path(convert_bin_checkpoint(d, cache_dir))
+        assert path is not None
+    try:
+        CheckpointSource(path)
+    except StoreError as e:
+        raise CheckpointError(f"{d}: {e}") from None
+    return path
+
+
+def _tied_groups(model: nn.Module) -> list[tuple[list[str], torch.Tensor]]:
+    """Every distinct state-dict tensor with all its names (tied weights are one Parameter object)."""
+    groups: dict[int, tuple[list[str], torch.Tensor]] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), ([], t))[0].append(key)
+    return list(groups.values())
+
+
+def check_weights(model: nn.Module, weights: str | Path) -> None:
+    """Raise one ``CheckpointError`` listing every missing, unexpected, or wrongly shaped or typed key.
+
+    A tied tensor (several state-dict names, one Parameter) is satisfied by any of its names.
+    """
+    try:
+        segments = CheckpointSource(weights).segments
+    except StoreError as e:
+        raise CheckpointError(str(e)) from None
+    missing, wrong, known = [], [], set()
+    for names, t in _tied_groups(model):
+        known.update(names)
+        found = [n for n in names if n in segments]
+        if not found:
+            missing.append(" = ".join(names))
+        want = (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        for n in found:
+            got = (segments[n].shape, segments[n].dtype)
+            if got != want:
+                wrong.append(f"{n}: expected {want[1]}{list(want[0])}, found {got[1]}{list(got[0])}")
+    unexpected = sorted(set(segments) - known)
+    if missing or wrong or unexpected:
+        parts = [f"{weights} does not match {type(model).__name__}:"]
+        for title, items in (("missing keys", missing), ("wrong shape or dtype", wrong), ("unexpected keys", unexpected)):
+            if items:
+                parts.append(_listing(title, items))
+        parts.append("fix: check that config.json describes these weights, and that the files are complete")
+        raise CheckpointError("\n".join(parts))
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor | nn.Parameter) -> None:
+    path, _, attr = name.rpartition(".")
+    module = model.get_submodule(path)
+    if attr in module._parameters:
+        module._parameters[attr] = value  # type: ignore[assignment]
+    elif attr in module._buffers:
+        module._buffers[attr] = value.detach() if isinstance(value, nn.Parameter) else value
+    else:
+        raise KeyError(f"{type(model).__name__} has no parameter or buffer {name!r}")
+
+
+def materialize(model: nn.Module, weights: str | Path) -> nn.Module:
+    """Read every tensor of ``weights`` into ``model`` (tied names get one shared Parameter); returns ``model``."""
+    check_weights(model, weights)
+    source = CheckpointSource(weights)
+    for names, old in _tied_groups(model):
+        stored = next(n for n in names if n in source.segments)
+        t = source.read_tensor(stored)
+        value: torch.Tensor = nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
+        for n in names:
+            _set_tensor(model, n, value)
+    return model
+
+
+# -- the components ---------------------------------------------------------------------------------------
+
+
+def _read_config(d: Path, model_types: tuple[str, ...], problems: list[str]) -> dict[str, Any] | None:
+    path = d / "config.json"
+    if not path.is_file():
+        problems.append(f"missing config.json (found {_contents(d)})")
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        problems.append(f"{path} is not valid JSON ({e})")
+        return None
+    if not isinstance(cfg, dict) or cfg.get("model_type") not in model_types:
+        got = cfg.get("model_type") if isinstance(cfg, dict) else type(cfg).__name__
+        problems.append(f"{path}: model_type {got!r}, expected {' or '.join(map(repr, model_types))}")
+        return None
+    return cfg
+
+
+def _open(directory: str | Path, what: str, model_types: tuple[str, ...],
+          cache_dir: str | Path | None) -> tuple[dict[str, Any], Path]:
+    """config.json and the weights to stream, or one CheckpointError listing every file-level problem."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"cannot load {what}: {d} is not a directory")
+    problems: list[str] = []
+    cfg = _read_config(d, model_types, problems)
+    weights = None
+    try:
+        weights = find_weights(d, cache_dir=cache_dir)
+    except CheckpointError as e:
+        problems.append(str(e))
+    if problems or cfg is None or weights is None:
+        raise CheckpointError(f"cannot load {what} from {d}:\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg, weights
+
+
+def _finish(model: nn.Module, weights: Path, meta: bool) -> Loaded:
+    model.eval()
+    if meta:
+        check_weights(model, weights)
+    else:
+        materialize(model, weights)
+    return Loaded(model, weights)
+
+
+def load_t5(directory: str | Path, *, meta: bool = True, cache_dir: str | Path | None = None) -> Loaded:
+    """The T5 encoder of a local directory (DeepFloyd/t5-v1_1-xxl layout: config.json + .bin or safetensors).
+
+    Args:
+        directory: holds ``config.json`` and the weights (``pytorch_model*.bin`` + index, or safetensors).
+        meta: build the ``T5EncoderModel`` with its weights on ``meta`` (to stream); False reads them in.
+        cache_dir: where ``.bin`` weights are converted (default ``<directory>/.blockrt-safetensors``).
+
+    Returns:
+        ``Loaded(model, weights)``: a ``transformers.T5EncoderModel`` in eval mode and the safetensors path.
+    """
+    from transformers import T5Config, T5EncoderModel
+
+    cfg, weights = _open(directory, "the T5 encoder", ("t5",), cache_dir)
+    config = T5Config.from_dict(cfg)
+    with meta_weights():
+        model = T5EncoderModel(config)
+    return _finish(model, weights, meta)
+
+
+def load_stdit3(directory: str | Path, *, meta: bool = True, cache_dir: str | Path | None = None) -> Loaded:
+    """STDiT3 from a local OpenSora-STDiT-v3 directory (config.json with model_type "STDiT3" + weights)."""
+    cfg, weights = _open(directory, "STDiT3", ("STDiT3",), cache_dir)
+    from pipelines.opensora.stdit3 import STDiT3, STDiT3Config
+
+    with meta_weights():
+        model = STDiT3(STDiT3Config.from_dict(cfg))
+    return _finish(model, weights, meta)
+
+
+def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def vae_config_from_json(cfg: dict[str, Any]) -> Any:
+    """``VAEConfig`` from OpenSora-VAE-v1.2's config.json: shift, scale, micro sizes from the file; the
+    architecture is the real one unless the file records another under ``blockrt_architecture``."""
+    from pipelines.opensora.checkpoints import VAE_ARCH_KEY
+    from pipelines.opensora.vae import SpatialVAEConfig, VAEConfig
+    from pipelines.opensora.vae_temporal import TemporalVAEConfig
+
+    arch = cfg.get(VAE_ARCH_KEY) or {}
+    spatial = _known(SpatialVAEConfig, arch.get("spatial", {}))
+    if "micro_batch_size" in (cfg.get("vae_2d") or {}):
+        spatial["micro_batch_size"] = cfg["vae_2d"]["micro_batch_size"]
+    extra: dict[str, Any] = {k: tuple(cfg[k]) for k in ("shift", "scale") if k in cfg}
+    if "micro_frame_size" in cfg:
+        extra["micro_frame_size"] = int(cfg["micro_frame_size"])
+    return VAEConfig(spatial=SpatialVAEConfig(**spatial),
+                     temporal=TemporalVAEConfig(**_known(TemporalVAEConfig, arch.get("temporal", {}))), **extra)
+
+
+def load_vae(directory: str | Path, *, meta: bool = True, cache_dir: str | Path | None = None) -> Loaded:
+    """The VAE pipeline from a local OpenSora-VAE-v1.2 directory (model_type "VideoAutoencoderPipeline")."""
+    cfg, weights = _open(directory, "the VAE", ("VideoAutoencoderPipeline",), cache_dir)
+    from pipelines.opensora.vae import VideoAutoencoderPipeline
+
+    config = vae_config_from_json(cfg)
+    with meta_weights():
+        model = VideoAutoencoderPipeline(config)
+    return _finish(model, weights, meta)
+
+
+LOADERS: dict[str, Callable[..., Loaded]] = {"t5": load_t5, "stdit3": load_stdit3, "vae": load_vae}

@@ -32,6 +32,8 @@ class RunConfig:
             activations return to the OS instead of staying in RSS unseen by the ledger.
         verify: check each block's crc32 on its ``"first"`` load (default), on ``"always"``, or ``"never"``.
         strict_keys: with ``weights=``, a checkpoint key the model does not have is an error.
+        weights_prefix: with ``weights=``, stream a submodule out of a whole model's checkpoint: the model's
+            key ``k`` is stored as ``weights_prefix + k`` (e.g. ``"temporal_vae.decoder."``).
         load_timeout_s: the longest compute waits for one block before declaring the loader stuck.
 
     Example:
@@ -49,6 +51,7 @@ class RunConfig:
     pin_malloc_threshold: bool = True
     verify: str = "first"
     strict_keys: bool = True
+    weights_prefix: str = ""
     load_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:

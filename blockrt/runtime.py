@@ -184,7 +184,7 @@ class Runtime:
             if (Path(weights) / "manifest.json").exists():
                 return open_store(weights, self.plan, fingerprint=None)
             source = CheckpointSource(weights)
-            source.resolve(self.plan, strict=self.config.strict_keys)
+            source.resolve(self.plan, strict=self.config.strict_keys, prefix=self.config.weights_prefix)
             return source
         binder = Binder(self.model)
         tensors = {k: binder.tensor(k) for k in self.plan.all_specs()}

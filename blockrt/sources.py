@@ -119,12 +119,19 @@ class CheckpointSource(WeightSource):
             return shards
         return [p]
 
-    def resolve(self, plan: Plan, strict: bool = True) -> None:
+    def resolve(self, plan: Plan, strict: bool = True, prefix: str = "") -> None:
         """Check every plan tensor is present with its shape and dtype; keep only the plan's keys.
 
-        A tied tensor may be stored under any of its names. With ``strict``, keys in the checkpoint that
-        the plan does not know are an error too. All problems are reported together.
+        A tied tensor may be stored under any of its names. ``prefix`` reads a submodule out of a whole
+        model's checkpoint (plan key ``k`` is stored as ``prefix + k``; keys outside the prefix are ignored).
+        With ``strict``, keys under the prefix that the plan does not know are an error too. All problems
+        are reported together.
         """
+        if prefix:
+            self.segments = {k[len(prefix):]: v for k, v in self.segments.items() if k.startswith(prefix)}
+            if not self.segments:
+                raise StoreError(f"{self.description} has no key starting with {prefix!r}; "
+                                 "fix: check RunConfig(weights_prefix=...) against the checkpoint's key names")
         names_of: dict[str, list[str]] = {}
         for alias, owner in plan.aliases.items():
             names_of.setdefault(owner, []).append(alias)

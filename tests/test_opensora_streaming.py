@@ -78,3 +78,42 @@ def test_stdit3_streams_from_a_checkpoint_in_the_real_layout(tmp_path):
     with blockrt.run(skeleton, budget="64MB", weights=weights, config=RunConfig(prefetch_depth=1)) as rt:
         for _ in range(PASSES):
             assert torch.equal(rt(**feed), ref)
+
+
+def test_vae_decoders_stream_from_the_vae_checkpoint_by_prefix(tmp_path):
+    """Each decoder streams straight out of ``OpenSora-VAE-v1.2/model.safetensors`` (517 keys, real layout)."""
+    from safetensors.torch import load_file
+
+    from blockrt.errors import StoreError
+    from pipelines.opensora.checkpoints import write_random_checkpoints
+    from pipelines.opensora.vae import VAEConfig, VideoAutoencoderPipeline
+
+    weights = write_random_checkpoints(tmp_path, which=("vae",), size="tiny")["vae"]
+    plain = VideoAutoencoderPipeline(VAEConfig.tiny()).eval()
+    plain.load_state_dict(load_file(weights / "model.safetensors"))
+    z = torch.randn(1, 4, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = plain.decode(z, num_frames=17)
+    with blockrt.meta_weights():
+        vae = VideoAutoencoderPipeline(VAEConfig.tiny()).eval()
+    for name, module in (("temporal_vae", vae.temporal_vae), ("spatial_vae.module", vae.spatial_vae.module)):
+        # the small parts around each decoder (post_quant_conv) are loaded whole, as the pipeline would
+        prefix = f"{name}.post_quant_conv."
+        module.post_quant_conv.load_state_dict(
+            {k[len(prefix):]: v for k, v in load_file(weights / "model.safetensors").items() if k.startswith(prefix)},
+            assign=True)
+    vae.load_state_dict({k: v for k, v in plain.state_dict().items() if k in ("scale", "shift")}, strict=False,
+                        assign=True)
+    with torch.no_grad(), \
+            blockrt.run(vae.temporal_vae.decoder, budget="64MB", weights=weights,
+                        config=RunConfig(weights_prefix="temporal_vae.decoder.")) as rt_t, \
+            blockrt.run(vae.spatial_vae.module.decoder, budget="64MB", weights=weights,
+                        config=RunConfig(weights_prefix="spatial_vae.module.decoder.")) as rt_s:
+        for _ in range(2):
+            assert torch.equal(vae.decode(z, num_frames=17), ref)
+        assert rt_t.plan.partitioner == "vae-temporal-decoder" and rt_s.plan.partitioner == "vae-spatial-decoder"
+    with blockrt.meta_weights():
+        other = VideoAutoencoderPipeline(VAEConfig.tiny())
+    with pytest.raises(StoreError, match="no key starting with"):
+        blockrt.run(other.temporal_vae.decoder, budget="64MB", weights=weights,
+                    config=RunConfig(weights_prefix="temporal_vae.decoderX."))

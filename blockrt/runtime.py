@@ -143,6 +143,8 @@ class Runtime:
         self.working_set_bytes = 0  # the pass's peak, held in the ledger once measured
         self._phase = "measure_memory"
         self._signature: tuple | None = None
+        self._seen: dict[tuple, int] = {}  # input kind -> its measured working set (peak live bytes)
+        self._block_ws: dict[str, int] = {}
         self._tracker: LiveBytes | None = None
         self._timing_pass = -1
         self._running = 0
@@ -285,11 +287,12 @@ class Runtime:
         if torch.is_grad_enabled():
             raise BlockrtError("blockrt streams weights for inference only: call the model under torch.no_grad() "
                                "(Runtime.__call__ does this for you)")
-        signature = tuple((tuple(t.shape), t.dtype, t.device.type) for t in tree_leaves((args, kwargs))
-                          if isinstance(t, torch.Tensor))
-        if signature != self._signature:
-            if self._signature is not None:
-                log.info("input shapes changed: measuring the working set again and re-planning retention")
+        signature = _signature(args, kwargs)
+        if signature not in self._seen:
+            # an unseen input kind (shapes, dtypes, flags such as merge_frames): measure again with no
+            # retention; kinds seen before keep their measurement (the ledger holds the largest of them)
+            if self._seen:
+                log.info("new input shapes or flags: measuring the working set again and re-planning retention")
             self._signature = signature
             self.residency.unretain_all()
             self.retention = None
@@ -320,10 +323,12 @@ class Runtime:
             peak = self._tracker.peak
             self._stop_tracking()
             if not self._pass_ok:  # forward raised: the measurement is partial; measure again next pass
-                self._signature = None
                 return
-            self.ledger.reserve("working_set", peak, "the measured working set")
-            self.working_set_bytes = peak
+            self._seen[self._signature] = peak
+            self.working_set.update(self._block_ws)
+            need = max(self._seen.values())
+            self.ledger.reserve("working_set", need, "the measured working set")
+            self.working_set_bytes = need
             self._phase = "measure_time"
             self._timing_pass = self.residency.pass_idx + 1
         elif self._phase == "measure_time" and not self._pass_ok:
@@ -361,7 +366,8 @@ class Runtime:
 
     def _block_finished(self, i: int) -> None:
         if self._tracker is not None:
-            self.working_set[self.plan.blocks[i].name] = self._tracker.window_peak
+            name = self.plan.blocks[i].name
+            self._block_ws[name] = max(self._block_ws.get(name, 0), self._tracker.window_peak)
 
     def timings(self, pass_idx: int | None = None) -> tuple[list[BlockTiming], float]:
         """Per-block load/compute/gap seconds measured in one pass (default: the timing pass), and ``head_s``.
@@ -444,6 +450,16 @@ class Runtime:
         self._running = max(0, self._running - 1)
         if last and not self._running and self.residency.active == i:
             self.residency.release(i)
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    """What makes two calls need the same memory: each tensor's shape, dtype and device, and the flags
+    (bools, ints, strings, Nones) among the arguments. Floats are left out: a timestep passed as a float
+    changes every call without changing what a pass allocates."""
+    leaves = tree_leaves((args, kwargs))
+    return tuple((tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else
+                 (type(x).__name__, x) if isinstance(x, (bool, int, str)) or x is None else type(x).__name__
+                 for x in leaves)
 
 
 def _shutdown(loader: Loader, rss: RssSampler | None, tmpdir: str | None) -> None:

@@ -85,6 +85,9 @@ def test_changed_shapes_replan_and_stay_identical():
         for _ in range(2):
             assert torch.equal(rt(ids=long_ids), ref_long)
         assert rt.retention is not None
+        kept = rt.retention
+        assert torch.equal(rt(**inputs), ref_short)  # a kind seen before: no re-measuring, retention stays
+        assert rt.retention is kept and rt.working_set_bytes >= short_ws
         assert rt.ledger.peak <= budget
 
 
@@ -196,3 +199,29 @@ def test_cold_reads_drop_the_block_files_from_the_page_cache():
         rt(**inputs)
     finally:
         rt.close()
+
+
+class Flagged(torch.nn.Module):
+    """A model whose activations depend on a bool flag, not on any tensor shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(4))
+
+    def forward(self, x, wide: bool = False):
+        for layer in self.layers:
+            x = layer(x.repeat(1, 8).reshape(-1, 64) if wide else x)
+        return x
+
+
+def test_a_flag_that_changes_memory_is_measured_too():
+    torch.manual_seed(0)
+    model = Flagged()
+    x = torch.randn(4, 64)
+    ref_narrow, ref_wide = reference(model, {"x": x}), reference(model, {"x": x, "wide": True})
+    with blockrt.run(model, budget="16MB") as rt:
+        assert torch.equal(rt(x), ref_narrow)
+        narrow = rt.working_set_bytes
+        assert torch.equal(rt(x, wide=True), ref_wide)
+        assert rt.working_set_bytes > narrow  # measured again for the new flag value
+        assert rt.ledger.peak <= rt.budget

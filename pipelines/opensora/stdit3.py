@@ -4,7 +4,8 @@
 and shapes (``hpcai-tech/OpenSora-STDiT-v3``: 973 entries). The model builds on the ``meta`` device (nothing
 in ``__init__`` reads tensor data) and ``forward`` keeps the structure blockrt streams: ``spatial_blocks[i]``
 then ``temporal_blocks[i]``, each called with everything it needs as arguments. The shared building blocks
-live in ``layers.py``.
+live in ``layers.py``; ``forward(..., merge_frames=True)`` runs On-device Sora's temporal token merging
+(TDTM, ``tdtm.py``) inside every block with the same weights.
 
 Example:
     >>> with torch.device("meta"):
@@ -39,6 +40,7 @@ from pipelines.opensora.layers import (
     select_frames,
     t2i_modulate,
 )
+from pipelines.opensora.tdtm import check_x_mask, merge_tokens, merged_frames, unmerge_tokens
 
 
 @dataclass
@@ -111,8 +113,8 @@ class STDiT3Block(nn.Module):
     unmodulated, ungated cross-attention to the caption).
 
     Weights: ``scale_shift_table`` ``(6, C)`` + the rows of ``t_mlp``; ``attn``; ``cross_attn``; ``mlp``.
-    The block gets the latent grid ``T`` x ``S`` explicitly, so a token-merging variant can change the
-    layout inside the block without touching the caller.
+    The block gets the latent grid ``T`` x ``S`` explicitly, so TDTM (``merge_frames``) changes the frame
+    layout of its attentions inside the block without touching the caller.
     """
 
     def __init__(self, cfg: STDiT3Config, temporal: bool) -> None:
@@ -127,11 +129,27 @@ class STDiT3Block(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, C) / C**0.5)
 
     def _attention(
-        self, h: torch.Tensor, T: int, S: int, rope: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        h: torch.Tensor,
+        T: int,
+        S: int,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        merge_frames: bool = False,
     ) -> torch.Tensor:
-        """Self-attention within each frame (spatial) or along time at each patch (temporal)."""
+        """Self-attention within each frame (spatial) or along time at each patch (temporal).
+
+        With ``merge_frames`` it runs on the ``T' = ceil(T/2)`` merged frames (``tdtm.merge``): spatial is
+        ``B*T'`` sequences of ``S`` tokens, temporal ``B*S`` sequences of ``T'`` tokens (``rope`` must then
+        have ``T'`` positions); the output is repeated back to ``T`` frames (``tdtm.unmerge``).
+        """
+        if merge_frames:
+            h = merge_tokens(h, T, S)  # (B, T'*S, C)
+            h = self._attention(h, merged_frames(T), S, rope)  # (B, T'*S, C)
+            return unmerge_tokens(h, T, S)  # (B, T*S, C)
         B, N, C = h.shape  # (B, T*S, C)
         if self.temporal:
+            if rope is not None and rope[0].shape[0] != T:
+                raise ValueError(f"rope has {rope[0].shape[0]} positions but the temporal attention spans {T} frames")
             h = h.reshape(B, T, S, C).transpose(1, 2).reshape(B * S, T, C)  # (B*S, T, C)
             h = self.attn(h, rope)
             return h.view(B, S, T, C).transpose(1, 2).reshape(B, N, C)  # (B, T*S, C)
@@ -149,6 +167,7 @@ class STDiT3Block(nn.Module):
         x_mask: torch.Tensor | None = None,
         t0_mlp: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        merge_frames: bool = False,
     ) -> torch.Tensor:
         """Args:
             x: ``(B, T*S, C)`` tokens, frame-major.
@@ -156,7 +175,12 @@ class STDiT3Block(nn.Module):
             t_mlp: ``(B, 6C)`` the shared ``t_block`` output; t0_mlp the same for t=0 (with ``x_mask``).
             T, S: frames and patches per frame.
             x_mask: ``(B, T)`` bool: frames that are False use the t=0 modulation (I2V conditioning frames).
-            rope: ``(cos, sin)`` ``(T, head_dim)`` for temporal blocks; None for spatial blocks.
+            rope: ``(cos, sin)`` ``(T, head_dim)`` for temporal blocks (``(ceil(T/2), head_dim)`` with
+                ``merge_frames``); None for spatial blocks.
+            merge_frames: TDTM (``tdtm.py``): self- and cross-attention run on consecutive frame pairs merged
+                by their mean and their outputs are repeated back to ``T`` frames; modulation, gates,
+                residuals and the MLP stay at ``T`` frames. With ``x_mask`` both frames of every pair must
+                have the same mask value (``STDiT3.forward`` checks it; a direct caller must).
 
         Returns:
             ``(B, T*S, C)``.
@@ -173,14 +197,17 @@ class STDiT3Block(nn.Module):
         h_m = t2i_modulate(h, shift_msa, scale_msa)  # (B, T*S, C)
         if x_mask is not None:
             h_m = select_frames(x_mask, h_m, t2i_modulate(h, shift_msa0, scale_msa0), T, S)
-        a = self._attention(h_m, T, S, rope)  # (B, T*S, C)
+        a = self._attention(h_m, T, S, rope, merge_frames)  # (B, T*S, C)
         a_g = gate_msa * a
         if x_mask is not None:
             a_g = select_frames(x_mask, a_g, gate_msa0 * a, T, S)
         x = x + a_g
 
-        # cross-attention: no norm, no modulation, no gate
-        x = x + self.cross_attn(x, y, y_mask)
+        # cross-attention: no norm, no modulation, no gate; the queries are the residual stream itself
+        if merge_frames:
+            x = x + unmerge_tokens(self.cross_attn(merge_tokens(x, T, S), y, y_mask), T, S)  # T'*S queries
+        else:
+            x = x + self.cross_attn(x, y, y_mask)
 
         # MLP, modulated and gated
         h = self.norm2(x)
@@ -278,6 +305,7 @@ class STDiT3(nn.Module):
         fps: torch.Tensor | float | None = None,
         height: torch.Tensor | float | None = None,
         width: torch.Tensor | float | None = None,
+        merge_frames: bool = False,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Predict the velocity (channels 0..in_channels-1) and the unused sigma channels.
@@ -290,6 +318,9 @@ class STDiT3(nn.Module):
             x_mask: ``(B, T)`` (or ``(n, T)``) bool; frames that are False are treated as clean (t = 0).
             fps: ``(n,)`` frames per second (24 for video, 120 for a single image) or a number.
             height, width: ``(n,)`` pixel size of the video (the first entry is used) or numbers.
+            merge_frames: TDTM: every block's self- and cross-attention runs on ``ceil(T/2)`` merged frames
+                (pairs averaged, an odd last frame alone; RoPE positions 0..ceil(T/2)-1). The sampler sets it
+                for the first ``merge_steps`` steps. With ``x_mask``, each pair must share one mask value.
             **kwargs: ignored (the sampler also passes ``num_frames``, ``ar``).
 
         Returns:
@@ -324,6 +355,8 @@ class STDiT3(nn.Module):
             x_mask = _tile(x_mask.to(device=device, dtype=torch.bool), B, "x_mask")
             if x_mask.shape[1] != T:
                 raise ValueError(f"x_mask has {x_mask.shape[1]} frames but the latent has {T}")
+            if merge_frames:
+                check_x_mask(x_mask, T)  # both frames of a merged pair must share one x_mask value
             t0 = self.t_embedder(torch.zeros_like(timestep)) + fps_emb  # (B, C)
             t0_mlp = self.t_block(t0)  # (B, 6C)
 
@@ -332,10 +365,11 @@ class STDiT3(nn.Module):
         x = self.x_embedder(x)  # (B, T*S, C)
         x = (x.reshape(B, T, S, -1) + pos_emb).view(B, T * S, -1)  # (B, T*S, C)
 
-        rope = self.rope.cos_sin(T, dtype, device)  # 2 x (T, head_dim)
+        rope = self.rope.cos_sin(merged_frames(T) if merge_frames else T, dtype, device)  # 2 x (T or T', head_dim)
+        kw = dict(y_mask=y_mask, x_mask=x_mask, t0_mlp=t0_mlp, merge_frames=merge_frames)
         for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
-            x = spatial(x, y, t_mlp, T, S, y_mask=y_mask, x_mask=x_mask, t0_mlp=t0_mlp)
-            x = temporal(x, y, t_mlp, T, S, y_mask=y_mask, x_mask=x_mask, t0_mlp=t0_mlp, rope=rope)
+            x = spatial(x, y, t_mlp, T, S, **kw)
+            x = temporal(x, y, t_mlp, T, S, rope=rope, **kw)
 
         x = self.final_layer(x, t, T, S, x_mask=x_mask, t0=t0)  # (B, T*S, prod(patch)*C_out)
         return unpatchify(x, (T, H, W), cfg.patch_size, cfg.out_channels, (Tx, Hx, Wx)).float()

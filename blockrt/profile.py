@@ -231,6 +231,26 @@ class Profile:
                 raise ValueError(f"pass {pass_idx} ends at {t!r} before it began at {start!r}")
             self._passes.append((pass_idx, start, float(t)))
 
+    def absorb(self, other: "Profile", prefix: str = "") -> None:
+        """Add ``other``'s events, reuses, counters and passes to this profile, on this profile's clock, with
+        block names prefixed and pass indices placed after this profile's (a whole run made of stages)."""
+        shift = other._t0 - self._t0
+        with self._lock:
+            offset = 1 + max([i for i, _, _ in self._passes] + [i for i in self._open] + [-1])
+        with other._lock:
+            events, reuse = list(other._events), list(other._reuse)
+            counters = {k: list(v) for k, v in other._counters.items()}
+            passes = list(other._passes)
+        if shift < 0 and (events or passes):
+            raise ValueError("absorb: the other profile started before this one; create the whole-run profile first")
+        with self._lock:
+            self._events += [Event(e.kind, prefix + e.block, e.pass_idx + offset, e.start + shift, e.end + shift,
+                                   e.nbytes, e.thread) for e in events]
+            self._reuse += [(prefix + b, p + offset, n) for b, p, n in reuse]
+            self._passes += [(p + offset, a + shift, b + shift) for p, a, b in passes]
+            for name, series in counters.items():
+                self._counters.setdefault(name, []).extend((t + shift, v) for t, v in series)
+
     @property
     def events(self) -> list[Event]:
         """A copy of the events, in recording order."""

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/blockrt demo --out out/demo
+	$(VENV)/bin/blockrt generate --trace --out out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -95,6 +95,62 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_CAPTIONS = ["a red circle moving left on a blue background", "a green square moving up on a white background",
+                 "a yellow triangle moving right on a black background", "a blue circle moving down on a gray background"]
+
+
+def _demo_weights(cache: Path) -> Path:
+    """Tiny random weights for T5, STDiT3 and the VAE in the real layout, written once into ``cache``."""
+    from pipelines.opensora.checkpoints import write_random_checkpoints
+    from pipelines.opensora.t5 import train_tiny_tokenizer
+
+    tok = cache / "tokenizer"
+    if not (tok / "spiece.model").exists():
+        train_tiny_tokenizer(DEMO_CAPTIONS * 25, tok, vocab_size=60)
+    write_random_checkpoints(cache, size="tiny", t5_format="safetensors", tokenizer=tok)
+    return cache
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pipelines.opensora.pipeline import GenerateConfig, OpenSoraPipeline, tqdm_progress
+
+    lpl = None if args.lpl is None else ("dynamic" if args.lpl == "dynamic" else int(args.lpl))
+    cfg = GenerateConfig(prompt=args.prompt, resolution=args.resolution, aspect=args.aspect, frames=args.frames,
+                         steps=args.steps, cfg_scale=args.cfg, seed=args.seed, lpl=lpl, merge_steps=args.tdtm)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.weights is None:
+        weights = _demo_weights(Path(args.cache))
+        print(f"no --weights given: using tiny RANDOM weights of the three models in the real layout ({weights}); "
+              "the video is noise by construction. For real videos download OpenSora-STDiT-v3, OpenSora-VAE-v1.2 "
+              "and t5-v1_1-xxl into one directory and pass --weights DIR --budget 3.3GB.")
+    else:
+        weights = Path(args.weights)
+    config = RunConfig(device_profile=args.device_profile)
+    pipe = OpenSoraPipeline(weights, budget=args.budget, config=config)
+    t0 = time.perf_counter()
+    result = pipe.generate(cfg, out=out_dir / "video.mp4", progress=tqdm_progress(cfg.steps))
+    wall = time.perf_counter() - t0
+    print(f"{cfg.frames} frames at {args.resolution} {args.aspect}, {result.steps_run} STDiT3 calls"
+          f"{f' (LPL leapt at step {result.leapt_at})' if result.leapt_at is not None else ''}, "
+          f"TDTM for {cfg.merge_steps} steps, budget {format_bytes(pipe.budget)}: {wall:.1f} s")
+    for name, stage in result.stages.items():
+        s = stage["summary"]
+        print(f"  {name:<13} {s.passes:>3} passes  wall {s.wall_s:7.2f} s  roofline_ratio {s.roofline_ratio:5.2f}  "
+              f"loaded {format_bytes(s.bytes_loaded):>10}  peak ledger {format_bytes(stage['peak_ledger_bytes'])}")
+    whole = result.profile.summary()
+    print(f"whole run: peak_ledger_bytes {format_bytes(whole.peak_ledger_bytes)} of {format_bytes(pipe.budget)}; "
+          f"peak_rss_delta {format_bytes(whole.peak_rss_delta or 0)} (anon {format_bytes(whole.peak_anon_delta or 0)}, "
+          f"file-backed {format_bytes(whole.peak_file_delta or 0)})")
+    written = [result.path]
+    if args.trace:
+        result.profile.save_trace(out_dir / "trace.json")
+        result.profile.plot(out_dir / "timeline.png", title="Open-Sora: T5 -> STDiT3 -> VAE under one budget")
+        written += [out_dir / "trace.json", out_dir / "timeline.png"]
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="blockrt", description="Run models larger than memory, block by block.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,9 +175,26 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--layers", type=int, default=12)
     plan.add_argument("--dim", type=int, default=512)
     plan.add_argument("--tokens", type=int, default=256)
+    gen = sub.add_parser("generate", help="text to video with Open-Sora v1.2 (T5 -> STDiT3 -> VAE) under one budget")
+    gen.add_argument("--prompt", default=DEMO_CAPTIONS[0])
+    gen.add_argument("--weights", default=None, help="directory with t5-v1_1-xxl/, OpenSora-STDiT-v3/, "
+                                                     "OpenSora-VAE-v1.2/ (default: tiny random weights)")
+    gen.add_argument("--cache", default="out/weights/random/demo", help="where the default random weights go")
+    gen.add_argument("--resolution", default="144p")
+    gen.add_argument("--aspect", default="3:4")
+    gen.add_argument("--frames", type=int, default=17)
+    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--cfg", type=float, default=7.0)
+    gen.add_argument("--seed", type=int, default=42)
+    gen.add_argument("--lpl", default=None, help="leap step index (the paper: 16 of 30) or 'dynamic'")
+    gen.add_argument("--tdtm", type=int, default=0, help="merge frame pairs for the first N steps")
+    gen.add_argument("--budget", default="64MB", help="one budget for the whole run (3.3GB for the phone)")
+    gen.add_argument("--device-profile", default=None, help="throttle loads like this device (iphone15pro)")
+    gen.add_argument("--out", default="out/generate")
+    gen.add_argument("--trace", action="store_true", help="also write trace.json and timeline.png of the run")
     args = parser.parse_args(argv)
     try:
-        return {"demo": _demo, "plan": _plan}[args.command](args)
+        return {"demo": _demo, "plan": _plan, "generate": _generate}[args.command](args)
     except (ValueError, OSError) as e:
         print(f"blockrt: error: {e}", file=sys.stderr)
         return 2

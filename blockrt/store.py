@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .errors import StoreError
 from .plan import Plan
-from .profile import _umask
+from .profile import current_umask
 from .safetensors_format import fsync_dir, read_header, write_file
 from .sources import WeightSource
 
@@ -155,7 +155,7 @@ def write_store(root: str | os.PathLike, plan: Plan, tensors: dict[str, torch.Te
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a store is shared like any directory
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a store is shared like any directory
         fsync_dir(tmp)
         os.rename(tmp, root)  # atomic: the store appears complete or not at all
         fsync_dir(root.parent)

@@ -27,6 +27,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from blockrt.profile import current_umask
+
 DEFAULT_FPS = 24  # Open-Sora v1.2's save_fps
 DEFAULT_CRF = 23  # libx264's default
 DEFAULT_PRESET = "medium"
@@ -126,6 +128,7 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float = DEF
                 log.seek(0)
                 message = log.read().decode(errors="replace").strip()[-2000:]
                 raise RuntimeError(f"ffmpeg failed to write {str(path)!r} (exit status {returncode}): {message}")
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a video gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:

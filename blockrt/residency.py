@@ -129,6 +129,18 @@ class Residency:
                 self._forget(i, slot)
             self.retained[i] = buf
 
+    def unretain(self, i: int) -> None:
+        """Drop block ``i``'s own buffer (it is not running); it streams through the slots from now on."""
+        buf = self.retained.pop(i)
+        if buf.request is not None and not buf.request.done.is_set():
+            try:
+                self.loader.wait(buf.request, self.config.load_timeout_s)
+            except LoadError:
+                pass
+        self.settle(buf.request)
+        buf.request = None
+        self.ledger.release("retained", buf.buf.numel())
+
     def unretain_all(self) -> None:
         """Drop every retained buffer (between passes), returning its bytes to the ledger."""
         for i, buf in list(self.retained.items()):

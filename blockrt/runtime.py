@@ -17,6 +17,7 @@ import logging
 import shutil
 import tempfile
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -288,24 +289,29 @@ class Runtime:
             raise BlockrtError("blockrt streams weights for inference only: call the model under torch.no_grad() "
                                "(Runtime.__call__ does this for you)")
         signature = _signature(args, kwargs)
+        measure = False
         if signature not in self._seen:
-            # an unseen input kind (shapes, dtypes, flags such as merge_frames): measure again with no
-            # retention; kinds seen before keep their measurement (the ledger holds the largest of them)
-            if self._seen:
-                log.info("new input shapes or flags: measuring the working set again and re-planning retention")
+            # an unseen input kind (shapes, dtypes, flags such as merge_frames): measure its working set.
+            # Kinds seen before keep their measurement (the ledger holds the largest of them).
             self._signature = signature
-            self.residency.unretain_all()
-            self.retention = None
             if self.working_set_bytes:
                 self.ledger.release("working_set", self.working_set_bytes)
                 self.working_set_bytes = 0
-            self._phase = "measure_memory"
+            if self._phase == "steady":
+                # keep the retained blocks and measure live against the budget; blocks are shed from
+                # retention if the new kind's activations need their room (see _working_set_changed)
+                log.info("new input shapes or flags: measuring their working set with retention in place")
+            else:
+                self.residency.unretain_all()
+                self.retention = None
+                self._phase = "measure_memory"
+            measure = True
         self.residency.pass_idx += 1
         self._running = 0
         self._in_pass = True
         self._pass_ok = False
         self.profile.begin_pass(self.residency.pass_idx, self.profile.now())
-        if self._phase == "measure_memory":
+        if measure or self._phase == "measure_memory":
             self._tracker = LiveBytes(on_change=self._working_set_changed)
             self._tracker.__enter__()
 
@@ -329,8 +335,9 @@ class Runtime:
             need = max(self._seen.values())
             self.ledger.reserve("working_set", need, "the measured working set")
             self.working_set_bytes = need
-            self._phase = "measure_time"
-            self._timing_pass = self.residency.pass_idx + 1
+            if self._phase == "measure_memory":
+                self._phase = "measure_time"
+                self._timing_pass = self.residency.pass_idx + 1
         elif self._phase == "measure_time" and not self._pass_ok:
             self._timing_pass = self.residency.pass_idx + 1
         elif self._phase == "measure_time" and self.residency.pass_idx == self._timing_pass:
@@ -351,14 +358,31 @@ class Runtime:
             return
         active = self.residency.active
         where = f"block {self.plan.blocks[active].name!r}" if active is not None else "the pinned modules"
-        try:
-            self.ledger.reserve("working_set", delta, f"activations of {where}")
-        except BudgetError as e:
-            need = self.minimum_budget() + self.ledger.held()["working_set"] + delta
-            raise BudgetError(
-                f"the measured working set passed the budget while running {where}: {e}; this run needs at least "
-                f"{format_bytes(need)} ({need} bytes) with these input shapes; fix: raise the budget, use smaller "
-                "inputs, or lower prefetch_depth") from None
+        while True:
+            try:
+                self.ledger.reserve("working_set", delta, f"activations of {where}")
+                return
+            except BudgetError as e:
+                if self._shed_one():  # retained blocks make room before anything fails
+                    continue
+                need = self.minimum_budget() + self.ledger.held()["working_set"] + delta
+                raise BudgetError(
+                    f"the measured working set passed the budget while running {where}: {e}; this run needs at "
+                    f"least {format_bytes(need)} ({need} bytes) with these input shapes; fix: raise the budget, use "
+                    "smaller inputs, or lower prefetch_depth") from None
+
+    def _shed_one(self) -> bool:
+        """Give up one retained block (not the running one) to make room for activations; False if none."""
+        candidates = [i for i in self.residency.retained if i != self.residency.active]
+        if not candidates:
+            return False
+        victim = max(candidates)
+        self.residency.unretain(victim)
+        if self.retention is not None:
+            kept = tuple(i for i in self.retention.retained if i != victim)
+            self.retention = replace(self.retention, retained=kept, nbytes=sum(self._layouts[i].nbytes for i in kept))
+        log.info("shed retained block %s to make room for activations", self.plan.blocks[victim].name)
+        return True
 
     def _block_started(self, i: int) -> None:
         if self._tracker is not None:

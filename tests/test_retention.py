@@ -80,8 +80,10 @@ def test_changed_shapes_replan_and_stay_identical():
             assert torch.equal(rt(**inputs), ref_short)
         short_ws = rt.working_set_bytes
         assert rt.retention is not None and rt.retention.retained
-        assert torch.equal(rt(ids=long_ids), ref_long)  # re-measures with retention dropped
-        assert rt.retention is None and rt.working_set_bytes > short_ws
+        before = len(rt.retention.retained)
+        assert torch.equal(rt(ids=long_ids), ref_long)  # measured live, shedding retained blocks for room
+        assert rt.working_set_bytes > short_ws
+        assert rt.retention is not None and len(rt.retention.retained) <= before
         for _ in range(2):
             assert torch.equal(rt(ids=long_ids), ref_long)
         assert rt.retention is not None
@@ -225,3 +227,20 @@ def test_a_flag_that_changes_memory_is_measured_too():
         assert torch.equal(rt(x, wide=True), ref_wide)
         assert rt.working_set_bytes > narrow  # measured again for the new flag value
         assert rt.ledger.peak <= rt.budget
+
+
+def test_a_new_input_kind_sheds_retained_blocks_instead_of_failing():
+    model, inputs = BUILDERS["toy"](n_layers=6)
+    plan = partition(model)
+    blk = slot_bytes(plan)
+    budget = plan.pinned_bytes + 2 * blk + 4 * blk + 200_000  # room for 4 retained blocks, little else
+    long_ids = torch.randint(0, 128, (8, 32))
+    ref_long = reference(model, {"ids": long_ids})
+    with blockrt.run(model, budget=budget) as rt:
+        for _ in range(3):
+            rt(**inputs)
+        held = len(rt.retention.retained)
+        assert torch.equal(rt(ids=long_ids), ref_long)  # its activations need more than the free budget
+        assert len(rt.retention.retained) < held and len(rt.residency.retained) == len(rt.retention.retained)
+        assert rt.ledger.peak <= budget
+        assert torch.equal(rt(ids=long_ids), ref_long)

@@ -73,8 +73,9 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 CSV_FIELDS = ("row", "stream", "lpl", "merge_steps", "steps", "model_calls", "merged_calls", "leapt_at",
               "stdit_wall_s", "stdit_wall_s_per_call", "speedup", "stdit_stage_s", "generate_s", "psnr_db",
-              "ssim", "identical", "peak_ledger_bytes", "budget", "retained_blocks", "stdit_blocks",
-              "stdit_load_s", "stdit_stall_s", "stdit_bytes_loaded", "stdit_bytes_reused", "peak_anon_delta")
+              "ssim", "identical", "peak_ledger_bytes", "budget", "reused_fraction", "retained_blocks",
+              "stdit_blocks", "stdit_load_s", "stdit_stall_s", "stdit_bytes_loaded", "stdit_bytes_reused",
+              "peak_anon_delta")
 
 
 # -- video similarity -------------------------------------------------------------------------------------
@@ -306,6 +307,7 @@ def run_row(row: Row, args: argparse.Namespace, weights: Path, run_cfg: RunConfi
         if s.passes != res.steps_run:
             raise RuntimeError(f"{row.name}: blockrt counted {s.passes} STDiT3 passes for {res.steps_run} model calls")
         m.update(stdit_wall_s=s.wall_s, peak_ledger_bytes=st["peak_ledger_bytes"], budget=pipe.budget,
+                 reused_fraction=s.bytes_reused / max(1, s.bytes_reused + s.bytes_loaded),
                  retained_blocks=len(st["retained"]), stdit_blocks=st["blocks"], stdit_load_s=s.load_s,
                  stdit_compute_s=s.compute_s, stdit_stall_s=s.stall_s, stdit_bytes_loaded=s.bytes_loaded,
                  stdit_bytes_reused=s.bytes_reused, stdit_roofline_ratio=s.roofline_ratio,
@@ -313,7 +315,7 @@ def run_row(row: Row, args: argparse.Namespace, weights: Path, run_cfg: RunConfi
     else:
         if len(pipe.resident_call_s) != res.steps_run:
             raise RuntimeError(f"{row.name}: timed {len(pipe.resident_call_s)} STDiT3 calls for {res.steps_run}")
-        m.update(stdit_wall_s=sum(pipe.resident_call_s), peak_ledger_bytes=None, budget=None,
+        m.update(stdit_wall_s=sum(pipe.resident_call_s), peak_ledger_bytes=None, budget=None, reused_fraction=None,
                  retained_blocks=None, stdit_blocks=None, stdit_load_s=None, stdit_compute_s=None,
                  stdit_stall_s=None, stdit_bytes_loaded=None, stdit_bytes_reused=None, stdit_roofline_ratio=None,
                  stage_peak_ledger_bytes=None)
@@ -358,19 +360,21 @@ def _mb(x: int | None) -> str:
 
 def table(rows: list[Row], results: dict[str, dict]) -> str:
     head = (f"{'row':<22} {'stream':>6} {'calls':>5} {'merged':>6} {'leap@':>5} {'STDiT wall':>10} {'per call':>8} "
-            f"{'speedup':>7} {'stage':>7} {'PSNR':>7} {'SSIM':>7} {'ledger':>7} {'kept':>5} {'anon':>6}")
+            f"{'speedup':>7} {'stage':>7} {'PSNR':>7} {'SSIM':>7} {'ledger':>7} {'reused':>6} {'kept@end':>8} "
+            f"{'anon':>6}")
     units = (f"{'':<22} {'':>6} {'':>5} {'':>6} {'':>5} {'s':>10} {'ms':>8} {'x':>7} {'s':>7} {'dB':>7} {'':>7} "
-             f"{'MB':>7} {'blk':>5} {'MB':>6}")
+             f"{'MB':>7} {'%':>6} {'blk':>8} {'MB':>6}")
     lines = [head, units]
     for row in rows:
         m = results[row.name]
         leap = "-" if m["leapt_at"] is None else str(m["leapt_at"])
         p = "inf" if math.isinf(m["psnr_db"]) else f"{m['psnr_db']:.2f}"
         kept = "-" if m["retained_blocks"] is None else f"{m['retained_blocks']}/{m['stdit_blocks']}"
+        reused = "-" if m["reused_fraction"] is None else f"{100 * m['reused_fraction']:.0f}"
         lines.append(
             f"{row.name:<22} {'yes' if row.stream else 'no':>6} {m['model_calls']:>5} {m['merged_calls']:>6} "
             f"{leap:>5} {m['stdit_wall_s']:10.2f} {m['stdit_wall_s_per_call'] * 1e3:8.0f} {m['speedup']:7.2f} "
-            f"{m['stdit_stage_s']:7.2f} {p:>7} {m['ssim']:7.4f} {_mb(m['peak_ledger_bytes']):>7} {kept:>5} "
+            f"{m['stdit_stage_s']:7.2f} {p:>7} {m['ssim']:7.4f} {_mb(m['peak_ledger_bytes']):>7} {reused:>6} {kept:>8} "
             f"{_mb(m['peak_anon_delta']):>6}")
     return "\n".join(lines)
 
@@ -468,21 +472,28 @@ def main(argv: list[str] | None = None) -> int:
               "disturbed; rerun on a quiet machine")
     print(table(rows, results))
     resident = results["baseline-resident"]
-    print(f"STDiT wall = sum of the STDiT3 model calls' walls (blockrt's pass walls; resident: each call timed); "
-          f"speedup = baseline STDiT wall / the row's. stage = the whole STDiT3 stage (model set-up, runtime "
-          f"start/close, sampler). PSNR/SSIM: the row's video vs the baseline's (same seed), frames in [0, 1], SSIM "
-          f"gaussian 11 / sigma 1.5 averaged over frames and channels. ledger: STDiT3 stage's peak vs the budget "
-          f"{args.budget}; kept: STDiT3 blocks retained; anon: the whole generate's peak anonymous RSS delta.")
-    print(f"FixedLeap: lpl={args.lpl_calls - 1} (0-based step index) = {args.lpl_calls} model calls of {args.steps}, "
-          f"then z + sigma v (a jump to t=0). lpl-dynamic: DynamicLeap() defaults (comparisons from call 15, tol 1e-3, "
-          f"patience 3; leap@ is the 0-based step index).")
-    print(f"CI-DL cost: streamed baseline STDiT wall / resident = "
-          f"{base['stdit_wall_s'] / resident['stdit_wall_s']:.2f}x; STDiT3 weights {stdit_bytes / 1e6:.1f} MB resident "
-          f"vs a {_mb(base['peak_ledger_bytes'])} MB ledger peak streamed.")
-    print("checks after timing: the streamed and resident baselines' videos are torch.equal; every row made the "
-          "expected model calls; every streamed stage stayed within the budget.")
-    print("NOTE: random weights. PSNR/SSIM measure the numerical deviation of each acceleration from the 30-step "
-          "output, not video quality (the trained small model of a later issue gives meaningful quality).")
+    legend = [
+        "STDiT wall: the sum of the STDiT3 model calls' walls (blockrt's pass walls; resident: each call timed).",
+        "speedup: baseline STDiT wall / the row's. stage: the whole STDiT3 stage (model set-up, runtime start and",
+        "  close, sampler). PSNR/SSIM: the row's video vs the baseline's (same seed), frames in [0, 1]; SSIM with a",
+        "  gaussian window 11 / sigma 1.5, averaged over frames and channels.",
+        f"ledger: the STDiT3 stage's peak (weights held + measured working set; budget {args.budget}). reused: share",
+        "  of the STDiT3 block bytes served by retained blocks instead of loads (steps 0-2 are blockrt's measuring",
+        "  passes: step 0's bf16 latent is an input kind of its own). kept@end: STDiT3 blocks retained at the end.",
+        "  anon: the whole generate's peak anonymous RSS delta (T5 and VAE stages included).",
+        f"lpl{args.lpl_calls}: FixedLeap({args.lpl_calls - 1}), the leap at 0-based step index {args.lpl_calls - 1}: "
+        f"{args.lpl_calls} model calls of {args.steps}, then z + sigma v (one jump to t=0).",
+        "lpl-dynamic: DynamicLeap() defaults (compares from model call 15, tol 1e-3, patience 3). leap@: 0-based.",
+        f"CI-DL: streamed baseline STDiT wall / resident = {base['stdit_wall_s'] / resident['stdit_wall_s']:.2f}x;"
+        f" STDiT3 weights {stdit_bytes / 1e6:.1f} MB; whole-generate anon delta",
+        f"  {_mb(base['peak_anon_delta'])} MB streamed vs {_mb(resident['peak_anon_delta'])} MB resident.",
+    ]
+    print("\n".join(legend))
+    print("checks after timing: the streamed and resident baselines' videos are torch.equal; every row made the\n"
+          "  expected model calls; every streamed stage stayed within the budget.")
+    print(f"NOTE: random weights. PSNR/SSIM measure the numerical deviation of each setting from the "
+          f"{args.steps}-step\noutput, not video quality (the trained small model of a later issue will give "
+          "meaningful quality).")
 
     results_doc = {
         "hardware": hw,

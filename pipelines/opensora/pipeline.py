@@ -183,7 +183,10 @@ class OpenSoraPipeline:
                     "width": torch.tensor([float(w)])}
 
             def model_fn(z_in: torch.Tensor, t_in: torch.Tensor, step: int, x_mask: torch.Tensor | None) -> torch.Tensor:
-                return rt(z_in, t_in, y_in, mask=mask, x_mask=x_mask, merge_frames=step < cfg.merge_steps, **side)
+                # STDiT3 casts x to its weights' dtype first; casting here keeps every step one input kind for
+                # the runtime (step 0's latent is bf16 noise, later ones fp32) without changing a bit
+                return rt(z_in.to(model.dtype), t_in, y_in, mask=mask, x_mask=x_mask,
+                          merge_frames=step < cfg.merge_steps, **side)
 
             result = sample(model_fn, z, ts, cfg_scale=cfg.cfg_scale, policy=cfg.policy(), progress=progress)
         self._finish("stdit3", rt, whole, stages)

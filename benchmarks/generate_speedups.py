@@ -478,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         "  close, sampler). PSNR/SSIM: the row's video vs the baseline's (same seed), frames in [0, 1]; SSIM with a",
         "  gaussian window 11 / sigma 1.5, averaged over frames and channels.",
         f"ledger: the STDiT3 stage's peak (weights held + measured working set; budget {args.budget}). reused: share",
-        "  of the STDiT3 block bytes served by retained blocks instead of loads (steps 0-2 are blockrt's measuring",
-        "  passes: step 0's bf16 latent is an input kind of its own). kept@end: STDiT3 blocks retained at the end.",
+        "  of the STDiT3 block bytes served by retained blocks instead of loads (steps 0-1 are blockrt's measuring",
+        "  passes, step 2 loads the retained blocks once). kept@end: STDiT3 blocks retained at the end.",
         "  anon: the whole generate's peak anonymous RSS delta (T5 and VAE stages included).",
         f"lpl{args.lpl_calls}: FixedLeap({args.lpl_calls - 1}), the leap at 0-based step index {args.lpl_calls - 1}: "
         f"{args.lpl_calls} model calls of {args.steps}, then z + sigma v (one jump to t=0).",

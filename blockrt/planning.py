@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .device import DeviceProfile
 from .loader import BlockLayout
 from .plan import Plan
+from .profile import Profile
 from .predict import BlockTiming, Prediction, minimum_budget, predict, sweep
 
 
@@ -75,3 +76,41 @@ def runtime_prediction(rt: Any, budget: int | None = None, profile: DeviceProfil
         timings = [replace(t, load_s=t.nbytes / profile.read_bytes_per_s) for t in timings]
     return predict(timings, budget=budget or rt.budget, pinned_bytes=rt.plan.pinned_bytes,
                    working_set_bytes=rt.working_set_bytes, prefetch_depth=rt.config.prefetch_depth, head_s=head)
+
+
+def measured_timings(profile: Profile, plan: Plan, layouts: Sequence[BlockLayout], p: int,
+                     read_bytes_per_s: float | None) -> tuple[list[BlockTiming], float]:
+    """Per-block load/compute/gap seconds measured in pass ``p`` of ``profile``, and ``head_s``.
+
+    A block that pass did not load (retained) gets its latest earlier load time.
+
+    ``gap_s`` is the pinned compute after a block: until the next block starts, less that block's wait;
+    the last block's gap runs to the end of the pass. ``head_s`` is the pinned compute before block 0.
+    """
+    events = [e for e in profile.events if e.pass_idx == p]
+    span = next(((s, e) for q, s, e in profile.passes if q == p), None)
+    if span is None:
+        raise ValueError(f"pass {p} has not completed; completed passes: {[q for q, _, _ in profile.passes]}")
+    # a block retained in pass p was not loaded then: take its latest load from an earlier pass
+    loads = {e.block: e.end - e.start for e in sorted(profile.events, key=lambda e: e.pass_idx)
+             if e.kind == "load" and e.pass_idx <= p}
+    waits = {e.block: (e.start, e.end) for e in events if e.kind == "wait"}
+    computes = {e.block: e for e in events if e.kind == "compute"}
+    blocks = plan.blocks
+
+    def began(name: str) -> float:  # when the block was entered: its wait's start, else its compute's
+        return waits[name][0] if name in waits else computes[name].start
+
+    head = began(blocks[0].name) - span[0] if blocks[0].name in computes else 0.0
+    out = []
+    for k, b in enumerate(blocks):
+        c = computes.get(b.name)
+        if c is None:
+            compute, gap = 0.0, 0.0
+        else:
+            compute = c.end - c.start
+            nxt = blocks[k + 1].name if k + 1 < len(blocks) else None
+            gap = (began(nxt) if nxt in computes else span[1]) - c.end if nxt else span[1] - c.end
+        default = b.nbytes / read_bytes_per_s if read_bytes_per_s else 0.0
+        out.append(BlockTiming(b.name, layouts[k].nbytes, loads.get(b.name, default), compute, max(gap, 0.0)))
+    return out, max(head, 0.0)

@@ -143,16 +143,8 @@ class Residency:
 
     def unretain_all(self) -> None:
         """Drop every retained buffer (between passes), returning its bytes to the ledger."""
-        for i, buf in list(self.retained.items()):
-            if buf.request is not None and not buf.request.done.is_set():
-                try:
-                    self.loader.wait(buf.request, self.config.load_timeout_s)
-                except LoadError:
-                    pass
-            self.settle(buf.request)
-            buf.request = None  # break the slot <-> request cycle so the memory goes back at once
-            self.ledger.release("retained", buf.buf.numel())
-            del self.retained[i]
+        for i in list(self.retained):
+            self.unretain(i)
 
     # -- helpers -------------------------------------------------------------------------------------------
 

@@ -394,41 +394,12 @@ class Runtime:
             self._block_ws[name] = max(self._block_ws.get(name, 0), self._tracker.window_peak)
 
     def timings(self, pass_idx: int | None = None) -> tuple[list[BlockTiming], float]:
-        """Per-block load/compute/gap seconds measured in one pass (default: the timing pass), and ``head_s``.
+        """Per-block load/compute/gap seconds measured in one pass (default: the timing pass), and ``head_s``;
+        see ``planning.measured_timings``."""
+        from .planning import measured_timings
 
-        A block that pass did not load (retained) gets its latest earlier load time.
-
-        ``gap_s`` is the pinned compute after a block: until the next block starts, less that block's wait;
-        the last block's gap runs to the end of the pass. ``head_s`` is the pinned compute before block 0.
-        """
         p = self._timing_pass if pass_idx is None else pass_idx
-        events = [e for e in self.profile.events if e.pass_idx == p]
-        span = next(((s, e) for q, s, e in self.profile.passes if q == p), None)
-        if span is None:
-            raise ValueError(f"pass {p} has not completed; completed passes: {[q for q, _, _ in self.profile.passes]}")
-        # a block retained in pass p was not loaded then: take its latest load from an earlier pass
-        loads = {e.block: e.end - e.start for e in sorted(self.profile.events, key=lambda e: e.pass_idx)
-                 if e.kind == "load" and e.pass_idx <= p}
-        waits = {e.block: (e.start, e.end) for e in events if e.kind == "wait"}
-        computes = {e.block: e for e in events if e.kind == "compute"}
-        blocks = self.plan.blocks
-
-        def began(name: str) -> float:  # when the block was entered: its wait's start, else its compute's
-            return waits[name][0] if name in waits else computes[name].start
-
-        head = began(blocks[0].name) - span[0] if blocks[0].name in computes else 0.0
-        out = []
-        for k, b in enumerate(blocks):
-            c = computes.get(b.name)
-            if c is None:
-                compute, gap = 0.0, 0.0
-            else:
-                compute = c.end - c.start
-                nxt = blocks[k + 1].name if k + 1 < len(blocks) else None
-                gap = (began(nxt) if nxt in computes else span[1]) - c.end if nxt else span[1] - c.end
-            default = b.nbytes / self.read_bytes_per_s if self.read_bytes_per_s else 0.0
-            out.append(BlockTiming(b.name, self._layouts[k].nbytes, loads.get(b.name, default), compute, max(gap, 0.0)))
-        return out, max(head, 0.0)
+        return measured_timings(self.profile, self.plan, self._layouts, p, self.read_bytes_per_s)
 
     def predict(self, budget: int | str | None = None, device_profile: str | DeviceProfile | None = None,
                 pass_idx: int | None = None):

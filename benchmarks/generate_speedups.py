@@ -35,10 +35,6 @@ Prints the hardware and the table; writes ``results.json`` and ``results.csv`` t
 from __future__ import annotations
 
 import argparse
-import csv
-import ctypes
-import gc
-import io
 import json
 import math
 import sys
@@ -56,8 +52,7 @@ for _p in (ROOT, ROOT / "benchmarks"):  # run as a script from a checkout withou
         sys.path.insert(0, str(_p))
 
 from blockrt import RunConfig, get_profile  # noqa: E402
-from blockrt.profile import write_atomic  # noqa: E402
-from overlap import BUSY_CORES, OTHER_CPU_PROBE_S, OtherCpu, hardware  # noqa: E402  (the sibling benchmark)
+from bench_common import BUSY_CORES, OTHER_CPU_PROBE_S, OtherCpu, hardware, release_freed_memory, write_results  # noqa: E402
 from pipelines.opensora.pipeline import GenerateConfig, GenerateResult, OpenSoraPipeline  # noqa: E402
 from pipelines.opensora.resolution import latent_size, num_frames, resolve  # noqa: E402
 
@@ -203,15 +198,6 @@ def write_weights(root: Path, overrides: dict[str, Any]) -> dict[str, Path]:
         train_tiny_tokenizer(TOKENIZER_TEXTS * 20, tok, vocab_size=60)
     return write_random_checkpoints(root, seed=WEIGHTS_SEED, size="tiny", t5_format="safetensors", tokenizer=tok,
                                     overrides={"stdit3": overrides} if overrides else None)
-
-
-def release_freed_memory() -> None:
-    """``gc.collect()`` then glibc's ``malloc_trim(0)``, so each row's memory deltas start from a clean heap."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 # -- timing -----------------------------------------------------------------------------------------------
@@ -379,28 +365,6 @@ def table(rows: list[Row], results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def write_results(out_dir: Path, results: dict) -> None:
-    data = json.dumps(_json_safe(results), indent=1, allow_nan=False).encode()
-    write_atomic(out_dir / "results.json", lambda f: f.write(data))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for name, m in results["rows"].items():
-        w.writerow({"row": name, **{k: ("" if v is None else v) for k, v in m.items()}})
-    text = buf.getvalue().encode()
-    write_atomic(out_dir / "results.csv", lambda f: f.write(text))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -516,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows_s": rows_s,
         "rows": results,
     }
-    write_results(out_dir, results_doc)
+    write_results(out_dir, results_doc, ({"row": name, **m} for name, m in results_doc["rows"].items()), CSV_FIELDS)
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.csv'}")
     return 0
 

@@ -28,17 +28,11 @@ writes ``results.json``, ``results.csv``, and the prefetch run's ``trace_prefetc
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -49,10 +43,10 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
 import blockrt  # noqa: E402
 from blockrt import RunConfig  # noqa: E402
 from blockrt.loader import BlockLayout  # noqa: E402
-from blockrt.profile import write_atomic  # noqa: E402
 from blockrt.working_set import LiveBytes  # noqa: E402
 from partitioners import partition  # noqa: E402
 from pipelines.toy import ToyConfig, ToyTransformer  # noqa: E402
+from bench_common import BUSY_CORES, OTHER_CPU_PROBE_S, OtherCpu, hardware, write_results  # noqa: E402
 
 # Targets from the issue: printed next to the measurements as PASS/MISS, never asserted.
 TARGET_ROOFLINE_PREFETCH = 1.10  # roofline_ratio of the prefetch run must be <= this
@@ -60,8 +54,6 @@ TARGET_SPEEDUP_PREFETCH = 1.6  # sequential wall / prefetch wall must be >= this
 IPHONE15PRO_READ_BPS = 1.45e9  # published sequential flash read, for comparison
 BUDGET_SLACK_BYTES = 1 << 20  # "a budget just big enough": pinned + slots + working set, plus 1 MiB
 
-BUSY_CORES = 0.2  # other processes using more CPU than this (in cores) disturb the timings: warn
-OTHER_CPU_PROBE_S = 0.5
 
 STREAMED = {"sequential": 0, "prefetch": 1, "prefetch2": 2}  # mode -> prefetch_depth
 CSV_FIELDS = ("mode", "prefetch_depth", "passes", "wall_s_per_pass", "load_s", "compute_s", "stall_s",
@@ -93,46 +85,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.bandwidth is not None and not (math.isfinite(args.bandwidth) and args.bandwidth > 0):
         p.error(f"--bandwidth must be a positive number of GB/s, got {args.bandwidth}")
     return args
-
-
-def hardware() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
-class OtherCpu:
-    """CPU cores used by *other* processes since ``start()``: all busy time in /proc/stat minus this process's
-    own (``os.times``), per second of wall time. Timings are only comparable when this is near 0."""
-
-    def __init__(self) -> None:
-        self._t0 = self._busy0 = self._own0 = 0.0
-
-    @staticmethod
-    def _busy_s() -> float:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]  # user nice system idle iowait irq softirq steal ...
-        return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own_s() -> float:
-        t = os.times()
-        return t.user + t.system
-
-    def start(self) -> "OtherCpu":
-        self._t0, self._busy0, self._own0 = time.perf_counter(), self._busy_s(), self._own_s()
-        return self
-
-    def cores(self) -> float:
-        wall = time.perf_counter() - self._t0
-        return max(0.0, (self._busy_s() - self._busy0) - (self._own_s() - self._own0)) / wall if wall > 0 else 0.0
 
 
 def time_resident(model: torch.nn.Module, ids: torch.Tensor, plan, passes: int) -> tuple[torch.Tensor, dict]:
@@ -235,28 +187,6 @@ def table(modes: dict[str, dict], passes: int) -> str:
                      f"{_ms(m['stall_s'])} {m['stall_fraction']:8.3f} {m['roofline_ratio']:8.2f} "
                      f"{m['bytes_loaded_per_pass'] / 1e6:11.1f} {mem:>22}")
     return "\n".join(lines)
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def write_results(out_dir: Path, results: dict) -> None:
-    data = json.dumps(_json_safe(results), indent=1, allow_nan=False).encode()
-    write_atomic(out_dir / "results.json", lambda f: f.write(data))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for name, m in results["modes"].items():
-        w.writerow({"mode": name, **{k: ("" if v is None else v) for k, v in m.items()}})
-    text = buf.getvalue().encode()
-    write_atomic(out_dir / "results.csv", lambda f: f.write(text))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedups": speedups,
         "targets": targets,
     }
-    write_results(out_dir, results)
+    write_results(out_dir, results, ({"mode": name, **m} for name, m in results["modes"].items()), CSV_FIELDS)
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.csv'}, {out_dir / 'trace_prefetch.json'}, "
           f"{out_dir / 'timeline_prefetch.png'}")
     return 0

@@ -35,11 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import ctypes
-import gc
 import io
-import json
 import math
 import statistics
 import sys
@@ -60,7 +56,7 @@ from blockrt import RunConfig, get_profile  # noqa: E402
 from blockrt.loader import BlockLayout  # noqa: E402
 from blockrt.predict import simulate  # noqa: E402
 from blockrt.profile import write_atomic  # noqa: E402
-from overlap import BUSY_CORES, OTHER_CPU_PROBE_S, OtherCpu, hardware  # noqa: E402  (the sibling benchmark)
+from bench_common import BUSY_CORES, OTHER_CPU_PROBE_S, OtherCpu, hardware, release_freed_memory, write_results  # noqa: E402
 from partitioners import partition  # noqa: E402
 from pipelines.toy import Layer, ToyConfig, ToyTransformer  # noqa: E402
 
@@ -212,18 +208,6 @@ def settle_tokens(cal: dict[str, Any], cfg: ToyConfig, store: Path, bandwidth: f
 
 
 # -- one run -------------------------------------------------------------------------------------------------
-
-
-def release_freed_memory() -> None:
-    """Free what earlier runs left: ``gc.collect()`` (a closed runtime's retained buffers sit in reference
-    cycles until the cyclic GC runs; see the README), then glibc's ``malloc_trim(0)``: memory freed into the
-    malloc heap (the plain model's weights) stays resident, and a later allocation reusing it adds nothing to
-    RSS, so ``peak_rss_delta`` would read ~0 whatever the runtime holds. No-op where there is no glibc."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def skeleton(cfg: ToyConfig) -> torch.nn.Module:
@@ -402,28 +386,6 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     write_atomic(path, lambda f: f.write(data))
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def write_results(out_dir: Path, results: dict[str, Any]) -> None:
-    data = json.dumps(_json_safe(results), indent=1, allow_nan=False).encode()
-    write_atomic(out_dir / "results.json", lambda f: f.write(data))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in results["runs"]:
-        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    text = buf.getvalue().encode()
-    write_atomic(out_dir / "results.csv", lambda f: f.write(text))
-
-
 # -- main ----------------------------------------------------------------------------------------------------
 
 
@@ -571,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": rows,
         "targets": checks,
     }
-    write_results(out_dir, results)
+    write_results(out_dir, results, results["runs"], CSV_FIELDS)
     print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'results.json'}, {out_dir / 'retention.png'}, "
           f"and the half-model runs' trace_*.json / timeline_*.png")
     return 0

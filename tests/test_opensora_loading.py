@@ -19,6 +19,7 @@ import torch
 
 import blockrt
 from pipelines.opensora import checkpoints as ck
+from pipelines.opensora import tensor_files
 from pipelines.opensora.loading import CheckpointError, check_weights, load_bin, load_stdit3, load_t5, load_vae
 from pipelines.opensora.t5 import (MAX_LENGTH, encode_prompts, load_tokenizer, t5_tiny_config, t5_xxl_config,
                                    tokenize, train_tiny_tokenizer)
@@ -138,7 +139,7 @@ def test_full_size_layout_matches_the_key_dumps():
     # the real hub files' sizes, to the byte: same keys, shapes and header layout (spec §6)
     for spec, config_bytes, file_bytes in ((ck.stdit3_spec(), 688, 4_835_598_472), (ck.vae_spec(), 673, 1_573_430_548)):
         f = spec.files[0]
-        assert ck.safetensors_header([(e.key, e.shape, e.dtype) for e in f.tensors])[2] == file_bytes
+        assert tensor_files.safetensors_header([(e.key, e.shape, e.dtype) for e in f.tensors])[2] == file_bytes
         assert len(json.dumps(spec.json_files["config.json"], indent=2) + "\n") == config_bytes
     vae = {e.key: e for e in ck.vae_spec().files[0].tensors}
     assert vae["scale"].init == ("values", [3.85, 2.32, 2.33, 3.06]) and vae["shift"].init == ("values", [-0.1, 0.34, 0.27, 0.98])
@@ -177,7 +178,7 @@ def test_bin_writer_writes_what_torch_save_writes(tmp_path):
     (tmp_path / "b").mkdir()
     torch.save(sd, tmp_path / "a" / "model.bin")
     specs = [(k, tuple(t.shape), "float32", "emb" if k == "emb_alias" else None) for k, t in sd.items()]
-    ck.write_torch_bin(tmp_path / "b" / "model.bin", specs, lambda k: sd[k])
+    tensor_files.write_torch_bin(tmp_path / "b" / "model.bin", specs, lambda k: sd[k])
     assert (tmp_path / "a" / "model.bin").read_bytes() == (tmp_path / "b" / "model.bin").read_bytes()
 
 

@@ -148,7 +148,7 @@ def _reusable(cache: Path, stamp: list[list[Any]]) -> bool:
 def _convert_shard(shard: Path, out: Path) -> tuple[list[str], int, int]:
     """One .bin shard -> one safetensors file: (keys written, file size, data bytes). A tensor saved under
     two names (a tied weight: one storage) is written once, under its first name. Returning drops the mapping."""
-    from pipelines.opensora.checkpoints import write_safetensors
+    from pipelines.opensora.tensor_files import write_safetensors
 
     sd = load_bin(shard)
     seen: dict[tuple, str] = {}

@@ -152,8 +152,11 @@ class OpenSoraPipeline:
         if not isinstance(rt, blockrt.Runtime):
             return
         s = rt.profile.summary()
+        end = whole.now()  # stage_s: since the previous stage ended (model set-up included), whole-run clock
+        start = max((v["end_s"] for v in stages.values()), default=0.0)
         stages[name] = {"summary": s, "peak_ledger_bytes": rt.ledger.peak, "blocks": len(rt.plan.blocks),
-                        "retained": list(rt.retention.retained) if rt.retention else []}
+                        "retained": list(rt.retention.retained) if rt.retention else [],
+                        "end_s": end, "stage_s": end - start}
         whole.absorb(rt.profile, prefix=f"{name}/")
 
     def _encode(self, cfg: GenerateConfig, whole: Profile, stages: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

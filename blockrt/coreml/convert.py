@@ -104,6 +104,8 @@ def convert_block(block: ExportBlock, options: ExportOptions) -> Converted:
     t0 = time.perf_counter()
     with torch.no_grad():
         eager = _as_outputs(module(*block.example_inputs), block)
+        if options.check and block.expected_outputs is not None:
+            checks["expected_equal"], checks["expected_max_abs_error"] = _compare(eager, tuple(block.expected_outputs))
         if options.check and block.reference is not None:
             ref = _as_outputs(block.reference.eval()(*block.example_inputs), block)
             checks["reference_equal"], checks["max_abs_error"] = _compare(eager, ref)

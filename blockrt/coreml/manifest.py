@@ -19,7 +19,9 @@ from .spec import ExportError, ExportOptions, TensorIO
 FORMAT = "blockrt-coreml-export"
 FORMAT_VERSION = 1
 MANIFEST = "export.json"
-APP_INPUT = "input:"  # wiring source prefix: a tensor the app provides (a model input, or what pinned modules compute)
+APP_INPUT = "input:"  # wiring source prefix: a tensor the app provides (a model input)
+PINNED_INPUT = "pinned:"  # wiring source prefix: computed by the app outside the packages (pinned modules, model code)
+SOURCE_PREFIXES = (APP_INPUT, PINNED_INPUT)
 
 
 @dataclass
@@ -33,7 +35,8 @@ class PackageEntry:
         bytes: bytes on disk of the whole package; weight_bytes: of its ``weights/`` (the streamed part).
         precision: ``"fp16"`` or ``"fp32"``; quantization: ``None`` or the mode its weights were compressed with.
         checks: ``trace_equal`` (traced == eager), ``reference_equal`` and ``max_abs_error`` (rewritten module
-            vs its reference on the example inputs); ``None`` where not checked.
+            vs its reference on the example inputs), ``expected_equal`` (vs outputs recorded from the model, for
+            captured blocks); ``None`` or absent where not checked.
         seconds: time spent tracing, converting and compressing it.
         meta: the block's free-form ``meta``.
     """
@@ -71,8 +74,8 @@ class PackageEntry:
 class ExportManifest:
     """The contents of ``export.json``; ``packages`` are in run order.
 
-    ``wiring`` maps ``"<package>.<input>"`` to its source: ``"<package>.<output>"`` or ``"input:<name>"``
-    (a tensor the app provides). ``pinned`` lists the state-dict keys of tensors outside every exported
+    ``wiring`` maps ``"<package>.<input>"`` to its source: ``"<package>.<output>"``, ``"input:<name>"`` (a model
+    input the app provides) or ``"pinned:<name>"`` (computed by the app outside the packages: embeddings, masks). ``pinned`` lists the state-dict keys of tensors outside every exported
     package (embeddings, final norms, ...), which the app keeps and runs itself.
     """
 
@@ -134,20 +137,22 @@ class ExportManifest:
 
 def check_wiring(wiring: dict[str, str], io: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> None:
     """Raise ``ExportError`` unless every key is ``"<package>.<input>"`` and every value is
-    ``"<package>.<output>"`` or ``"input:<name>"``, naming packages/features in ``io`` (name -> (inputs, outputs))."""
+    ``"<package>.<output>"``, ``"input:<name>"`` or ``"pinned:<name>"``, naming packages/features in ``io``
+    (package name -> (input names, output names))."""
     for dst, src in wiring.items():
         pkg, _, feat = str(dst).rpartition(".")
         if pkg not in io or feat not in io[pkg][0]:
             raise ExportError(f"wiring key {dst!r} must name '<package>.<input>' of an exported package; packages "
                               f"and inputs: { {k: v[0] for k, v in io.items()} }")
-        if str(src).startswith(APP_INPUT):
-            if not src[len(APP_INPUT):]:
-                raise ExportError(f"wiring source {src!r} for {dst!r} needs a name after {APP_INPUT!r}")
+        prefix = next((p for p in SOURCE_PREFIXES if str(src).startswith(p)), None)
+        if prefix is not None:
+            if not src[len(prefix):]:
+                raise ExportError(f"wiring source {src!r} for {dst!r} needs a name after {prefix!r}")
             continue
         spkg, _, sfeat = str(src).rpartition(".")
         if spkg not in io or sfeat not in io[spkg][1]:
             raise ExportError(f"wiring source {src!r} for {dst!r} must be '<package>.<output>' of an exported package "
-                              f"or '{APP_INPUT}<name>'; packages and outputs: { {k: v[1] for k, v in io.items()} }")
+                              f"or '{APP_INPUT}<name>' / '{PINNED_INPUT}<name>'; packages and outputs: { {k: v[1] for k, v in io.items()} }")
 
 
 def read_manifest(out_dir: str | Path) -> ExportManifest:

@@ -87,6 +87,8 @@ class ExportBlock:
         reference: the original PyTorch module before any rewrite made for CoreML, same call signature;
             the rewritten ``module`` is compared with it on the example inputs (``torch.equal`` expected).
         meta: free-form JSON-serialisable data copied into the manifest entry.
+        expected_outputs: outputs recorded from the original model (e.g. by ``capture_blocks``); the module's
+            eager outputs are compared with them (``checks["expected_equal"]``, ``torch.equal`` expected).
     """
 
     name: str
@@ -99,6 +101,7 @@ class ExportBlock:
     quantize: str | None = DEFAULT
     reference: nn.Module | None = None
     meta: dict = field(default_factory=dict)
+    expected_outputs: tuple[torch.Tensor, ...] | None = None
 
     def __post_init__(self) -> None:
         where = f"ExportBlock {self.name!r}"

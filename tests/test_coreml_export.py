@@ -165,19 +165,48 @@ def test_overwrite_needs_the_flag_and_replaces_atomically(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old export and the stage are gone
 
 
-class FFT(nn.Module):
+class Eigh(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.eigh(x @ x.transpose(-1, -2))[0]
 
 
 def test_unconvertible_op_names_the_block_and_op(tmp_path) -> None:
     ok = _mlp_block("fine")
-    bad = ExportBlock("eigen_block", FFT(), (torch.randn(4, 4),), ("x",), ("w",))
+    bad = ExportBlock("eigen_block", Eigh(), (torch.randn(4, 4),), ("x",), ("w",))
     with pytest.raises(ExportError, match=r"block 'eigen_block'.*'linalg_eigh'") as e:
         export_blocks([ok, bad], tmp_path / "out")
     assert e.value.block == "eigen_block" and e.value.op == "linalg_eigh"
     assert "fix:" in str(e.value)
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+class Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, T, 16), bool (B, T, 16)
+        return self.fc(x).masked_fill(mask, 0.0)
+
+
+def test_bool_inputs_become_float_features(tmp_path) -> None:
+    x = torch.randn(1, 4, 16)
+    block = ExportBlock("masked", Masked().eval(), (x, x > 0), ("x", "mask"), ("y",))
+    manifest = export_blocks([block], tmp_path / "out", ExportOptions(precision="fp32"))
+    info = inspect_package(tmp_path / "out" / "masked.mlpackage")
+    assert [t.dtype for t in info.inputs] == [t.dtype for t in manifest.packages[0].inputs] == ["float32", "float32"]
+
+
+def test_passthrough_output_is_refused_with_the_fix(tmp_path) -> None:
+    class Pass(nn.Module):
+        def forward(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x + bias, bias
+
+    x = torch.randn(1, 4, 16)
+    with pytest.raises(ExportError, match="'bias_out' is input 'bias' passed through unchanged.*fix: drop it"):
+        export_blocks([ExportBlock("p", Pass(), (x, torch.randn(1, 1, 16)), ("x", "bias"), ("y", "bias_out"))],
+                      tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_specs_fail_before_any_work() -> None:
@@ -192,6 +221,8 @@ def test_bad_specs_fail_before_any_work() -> None:
         ExportOptions(quantize="int3")
     with pytest.raises(ValueError, match="precision"):
         ExportOptions(precision="bf16")
+    with pytest.raises(ValueError, match="ML programs"):
+        ExportOptions(target="iOS14")
     with pytest.raises(ExportError, match="wiring key 'b.z'"):
         export_blocks([ExportBlock("b", MLP(), (x,), ("x",), ("y",))], "/nonexistent/never", wiring={"b.z": "input:x"})
 

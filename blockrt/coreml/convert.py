@@ -10,9 +10,12 @@ cannot convert becomes an ``ExportError`` naming the block and the op.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +27,7 @@ from .spec import DEFAULT, ExportBlock, ExportError, ExportOptions, TensorIO
 
 log = logging.getLogger(__name__)
 
+_PROGRESS_BAR = re.compile(r"\d+%\||\[\d+:\d+<|\d+ \w+/s\]|\? \w+/s\]|\d+ passes \[")
 _OP_NOT_IMPLEMENTED = re.compile(r"convert function for op '([^']+)' not implemented")
 _OP_FAILED = re.compile(r"ERROR - converting '([^']+)' op \(located at: '([^']*)'\)")
 _FIX = ("fix: rewrite that operation with ones CoreML supports (rank <= 5, no complex numbers; see "
@@ -44,17 +48,16 @@ class Converted:
 
 
 def io_dtype(dtype: torch.dtype) -> str:
-    """The CoreML feature dtype a torch tensor of ``dtype`` is exported as (float -> float32, ints -> int32)."""
-    if dtype.is_floating_point:
+    """The CoreML feature dtype a torch tensor of ``dtype`` is exported as: floats -> float32, integers ->
+    int32, bool -> float32 (Core ML has no bool arrays: the app passes 0.0 / 1.0 and the model casts)."""
+    if dtype.is_floating_point or dtype == torch.bool:
         return "float32"
-    if dtype == torch.bool:
-        return "bool"
     if dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         return "int32"
     raise ExportError(f"tensor dtype {dtype} cannot be a CoreML input or output; expected a float, int or bool tensor")
 
 
-_NP = {"float32": np.float32, "int32": np.int32, "bool": np.bool_}
+_NP = {"float32": np.float32, "int32": np.int32}
 
 
 def _as_outputs(out: Any, block: ExportBlock) -> tuple[torch.Tensor, ...]:
@@ -65,6 +68,16 @@ def _as_outputs(out: Any, block: ExportBlock) -> tuple[torch.Tensor, ...]:
     if len(outs) != len(block.output_names):
         raise ExportError(f"block {block.name!r}: module returned {len(outs)} tensor(s) but output_names has "
                           f"{len(block.output_names)} {block.output_names}; give one name per output", block=block.name)
+    for k, o in enumerate(outs):
+        same = [block.input_names[j] for j, x in enumerate(block.example_inputs) if o is x]
+        if same:
+            raise ExportError(f"block {block.name!r}: output {block.output_names[k]!r} is input {same[0]!r} passed "
+                              "through unchanged, which Core ML cannot express; fix: drop it from the outputs (the app "
+                              "already holds it)", block=block.name)
+        twice = [block.output_names[j] for j in range(k) if outs[j] is o]
+        if twice:
+            raise ExportError(f"block {block.name!r}: outputs {twice[0]!r} and {block.output_names[k]!r} are the same "
+                              "tensor; fix: return it once", block=block.name)
     return outs
 
 
@@ -106,6 +119,9 @@ def convert_block(block: ExportBlock, options: ExportOptions) -> Converted:
         eager = _as_outputs(module(*block.example_inputs), block)
         if options.check and block.expected_outputs is not None:
             checks["expected_equal"], checks["expected_max_abs_error"] = _compare(eager, tuple(block.expected_outputs))
+            if not checks["expected_equal"]:
+                log.warning("block %s: the module's outputs differ from the recorded ones (max abs error %.3g)",
+                            block.name, checks["expected_max_abs_error"])
         if options.check and block.reference is not None:
             ref = _as_outputs(block.reference.eval()(*block.example_inputs), block)
             checks["reference_equal"], checks["max_abs_error"] = _compare(eager, ref)
@@ -128,15 +144,20 @@ def convert_block(block: ExportBlock, options: ExportOptions) -> Converted:
     outputs = tuple(TensorIO(n, tuple(int(s) for s in y.shape), io_dtype(y.dtype))
                     for n, y in zip(block.output_names, eager))
     precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
+    target = getattr(ct.target, options.target, None)
+    if target is None:
+        raise ExportError(f"ExportOptions.target={options.target!r} is not a coremltools.target of coremltools "
+                          f"{ct.__version__}; expected one of {[t.name for t in ct.target]}")
     t0 = time.perf_counter()
     failing = _FailingOp()
     logging.getLogger("coremltools").addHandler(failing)
     try:
-        mlmodel = ct.convert(
-            traced, convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, options.target),
-            compute_precision=precision, skip_model_load=True,
-            inputs=[_ct_input(block, n, x) for n, x in zip(block.input_names, block.example_inputs)],
-            outputs=[ct.TensorType(name=o.name, dtype=_NP[o.dtype]) for o in outputs])
+        with converter_console():
+            mlmodel = ct.convert(
+                traced, convert_to="mlprogram", minimum_deployment_target=target,
+                compute_precision=precision, skip_model_load=True,
+                inputs=[_ct_input(block, n, x) for n, x in zip(block.input_names, block.example_inputs)],
+                outputs=[ct.TensorType(name=o.name, dtype=_NP[o.dtype]) for o in outputs])
     except Exception as e:
         raise conversion_error(block.name, e, failing.op, failing.location) from e
     finally:
@@ -147,12 +168,27 @@ def convert_block(block: ExportBlock, options: ExportOptions) -> Converted:
     if mode is not None:
         t0 = time.perf_counter()
         try:
-            mlmodel = compress(mlmodel, mode, options.quantize_skip_ops, options.min_quantize_elements)
+            with converter_console():
+                mlmodel = compress(mlmodel, mode, options.quantize_skip_ops, options.min_quantize_elements)
         except Exception as e:
             raise ExportError(f"block {block.name!r}: {mode} weight compression failed: {type(e).__name__}: {e}",
                               block=block.name) from e
         seconds["quantize_s"] = time.perf_counter() - t0
     return Converted(mlmodel, inputs, outputs, mode, checks, seconds)
+
+
+@contextlib.contextmanager
+def converter_console() -> Iterator[None]:
+    """Keep coremltools' own progress bars (one per conversion pass) off the console: the exporter reports
+    progress per block instead. Anything else it writes to stderr is passed on as a log warning."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            yield
+    finally:
+        for line in re.split(r"[\r\n]+", buf.getvalue()):
+            if line.strip() and not _PROGRESS_BAR.search(line) and not _OP_FAILED.search(line):
+                log.warning("coremltools: %s", line.strip())
 
 
 class _FailingOp(logging.Handler):

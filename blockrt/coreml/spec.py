@@ -22,6 +22,7 @@ DEFAULT = "default"  # ExportBlock.quantize: use ExportOptions.quantize
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 _IO_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+_MLPROGRAM_MIN = {"iOS": 15, "macOS": 12, "watchOS": 8, "tvOS": 15}  # the first targets with ML programs
 Dim = int | tuple[int, int]  # a fixed size, or (lo, hi) with hi == -1 for unbounded
 
 
@@ -215,8 +216,10 @@ class ExportOptions:
             raise ValueError(f"ExportOptions.precision={self.precision!r}; expected one of {PRECISIONS}")
         check_quantize(self.quantize, "ExportOptions")
         object.__setattr__(self, "quantize_skip_ops", tuple(self.quantize_skip_ops))
-        if not re.match(r"^(iOS|macOS|watchOS|tvOS)\d+$", self.target):
-            raise ValueError(f"ExportOptions.target={self.target!r}; expected a coremltools.target name such as 'iOS18'")
+        m = re.match(r"^(iOS|macOS|watchOS|tvOS)(\d+)$", self.target)
+        if not m or int(m.group(2)) < _MLPROGRAM_MIN[m.group(1)]:
+            raise ValueError(f"ExportOptions.target={self.target!r}; expected a coremltools.target name that runs ML "
+                             f"programs, such as 'iOS18' (at least {', '.join(f'{k}{v}' for k, v in _MLPROGRAM_MIN.items())})")
         if not isinstance(self.min_quantize_elements, int) or self.min_quantize_elements < 0:
             raise ValueError(f"ExportOptions.min_quantize_elements must be an int >= 0, got {self.min_quantize_elements!r}")
 

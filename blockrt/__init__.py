@@ -18,9 +18,10 @@ from .plan import Block, Plan, TensorSpec  # noqa: E402
 from .profile import Profile, Summary  # noqa: E402
 from .runtime import Runtime, run  # noqa: E402
 from .skeleton import meta_weights  # noqa: E402
+from .store import convert_store  # noqa: E402
 
 __all__ = [
     "PROFILES", "BlockTiming", "DeviceProfile", "Prediction", "drop_page_cache", "get_profile", "predict",
     "read_rss", "register_profile", "simulate", "Block", "BlockrtError", "BudgetError", "LoadError", "PartitionError", "Plan", "Profile", "RunConfig",
-    "Runtime", "StoreError", "Summary", "TensorSpec", "meta_weights", "parse_budget", "run", "__version__",
+    "Runtime", "StoreError", "Summary", "TensorSpec", "convert_store", "meta_weights", "parse_budget", "run", "__version__",
 ]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .device import DeviceProfile
 
 VERIFY_MODES = ("first", "always", "never")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # as blockrt.quantize.STORAGE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,14 @@ class RunConfig:
         weights_prefix: with ``weights=``, stream a submodule out of a whole model's checkpoint: the model's
             key ``k`` is stored as ``weights_prefix + k`` (e.g. ``"temporal_vae.decoder."``).
         load_timeout_s: the longest compute waits for one block before declaring the loader stuck.
+        storage_dtype: the dtype blocks are stored in: None = as the model (or checkpoint) is; ``"float16"``,
+            ``"bfloat16"``, ``"float32"`` (casts), or ``"int8"`` (weight-only, per-output-channel scales, for
+            matrices; biases and norms stay in the compute dtype); or a dict of block-name glob patterns to
+            one of those (``{"encoder.block.*": "int8"}``; first match wins, unmatched blocks as they are).
+            The loader dequantises into the compute dtype; pinned tensors are always in the compute dtype.
+        store_path: where a store is written: the spilled in-memory model's store (as ``store=``), or the store
+            a checkpoint is converted into once when ``storage_dtype`` asks for another dtype than it holds
+            (default then: ``<checkpoint dir>/.blockrt/<hash>``).
 
     Example:
         >>> RunConfig(prefetch_depth=2, read_bytes_per_s=1.45e9)
@@ -53,6 +64,8 @@ class RunConfig:
     strict_keys: bool = True
     weights_prefix: str = ""
     load_timeout_s: float = 600.0
+    storage_dtype: str | dict[str, str] | None = None
+    store_path: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
@@ -72,6 +85,32 @@ class RunConfig:
         self.resolved_profile()  # an unknown profile name fails here, listing the known ones
         if not (self.load_timeout_s > 0):
             raise ValueError(f"load_timeout_s must be positive; got {self.load_timeout_s!r}")
+        self._check_storage()
+        if self.store_path is not None and not isinstance(self.store_path, (str, os.PathLike)):
+            raise ValueError(f"store_path must be a directory path or None; got {self.store_path!r}")
+
+    def _check_storage(self) -> None:
+        s = self.storage_dtype
+        accepted = (f"expected None, one of {STORAGE_DTYPES}, or a dict of block-name glob patterns to one of "
+                    'them, e.g. {"encoder.block.*": "int8"}')
+        if s is None or (isinstance(s, str) and s in STORAGE_DTYPES):
+            return
+        if isinstance(s, dict) and s:
+            for pattern, dtype in s.items():
+                if not isinstance(pattern, str) or not pattern:
+                    raise ValueError(f"storage_dtype: pattern {pattern!r} is not a non-empty string; {accepted}")
+                if not isinstance(dtype, str) or dtype not in STORAGE_DTYPES:
+                    raise ValueError(f"storage_dtype[{pattern!r}] = {dtype!r} is not a storage dtype; {accepted}")
+            object.__setattr__(self, "storage_dtype", dict(s))  # a private copy: later edits to the caller's dict do nothing
+            return
+        raise ValueError(f"storage_dtype {s!r} is not accepted; {accepted}")
+
+    def storage_for(self, block_name: str) -> str | None:
+        """The storage dtype asked for block ``block_name`` (None = as it is)."""
+        s = self.storage_dtype
+        if s is None or isinstance(s, str):
+            return s
+        return next((dtype for pattern, dtype in s.items() if fnmatchcase(block_name, pattern)), None)
 
     def resolved_profile(self) -> "DeviceProfile | None":
         """The ``DeviceProfile`` named by ``device_profile`` (None if unset)."""

@@ -6,6 +6,11 @@ a stop event, and exceptions carried back to the compute thread with the block a
 On CPU the loader ``preadv``s each tensor's bytes straight into the slot (the thread touches every byte
 itself, and ``preadv`` releases the GIL). On CUDA it reads into one pinned host staging buffer and copies
 to the device slot on a side stream, waiting for the compute stream to release the slot first.
+
+Slots always hold the compute dtype. A tensor stored narrower (float16/bfloat16, or int8 weight-only) is
+read into the tail of its own slot region and widened in place (``quantize.convert_in_place``); int8
+scales go to a small per-loader buffer. That buffer and the widening chunk buffer are the loader's
+``Staging``, which the runtime holds in the ledger. Load events record the bytes read (as stored).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch
 
 from .errors import LoadError
 from .plan import Block, TensorSpec
+from .quantize import chunk_elements, convert_in_place, scale_key
+from .safetensors_format import Segment
 from .sources import WeightSource, read_exactly
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,62 @@ class BlockLayout:
         return out
 
 
+def _aligned(n: int) -> int:
+    return n + (-n % ALIGN)
+
+
+@dataclass(frozen=True)
+class Staging:
+    """The loader's own buffers for stored tensors narrower than their compute dtype.
+
+    ``scale_bytes``: the int8 scales of the block that has the most (64-byte aligned each);
+    ``tmp_elements``: float32 elements of the chunk buffer widening goes through.
+    """
+
+    scale_bytes: int = 0
+    tmp_elements: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.scale_bytes + 4 * self.tmp_elements
+
+    @classmethod
+    def of(cls, layouts: list[BlockLayout], stored: dict[str, str]) -> "Staging":
+        """What loading ``layouts`` needs when tensor ``key`` is stored as ``stored[key]`` (default: as computed)."""
+        scale_bytes, tmp = 0, 0
+        for lay in layouts:
+            block_scales = 0
+            for t in lay.block.tensors:
+                dtype = stored.get(t.key, t.dtype)
+                if dtype == t.dtype:
+                    continue
+                tmp = max(tmp, chunk_elements(t, dtype))
+                if dtype == "int8":
+                    block_scales += _aligned(4 * t.shape[0])
+            scale_bytes = max(scale_bytes, block_scales)
+        return cls(scale_bytes, tmp)
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One stored tensor's bytes to read: ``seg`` into the slot at ``offset`` (or the scale buffer)."""
+
+    seg: Segment
+    offset: int
+    into_scales: bool = False
+
+
+@dataclass(frozen=True)
+class _Widen:
+    """Widen ``spec`` (at slot ``offset``, stored as ``stored``) once the reads up to ``after`` are done."""
+
+    spec: TensorSpec
+    offset: int
+    stored: str
+    scale_offset: int | None
+    after: int  # index into the block's sorted reads
+
+
 class Slot:
     """One reusable buffer that holds one block at a time."""
 
@@ -85,8 +148,14 @@ class Loader:
     """Owns the loader thread. ``submit`` requests; ``wait`` blocks the compute thread on one."""
 
     def __init__(self, source: WeightSource, profile, device: torch.device, *, read_bytes_per_s: float | None,
-                 slot_bytes: int, name: str = "blockrt-loader", max_queue: int = 8) -> None:
+                 slot_bytes: int, name: str = "blockrt-loader", max_queue: int = 8,
+                 staging: Staging | None = None) -> None:
         self.source = source
+        self.staging = staging = staging or Staging()
+        # scales and the widening chunk buffer (faulted in now, as the slots are); the runtime's ledger holds them
+        self._scales = torch.zeros(staging.scale_bytes, dtype=torch.uint8)
+        self._tmp = torch.zeros(staging.tmp_elements, dtype=torch.float32)
+        self._reads: dict[int, tuple[list[_Read], list[_Widen]]] = {}
         self.profile = profile
         self.device = device
         self.read_bytes_per_s = read_bytes_per_s
@@ -160,34 +229,69 @@ class Loader:
             finally:
                 req.done.set()
 
+    def _plan_reads(self, req: LoadRequest) -> tuple[list[_Read], list[_Widen]]:
+        """The block's reads in file order (adjacent ones coalesce) and the widenings after them; cached."""
+        cached = self._reads.get(req.block_index)
+        if cached is not None:
+            return cached
+        layout = req.layout
+        reads: list[_Read] = []
+        pending: list[tuple[TensorSpec, int, str, _Read, _Read | None]] = []
+        scale_at = 0
+        for spec, off in zip(layout.block.tensors, layout.offsets):
+            seg = self.source.segment(spec.key)
+            if seg.dtype == spec.dtype:
+                reads.append(_Read(seg, off))
+                continue
+            data = _Read(seg, off + spec.nbytes - seg.nbytes)  # the tail of its region: widened front to back
+            scale = None
+            if seg.dtype == "int8":
+                scale = _Read(self.source.segment(scale_key(spec.key)), scale_at, into_scales=True)
+                scale_at += _aligned(scale.seg.nbytes)
+            reads += [data] + ([scale] if scale else [])
+            pending.append((spec, off, seg.dtype, data, scale))
+        if scale_at > self.staging.scale_bytes or any(chunk_elements(s, d) > self.staging.tmp_elements
+                                                      for s, _, d, _, _ in pending):
+            raise LoadError(f"block {layout.block.name!r} needs more loader staging than was reserved "
+                            f"({self.staging}); the runtime computed it from other storage dtypes")
+        reads.sort(key=lambda r: (r.seg.path, r.seg.offset))
+        pos = {id(r): k for k, r in enumerate(reads)}
+        widen = sorted((_Widen(spec, off, dtype, scale.offset if scale else None,
+                               max(pos[id(data)], pos[id(scale)] if scale else -1))
+                        for spec, off, dtype, data, scale in pending), key=lambda w: w.after)
+        self._reads[req.block_index] = reads, widen
+        return reads, widen
+
     def _load(self, req: LoadRequest) -> None:
         layout, slot = req.layout, req.slot
         start = self.profile.now()
         host = self._staging if self._cuda else slot.buf
-        arr = host.numpy()
-        # file order: coalesce tensors that are adjacent on disk into one scatter read
-        segs = sorted(((self.source.segment(t.key), off) for t, off in zip(layout.block.tensors, layout.offsets)),
-                      key=lambda so: (so[0].path, so[0].offset))
+        arr, scales = host.numpy(), self._scales.numpy()
+        reads, widen = self._plan_reads(req)
         crc, done_bytes = 0, 0
-        i = 0
-        while i < len(segs):
+        i, w = 0, 0
+        while i < len(reads):
             j = i + 1
-            while j < len(segs) and segs[j][0].path == segs[i][0].path and \
-                    segs[j][0].offset == segs[j - 1][0].offset + segs[j - 1][0].nbytes:
+            while j < len(reads) and reads[j].seg.path == reads[i].seg.path and \
+                    reads[j].seg.offset == reads[j - 1].seg.offset + reads[j - 1].seg.nbytes:
                 j += 1
-            views = [memoryview(arr[off : off + s.nbytes]) for s, off in segs[i:j] if s.nbytes]
-            with open(segs[i][0].path, "rb", buffering=0) as f:
-                done_bytes += read_exactly(f.fileno(), views, segs[i][0].offset, segs[i][0].path)
+            views = [memoryview((scales if r.into_scales else arr)[r.offset : r.offset + r.seg.nbytes])
+                     for r in reads[i:j] if r.seg.nbytes]
+            with open(reads[i].seg.path, "rb", buffering=0) as f:
+                done_bytes += read_exactly(f.fileno(), views, reads[i].seg.offset, reads[i].seg.path)
             if req.verify:
                 for v in views:
-                    crc = zlib.crc32(v, crc)
+                    crc = zlib.crc32(v, crc)  # over the stored bytes, before any widening
+            while w < len(widen) and widen[w].after < j:
+                self._widen(host, widen[w])
+                w += 1
             self._throttle(start, done_bytes)
             i = j
         if req.verify:
             expected = self.source.block_crc32(req.block_index)
             if expected is not None and crc != expected:
                 raise LoadError(
-                    f"block {layout.block.name!r} from {segs[0][0].path}: crc32 {crc:#010x} does not match the "
+                    f"block {layout.block.name!r} from {reads[0].seg.path}: crc32 {crc:#010x} does not match the "
                     f"manifest's {expected:#010x}: the file is corrupt; fix: delete the store so it is rewritten")
         if self._cuda:
             assert self._stream is not None
@@ -197,6 +301,13 @@ class Loader:
                 slot.buf[: layout.nbytes].copy_(host[: layout.nbytes], non_blocking=True)
             self._stream.synchronize()  # the staging buffer is free and the slot is ready
         self.profile.record("load", layout.block.name, req.pass_idx, start, self.profile.now(), done_bytes, "loader")
+
+    def _widen(self, host: torch.Tensor, w: _Widen) -> None:
+        region = host[w.offset : w.offset + w.spec.nbytes]
+        scale = None
+        if w.scale_offset is not None:
+            scale = self._scales[w.scale_offset : w.scale_offset + 4 * w.spec.shape[0]].view(torch.float32)
+        convert_in_place(region, w.spec, w.stored, scale, self._tmp)
 
     def _throttle(self, start: float, nbytes: int) -> None:
         if self.read_bytes_per_s:

@@ -31,14 +31,15 @@ from .config import RunConfig
 from .device import DeviceProfile, resolve_budget
 from .errors import BlockrtError, BudgetError, PartitionError
 from .ledger import Ledger
-from .loader import BlockLayout, Loader, Slot
+from .loader import BlockLayout, Loader, Slot, Staging
 from .memory import RssSampler, drop_page_cache, pin_malloc_mmap_threshold, trim_malloc
-from .plan import Plan
+from .plan import Plan, dtype_from_name
 from .predict import BlockTiming, RetentionDecision, choose_retained
 from .profile import Profile
 from .residency import Residency
 from .sources import CheckpointSource, WeightSource
-from .store import fingerprint, open_store, write_store
+from .quantize import stored_dtypes
+from .store import converted_store, fingerprint, needs_conversion, open_store, require_storage, write_store
 from .working_set import LiveBytes, warm_up
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,12 @@ class Runtime:
         if not self.plan.blocks:
             raise PartitionError(f"the plan for {type(model).__name__} has no blocks to stream")
         self._layouts = [BlockLayout.of(b) for b in self.plan.blocks]
+        self._storage = {b.name: config.storage_for(b.name) for b in self.plan.blocks}
+        self._staging = Staging.of(self._layouts, stored_dtypes(self.plan, self._storage))  # before any spilling
         self._check_budget()
         self.source = self._open_source(weights, store)
+        self._staging = Staging.of(self._layouts, {k: self.source.segment(k).dtype for b in self.plan.blocks for k in b.keys})
+        self._check_budget()  # a checkpoint stored narrower than computed needs staging too
         if config.cold_reads:
             drop_page_cache(self.source.files())
         self.ledger = Ledger(self.budget, on_change=lambda total: self.profile.counter("ledger_bytes", self.profile.now(), total))
@@ -133,8 +138,10 @@ class Runtime:
         for s in range(self._n_slots):
             self.ledger.reserve("slots", slot_bytes, f"slot {s}")
             slots.append(Slot(s, slot_bytes, self.device))
+        self.ledger.reserve("slots", self._staging.nbytes, "the loader's staging buffer (scales, widening)")
         self.loader = Loader(self.source, self.profile, self.device, read_bytes_per_s=self.read_bytes_per_s,
-                             slot_bytes=slot_bytes, max_queue=len(self.plan.blocks) + self._n_slots)
+                             slot_bytes=slot_bytes, max_queue=len(self.plan.blocks) + self._n_slots,
+                             staging=self._staging)
         self.residency = Residency(self.plan, self._layouts, slots, self.loader, self.ledger, binder, self.profile,
                                    config, self.device)
         self.residency.on_acquire = self._block_started
@@ -164,10 +171,12 @@ class Runtime:
         return min(self.config.prefetch_depth + 1, len(self.plan.blocks))
 
     def minimum_budget(self) -> int:
-        """The smallest budget for this plan and prefetch depth: pinned + slots x the largest block, plus the
-        measured working set once the first pass has run."""
+        """The smallest budget for this plan and prefetch depth: pinned + slots x the largest block + the
+        loader's staging (for blocks stored narrower than computed), plus the measured working set once the
+        first pass has run."""
         ws = getattr(self, "working_set_bytes", 0)
-        return self.plan.pinned_bytes + self._n_slots * max(lay.nbytes for lay in self._layouts) + ws
+        staging = self._staging.nbytes
+        return self.plan.pinned_bytes + self._n_slots * max(lay.nbytes for lay in self._layouts) + staging + ws
 
     def _check_budget(self) -> None:
         need = self.minimum_budget()
@@ -177,7 +186,8 @@ class Runtime:
                 f"budget {format_bytes(self.budget)} is below the smallest feasible {format_bytes(need)} "
                 f"({need} bytes): block {big.block.name!r} needs {format_bytes(big.nbytes)} in each of "
                 f"{self._n_slots} slot(s) (prefetch_depth={self.config.prefetch_depth}) plus "
-                f"{format_bytes(self.plan.pinned_bytes)} pinned, before any activations; fix: raise the budget "
+                f"{format_bytes(self.plan.pinned_bytes)} pinned and {format_bytes(self._staging.nbytes)} of loader "
+                "staging (storage dtypes narrower than computed), before any activations; fix: raise the budget "
                 f"to at least {need} bytes, lower prefetch_depth, or split the model into smaller blocks")
 
     def _open_source(self, weights: str | Path | None, store: str | Path | None) -> WeightSource:
@@ -185,9 +195,14 @@ class Runtime:
             if store is not None:
                 raise ValueError("pass either weights= (stream from a checkpoint) or store= (spill the model), not both")
             if (Path(weights) / "manifest.json").exists():
-                return open_store(weights, self.plan, fingerprint=None)
+                found = open_store(weights, self.plan, fingerprint=None)
+                require_storage(found, self.plan, self._storage)
+                return found
             source = CheckpointSource(weights)
             source.resolve(self.plan, strict=self.config.strict_keys, prefix=self.config.weights_prefix)
+            if needs_conversion(source, self.plan, self._storage):  # once, then cached (RunConfig.store_path)
+                return converted_store(source, self.plan, self._storage, self.config.store_path,
+                                       self.config.weights_prefix)
             return source
         binder = Binder(self.model)
         tensors = {k: binder.tensor(k) for k in self.plan.all_specs()}
@@ -198,15 +213,17 @@ class Runtime:
                 "given (a model streamed by a closed Runtime keeps meta placeholders); fix: pass weights=<checkpoint "
                 "or blockrt store directory> to stream them")
         fp = fingerprint(self.plan, tensors)
+        store = store if store is not None else self.config.store_path
         if store is None:
             self._tmpdir = tempfile.mkdtemp(prefix="blockrt-")
             store = Path(self._tmpdir) / "store"
-        return open_store(store, self.plan, fp) or write_store(store, self.plan, tensors, fp)
+        stored = stored_dtypes(self.plan, self._storage)
+        return open_store(store, self.plan, fp, stored) or write_store(store, self.plan, tensors, fp, stored, self._storage)
 
     def _bind_pinned(self, binder: Binder, from_source: bool) -> None:
         self.ledger.reserve("pinned", self.plan.pinned_bytes, "the pinned part")
         if from_source:
-            pairs = [(s, self.source.read_tensor(s.key, self.device)) for s in self.plan.pinned]
+            pairs = [(s, self.source.read_tensor(s.key, self.device, dtype_from_name(s.dtype))) for s in self.plan.pinned]
         else:
             pairs = [(s, binder.tensor(s.key).detach().to(self.device)) for s in self.plan.pinned]
         binder.materialize(pairs)
@@ -273,6 +290,7 @@ class Runtime:
         for s in self.residency.slots:
             s.request = None
             self.ledger.release("slots", s.buf.numel())
+        self.ledger.release("slots", self._staging.nbytes)
         self.residency.slots.clear()
         self.residency.slot_of.clear()
 

@@ -2,7 +2,8 @@
 
 A source maps every key of a Plan to a ``Segment`` (file, absolute offset, length). Two kinds exist:
 the blockrt store (``store.py``: one file per block, with checksums) and an existing checkpoint, read in
-place: one ``.safetensors`` file, or a sharded one with its ``*.safetensors.index.json``.
+place: one ``.safetensors`` file, or a sharded one with its ``*.safetensors.index.json``. A tensor may be
+stored narrower than it is computed (float16/bfloat16, or int8 with scales in a store); the loader widens it.
 """
 
 from __future__ import annotations
@@ -36,14 +37,22 @@ class WeightSource:
     def files(self) -> list[str]:
         return sorted({s.path for s in self.segments.values()})
 
-    def read_tensor(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Read one tensor into fresh memory (used for the small pinned part at start-up)."""
+    def read_tensor(self, key: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor into fresh memory (the small pinned part at start-up; conversions block by block).
+
+        Returned in its stored dtype, or in ``dtype`` if given (an int8 tensor stored with ``key.scale`` is
+        dequantised, see ``quantize.py``)."""
         seg = self.segments[key]
         out = torch.empty(seg.shape, dtype=dtype_from_name(seg.dtype))
         if seg.nbytes:
             view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
             with open(seg.path, "rb", buffering=0) as f:
                 read_exactly(f.fileno(), [view], seg.offset, seg.path)
+        if dtype is not None and out.dtype != dtype:
+            from .quantize import from_storage, scale_key
+
+            scale = self.read_tensor(scale_key(key)) if out.dtype == torch.int8 and scale_key(key) in self.segments else None
+            out = from_storage(out, scale, dtype)
         return out.to(device)
 
 
@@ -141,7 +150,7 @@ class CheckpointSource(WeightSource):
             found = next((self.segments[n] for n in [key, *names_of.get(key, [])] if n in self.segments), None)
             if found is None:
                 missing.append(key)
-            elif found.shape != spec.shape or found.dtype != spec.dtype:
+            elif found.shape != spec.shape or not _widens(found.dtype, spec.dtype):
                 wrong.append(f"{key}: expected {spec.dtype}{list(spec.shape)}, found {found.dtype}{list(found.shape)}")
             else:
                 resolved[key] = found
@@ -157,3 +166,13 @@ class CheckpointSource(WeightSource):
                          + (", or pass RunConfig(strict_keys=False) to ignore extra keys" if unexpected else ""))
             raise StoreError("\n".join(parts))
         self.segments = resolved
+
+
+_FLOATS = ("float64", "float32", "float16", "bfloat16")
+
+
+def _widens(stored: str, compute: str) -> bool:
+    """A checkpoint tensor stored as ``stored`` can feed a ``compute`` one: the same dtype, or a float that the
+    loader widens exactly (a bfloat16 checkpoint streams into a float32 model)."""
+    return stored == compute or (stored in _FLOATS and compute in _FLOATS
+                                 and dtype_from_name(stored).itemsize <= dtype_from_name(compute).itemsize)

@@ -366,7 +366,7 @@ def test_the_manifest_describes_the_store(tmp_path):
         rt(**inputs)
         plan = rt.plan
     manifest = json.loads((store / "manifest.json").read_text())
-    assert manifest["format"] == "blockrt-store" and manifest["format_version"] == 1
+    assert manifest["format"] == "blockrt-store" and manifest["format_version"] == blockrt.store.FORMAT_VERSION
     assert manifest["blockrt_version"] == blockrt.__version__
     assert isinstance(manifest["fingerprint"], str) and len(manifest["fingerprint"]) == 32
     assert manifest["dtypes"] == ["float32"]

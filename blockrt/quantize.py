@@ -1,0 +1,175 @@
+"""Storage dtypes of block tensors: which dtype each tensor is stored in, and the conversions both ways.
+
+A block can be stored as it is computed (``None``), cast to ``float16``/``bfloat16``/``float32``, or as
+``int8`` weight-only: every floating tensor with ``ndim >= 2`` and at least ``INT8_MIN_ELEMENTS`` elements
+is stored as int8 ``[out, ...]`` plus ``key + ".scale"`` (float32 ``[out]``), symmetric per output channel
+(row 0 of the weight = output channel 0): ``scale = max|w_row| / 127``, ``q = round(w / scale)``, and the
+dequantised weight is ``q * scale`` (error at most ``scale / 2`` per element). Smaller and 1-D tensors
+(biases, norms) stay in the compute dtype. Non-floating tensors are never converted.
+
+The loader converts in place: a stored tensor narrower than its compute dtype is read into the tail of the
+tensor's own slot region and widened front to back in chunks through a small reusable buffer
+(``convert_in_place``), so no full-size temporary ever exists and every op releases the GIL.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import STORAGE_DTYPES
+from .errors import StoreError
+from .plan import Plan, TensorSpec, dtype_from_name
+from .safetensors_format import Segment
+
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+INT8_MIN_ELEMENTS = 1024  # smaller tensors are not worth a scale vector: they stay in the compute dtype
+INT8_MAX = 127
+SCALE_SUFFIX = ".scale"
+SCALE_DTYPE = "float32"
+CHUNK_ELEMENTS = 1 << 18  # elements widened per step (a 1 MiB float32 buffer): large enough for ~15 GB/s
+
+
+def scale_key(key: str) -> str:
+    """The key of an int8 tensor's per-output-channel scales."""
+    return key + SCALE_SUFFIX
+
+
+def stored_dtype(spec: TensorSpec, storage: str | None) -> str:
+    """The dtype ``spec`` (a tensor in its compute dtype) is stored in when its block asks for ``storage``.
+
+    Raises ``ValueError`` for a storage dtype wider than the compute dtype (it would only cost bytes).
+    """
+    if storage is None or spec.dtype not in FLOAT_DTYPES:
+        return spec.dtype
+    if storage == "int8":
+        n = 1
+        for s in spec.shape:
+            n *= s
+        return "int8" if len(spec.shape) >= 2 and n >= INT8_MIN_ELEMENTS else spec.dtype
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype {storage!r} is not one of {STORAGE_DTYPES}")
+    if dtype_from_name(storage).itemsize > dtype_from_name(spec.dtype).itemsize:
+        raise ValueError(f"storage dtype {storage} is wider than {spec.key!r}'s compute dtype {spec.dtype}: it "
+                         "would store more bytes for the same values; fix: use storage_dtype=None (as the model is) "
+                         "or a narrower one")
+    return storage
+
+
+def quantize_int8(w: torch.Tensor, rows_per_step: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``w`` (out, ...) -> (q int8 (out, ...), scale float32 (out,)).
+
+    ``scale = max|w_row| / 127`` (0 for an all-zero row, whose q is 0). Rows are quantised a few at a time so
+    no float32 copy of the whole tensor is made. Non-finite weights are an error.
+    """
+    if w.ndim < 2:
+        raise ValueError(f"int8 storage quantises per output channel: expected ndim >= 2, found shape {list(w.shape)}")
+    flat = w.detach().reshape(w.shape[0], -1)  # (out, in*...)
+    scale = flat.abs().amax(dim=1).to(torch.float32) / INT8_MAX  # (out,)
+    if not torch.isfinite(scale).all():
+        raise ValueError("cannot quantise a tensor holding inf or nan to int8; fix: store it as float16/float32")
+    inv = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero rows divide by 1: q = 0
+    q = torch.empty(flat.shape, dtype=torch.int8)
+    for r0 in range(0, flat.shape[0], rows_per_step):
+        r1 = min(flat.shape[0], r0 + rows_per_step)
+        rows = flat[r0:r1].to(torch.float32) / inv[r0:r1, None]
+        q[r0:r1] = rows.round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.view(w.shape), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q * scale`` per output channel, computed in float32 and cast to ``dtype`` (the loader's exact maths)."""
+    flat = q.reshape(q.shape[0], -1).to(torch.float32) * scale.to(torch.float32)[:, None]
+    return flat.to(dtype).view(q.shape)
+
+
+def to_storage(key: str, t: torch.Tensor, stored: str) -> dict[str, torch.Tensor]:
+    """The tensors a file holds for ``key`` stored as ``stored``: itself (cast), or int8 plus its scales."""
+    if stored == "int8" and t.dtype != torch.int8:
+        q, scale = quantize_int8(t)
+        return {key: q, scale_key(key): scale}
+    return {key: t.detach().to(dtype_from_name(stored))}
+
+
+def from_storage(t: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor (and its scales when int8) back in the compute ``dtype``."""
+    if scale is not None:
+        return dequantize_int8(t, scale, dtype)
+    return t.to(dtype)
+
+
+def convert_in_place(region: torch.Tensor, spec: TensorSpec, stored: str, scale: torch.Tensor | None,
+                     tmp: torch.Tensor) -> None:
+    """Widen a stored tensor held at the tail of its own slot region into the whole region.
+
+    Args:
+        region: the tensor's slot bytes, flat uint8 of ``spec.nbytes``; the stored bytes sit in its last
+            ``numel * stored itemsize`` bytes.
+        spec: the tensor in its compute dtype.
+        stored: the stored dtype (``"int8"`` with ``scale``, or a float dtype).
+        scale: float32 (out,) for int8, else None.
+        tmp: a float32 buffer of at least ``chunk_elements(spec, stored)`` elements.
+
+    Chunk k reads stored elements [x, x+c) and writes compute elements [x, x+c); since the stored bytes
+    start ``numel * (a - b)`` bytes in (a, b = compute and stored itemsize), the write ends at or before
+    the first stored byte not yet read whenever ``x + c <= numel``: front to back never clobbers input.
+    """
+    dst_dtype = dtype_from_name(spec.dtype)
+    src_dtype = dtype_from_name(stored)
+    n = region.numel() // dst_dtype.itemsize
+    src = region[region.numel() - n * src_dtype.itemsize:].view(src_dtype)  # (n,) stored
+    dst = region.view(dst_dtype)  # (n,) compute
+    step = chunk_elements(spec, stored)
+    cols = n // spec.shape[0] if scale is not None else 1
+    for x in range(0, n, step):
+        c = min(step, n - x)
+        t = tmp[:c]
+        t.copy_(src[x : x + c])  # widen to float32 (exact for every stored dtype here)
+        if scale is not None:  # whole rows: [x / cols, (x + c) / cols)
+            rows = t.view(c // cols, cols)
+            sc = scale[x // cols : (x + c) // cols, None]
+            if dst_dtype == torch.float32:
+                torch.mul(rows, sc, out=dst[x : x + c].view(c // cols, cols))
+                continue
+            rows.mul_(sc)
+        dst[x : x + c].copy_(t)
+
+
+def chunk_elements(spec: TensorSpec, stored: str) -> int:
+    """Elements converted per step for ``spec`` stored as ``stored`` (whole rows for int8)."""
+    n = 1
+    for s in spec.shape:
+        n *= s
+    if stored != "int8":
+        return max(1, min(n, CHUNK_ELEMENTS))
+    cols = n // spec.shape[0] if spec.shape[0] else 1
+    return max(1, min(spec.shape[0], max(1, CHUNK_ELEMENTS // max(cols, 1)))) * cols
+
+
+def stored_dtypes(plan: Plan, storage: dict[str, str | None]) -> dict[str, str]:
+    """Every streamed tensor's stored dtype for ``storage`` (block name -> storage dtype or None)."""
+    return {t.key: stored_dtype(t, storage.get(b.name)) for b in plan.blocks for t in b.tensors}
+
+
+def check_stored(plan: Plan, segments: dict[str, Segment], where: str) -> None:
+    """Check each streamed tensor's stored form can be widened into its compute dtype by the loader: the
+    same dtype, a narrower float, or int8 with float32 ``(out,)`` scales. Raises StoreError naming all problems."""
+    bad = []
+    for b in plan.blocks:
+        for spec in b.tensors:
+            seg = segments[spec.key]
+            scale = segments.get(scale_key(spec.key))
+            if seg.shape != spec.shape:
+                bad.append(f"{spec.key}: shape {list(seg.shape)}, expected {list(spec.shape)}")
+            elif seg.dtype == spec.dtype or spec.dtype not in FLOAT_DTYPES:
+                if seg.dtype != spec.dtype:
+                    bad.append(f"{spec.key}: {seg.dtype}, expected {spec.dtype}")
+            elif seg.dtype == "int8":
+                if scale is None or scale.dtype != SCALE_DTYPE or scale.shape != spec.shape[:1] or len(spec.shape) < 2:
+                    found = "none" if scale is None else f"{scale.dtype}{list(scale.shape)}"
+                    bad.append(f"{spec.key}: int8 needs {scale_key(spec.key)!r} float32{list(spec.shape[:1])}, found {found}")
+            elif seg.dtype not in FLOAT_DTYPES or dtype_from_name(seg.dtype).itemsize > dtype_from_name(spec.dtype).itemsize:
+                bad.append(f"{spec.key}: stored as {seg.dtype}, which does not widen into {spec.dtype}")
+    if bad:
+        shown = bad[:10] + ([f"... and {len(bad) - 10} more"] if len(bad) > 10 else [])
+        raise StoreError(f"{where} holds tensors the loader cannot turn into the model's dtypes: " + "; ".join(shown)
+                         + "; fix: rewrite the store (delete it) or convert the checkpoint with blockrt.convert_store")

@@ -70,6 +70,33 @@ def test_t5_position_bias_is_an_output_of_block_0_and_an_input_of_the_others() -
     assert b1.example_inputs[1] is b0.expected_outputs[1]
 
 
+class SumOfLayers(torch.nn.Module):
+    """Every layer's output is also summed by the model's own code: a use outside the blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 8)
+        total = torch.zeros_like(x)
+        for layer in self.layers:
+            x = layer(x)
+            total = total + x
+        return total
+
+
+def test_intermediate_outputs_used_outside_a_multi_layer_block_are_outputs() -> None:
+    torch.manual_seed(0)
+    model = SumOfLayers().eval()
+    plan = partition(model, target_bytes=2 * (8 * 8 + 8) * 4)  # two layers per block
+    assert [b.modules for b in plan.blocks] == [("layers.0", "layers.1"), ("layers.2", "layers.3")]
+    b0, b1 = capture_blocks(model, (torch.randn(2, 8),), plan=plan)
+    assert len(b0.output_names) == 2 and len(b1.output_names) == 2  # layer 0's output is read by `total + x`
+    assert b0.expected_outputs[0].shape == (2, 8) and b1.sources == (f"{b0.name}.{b0.output_names[1]}",)
+    assert b0.sources == ("input:x",)  # the model's own argument
+    assert b0.replay_equal() and b1.replay_equal()
+
+
 def test_blocks_called_out_of_order_are_refused() -> None:
     model, inputs = build_toy(n_layers=2)
     layers = model.layers

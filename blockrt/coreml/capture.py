@@ -84,18 +84,20 @@ class CapturedBlock:
 
 
 class _UsesOutside(TorchDispatchMode):
-    """Records ids of tensors read by ops that run outside every block call (``depth == 0``)."""
+    """Records which watched tensors (block outputs, held alive by the records, so their ids are unique for
+    the whole pass) are read by ops that run outside every block call (``depth == 0``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.depth = 0
+        self.watch: set[int] = set()
         self.ids: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.depth == 0:
             for leaf in tree_leaves((args, kwargs)):
-                if isinstance(leaf, torch.Tensor):
+                if isinstance(leaf, torch.Tensor) and id(leaf) in self.watch:
                     self.ids.add(id(leaf))
         return func(*args, **kwargs)
 
@@ -158,6 +160,7 @@ def record_pass(model: nn.Module, plan: Plan, call: Any, args: tuple, kwargs: di
         uses.depth -= 1
         if uses.depth == 0 and calls and calls[-1].module is mod and calls[-1].output is None:
             calls[-1].output = out
+            uses.watch.update(id(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
 
     try:
         for i, block in enumerate(plan.blocks):
@@ -179,7 +182,7 @@ def capture_blocks(model: nn.Module, example_args: tuple, example_kwargs: dict |
     """Record one pass of ``model`` and return each block of ``plan`` as a replayable ``CapturedBlock``.
 
     Args:
-        model: the model (in memory), or the model a ``runtime`` streams.
+        model: the model (in memory), the model a ``runtime`` streams, or that ``blockrt.Runtime`` itself.
         example_args / example_kwargs: one pass's inputs, as for ``model(*args, **kwargs)``.
         plan: the blocks (default: ``runtime.plan``, else ``partitioners.partition(model)``).
         runtime: a ``blockrt.Runtime`` streaming ``model``: the pass runs through it (its hooks load each
@@ -188,6 +191,10 @@ def capture_blocks(model: nn.Module, example_args: tuple, example_kwargs: dict |
     Raises:
         ExportError: a block's modules were not called, or were called again after another block ran.
     """
+    from ..runtime import Runtime
+
+    if isinstance(model, Runtime):
+        model, runtime = model.model, model
     example_kwargs = dict(example_kwargs or {})
     if plan is None:
         if runtime is not None:
@@ -288,6 +295,7 @@ def _build_one(i: int, block: Block, calls: list[Call], used_outside: set[int], 
     input_ids = {id(t) for t in inputs}
     last = len(calls) - 1
     outputs: list[torch.Tensor] = []
+
     def later_reader(t: torch.Tensor) -> str | None:
         return next((n for b, n in readers.get(id(t), ()) if b > i), None)
 

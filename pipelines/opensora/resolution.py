@@ -3,7 +3,7 @@
 Data from Open-Sora v1.2's ``opensora/datasets/aspect.py`` (spec §5): ``--resolution`` picks a table by its pixel
 budget, ``--aspect-ratio "H:W"`` a row of it (through ``ASPECT_RATIO_MAP``, or directly by its key "0.56").
 Only the trained presets 144p..720p are here, plus the two square sizes of the on-device iPhone app
-(``ondevice-sora.md`` §5): "256x256" (its default) and "192x192" (= 144p 1:1).
+(``ondevice-sora.md`` §5): "256x256" (its default) and "192x192" (= 144p 1:1), and "64x64", the shapes model's.
 
 Latent size (spec §2.3, ``VideoAutoencoderPipeline.get_latent_size``): time is cut into chunks of 17 frames,
 each 5 latents; a remainder r gives ceil(r / 4) latents. Space is floor(x / 8); the decoded video is therefore
@@ -56,7 +56,8 @@ RESOLUTIONS: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {
 }
 
 # The iPhone app's fixed square sizes (aspect 1:1 only).
-APP_SIZES: dict[str, tuple[int, int]] = {"256x256": (256, 256), "192x192": (192, 192)}
+# "64x64": the size of the small model trained here on synthetic shapes (pipelines/shapes), square too.
+APP_SIZES: dict[str, tuple[int, int]] = {"256x256": (256, 256), "192x192": (192, 192), "64x64": (64, 64)}
 
 DEFAULT_RESOLUTION = "240p"
 DEFAULT_ASPECT = "9:16"

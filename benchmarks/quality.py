@@ -1,0 +1,224 @@
+"""LPL and TDTM quality on a model we can judge: the paper's Tables 3/4 on the shapes model trained here.
+
+For a fixed set of prompts x seeds, every setting generates each video with the shipped shapes model
+(``pipelines/shapes/weights``, 64x64, 17 frames, CFG 7), all models resident (``ShapesGenerator``, the same
+maths as ``OpenSoraPipeline(stream=False)``), and ``pipelines/shapes/judge.py`` scores it:
+
+    steps30              the 30-step reference
+    lplK                 FixedLeap(K-1) of 30 steps: K model calls, then one leap to t=0 (K = 10, 13, 16, 20, 25)
+    lpl-dynamic          DynamicLeap() (the paper's rule, the pipeline's defaults)
+    tdtmM                TDTM on the first M of 30 steps (M = 10, 20, 30)
+    lpl16+tdtm15         both (the On-device Sora app's run)
+    stepsK               the naive baseline: a K-step schedule, as many model calls as lplK
+
+Columns: fidelity (the share of videos whose detected colour and direction are the prompt's), flicker (mean
+absolute change of the steady background between frames, 0..255), PSNR and SSIM against the 30-step video of
+the same prompt and seed, model calls per video, the denoising wall time (all videos) and its speedup over
+steps30, measured in this run. The issue's target is checked and printed as PASS or MISS: LPL at about half the
+steps (lpl16) keeps fidelity within 2 points of steps30 and beats the naive steps16 on SSIM.
+
+    .venv/bin/python benchmarks/quality.py             # 12 prompts x 2 seeds, 16 settings (~10 min on 2 cores)
+    .venv/bin/python benchmarks/quality.py --quick     # 2 prompts x 1 seed, 4 settings (the smoke test)
+
+Writes ``results.json``, ``results.csv`` and ``quality.md`` to ``--out`` (default ``out/bench/quality``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT, ROOT / "benchmarks"):  # run as a script from a checkout without installing
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from bench_common import BUSY_CORES, OTHER_CPU_PROBE_S, OtherCpu, hardware, write_results  # noqa: E402
+from blockrt.profile import write_atomic  # noqa: E402
+from pipelines.opensora.pipeline import GenerateConfig  # noqa: E402
+from pipelines.shapes.generate import ShapesGenerator  # noqa: E402
+from pipelines.shapes.judge import flicker, judge, matches, psnr, ssim  # noqa: E402
+
+STEPS = 30
+TARGET_FIDELITY_POINTS = 2.0  # lpl16 may lose at most this many percentage points of fidelity vs steps30
+TARGET_ROW, NAIVE_ROW = "lpl16", "steps16"
+PROMPTS = [
+    "a red circle moving right on a blue background",
+    "a green square moving left on a white background",
+    "a blue triangle moving up on a gray background",
+    "a yellow circle moving down on a black background",
+    "a red square moving up on a white background",
+    "a green triangle moving down on a blue background",
+    "a blue circle moving left on a black background",
+    "a yellow square moving right on a gray background",
+    "a red triangle moving left on a black background",
+    "a green circle moving up on a gray background",
+    "a blue square moving down on a white background",
+    "a yellow triangle moving right on a blue background",
+]
+CSV_FIELDS = ["row", "lpl", "merge_steps", "steps", "model_calls", "fidelity", "colour_accuracy",
+              "direction_accuracy", "flicker", "psnr_db", "ssim", "denoise_s", "speedup", "generate_s",
+              "generate_speedup"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    steps: int = STEPS
+    lpl: int | str | None = None  # FixedLeap index, "dynamic" or None
+    merge_steps: int = 0
+
+
+def settings(quick: bool) -> list[Setting]:
+    if quick:
+        return [Setting("steps30", steps=4), Setting("lpl2", steps=4, lpl=1), Setting("tdtm2", steps=4, merge_steps=2),
+                Setting("steps2", steps=2)]
+    rows = [Setting("steps30")]
+    rows += [Setting(f"lpl{k}", lpl=k - 1) for k in (10, 13, 16, 20, 25)]
+    rows += [Setting("lpl-dynamic", lpl="dynamic")]
+    rows += [Setting(f"tdtm{m}", merge_steps=m) for m in (10, 20, 30)]
+    rows += [Setting("lpl16+tdtm15", lpl=15, merge_steps=15)]
+    rows += [Setting(f"steps{k}", steps=k) for k in (10, 13, 16, 20, 25)]
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="out/bench/quality")
+    p.add_argument("--weights", default=None, help="weights directory (default: the shipped shapes model)")
+    p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} prompts")
+    p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per prompt")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="2 prompts, 1 seed, 4-step settings: a smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompts, args.seeds = 2, 1
+    if not 1 <= args.prompts <= len(PROMPTS) or args.seeds < 1 or args.threads < 1:
+        p.error(f"--prompts must be in 1..{len(PROMPTS)}, --seeds and --threads >= 1")
+    return args
+
+
+def run_setting(gen: ShapesGenerator, s: Setting, prompts: list[str], seeds: list[int]) -> tuple[dict, list]:
+    videos, calls, denoise, total = [], [], 0.0, 0.0
+    for prompt in prompts:
+        for seed in seeds:
+            cfg = GenerateConfig(prompt, resolution="64x64", aspect="1:1", frames=17, steps=s.steps, seed=seed,
+                                 lpl=s.lpl, merge_steps=s.merge_steps)
+            t0 = time.perf_counter()
+            out = gen.generate(cfg)
+            total += time.perf_counter() - t0
+            denoise += out.denoise_s
+            videos.append(out.frames)
+            calls.append(out.steps_run)
+    return {"denoise_s": denoise, "generate_s": total, "model_calls": float(np.mean(calls)),
+            "model_calls_min": min(calls), "model_calls_max": max(calls)}, videos
+
+
+def score(m: dict, videos: list[np.ndarray], refs: list[np.ndarray], captions: list[str]) -> None:
+    verdicts = [judge(v) for v in videos]
+    from pipelines.shapes.dataset import parse_caption
+
+    want = [parse_caption(c) for c in captions]
+    m["fidelity"] = float(np.mean([matches(v, c) for v, c in zip(verdicts, captions)]))
+    m["colour_accuracy"] = float(np.mean([v.colour == w["colour"] for v, w in zip(verdicts, want)]))
+    m["direction_accuracy"] = float(np.mean([v.direction == w["direction"] for v, w in zip(verdicts, want)]))
+    m["flicker"] = float(np.nanmean([flicker(v) for v in videos]))
+    ps = [psnr(v, r) for v, r in zip(videos, refs)]
+    m["psnr_db"] = float("inf") if all(math.isinf(p) for p in ps) else float(np.mean([p for p in ps if math.isfinite(p)]))
+    m["ssim"] = float(np.mean([ssim(v, r) for v, r in zip(videos, refs)]))
+    m["detected"] = [f"{v.colour} {v.shape} {v.direction} on {v.background}" for v in verdicts]
+
+
+def table(rows: list[Setting], results: dict[str, dict]) -> str:
+    head = ("| setting | model calls | fidelity | colour | direction | flicker | PSNR (dB) | SSIM | denoise (s) | speedup |"
+            " generate speedup |")
+    lines = [head, "|" + "---|" * 11]
+    for s in rows:
+        m = results[s.name]
+        p = "ref" if math.isinf(m["psnr_db"]) else f"{m['psnr_db']:.2f}"
+        lines.append(f"| {s.name} | {m['model_calls']:.1f} | {100 * m['fidelity']:.1f}% | {100 * m['colour_accuracy']:.0f}% "
+                     f"| {100 * m['direction_accuracy']:.0f}% | {m['flicker']:.2f} | {p} | {m['ssim']:.4f} | "
+                     f"{m['denoise_s']:.1f} | {m['speedup']:.2f}x | {m['generate_speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def target(results: dict[str, dict]) -> tuple[bool, str]:
+    base, lpl, naive = results["steps30"], results[TARGET_ROW], results[NAIVE_ROW]
+    drop = 100 * (base["fidelity"] - lpl["fidelity"])
+    ok_fid = drop <= TARGET_FIDELITY_POINTS
+    ok_ssim = lpl["ssim"] > naive["ssim"]
+    text = (f"target: {TARGET_ROW} fidelity {100 * lpl['fidelity']:.1f}% vs steps30 {100 * base['fidelity']:.1f}% "
+            f"(drop {drop:+.1f} points, allowed {TARGET_FIDELITY_POINTS:.0f}): {'PASS' if ok_fid else 'MISS'}; "
+            f"{TARGET_ROW} SSIM {lpl['ssim']:.4f} vs naive {NAIVE_ROW} {naive['ssim']:.4f}: {'PASS' if ok_ssim else 'MISS'}")
+    return ok_fid and ok_ssim, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hw = hardware()
+    print(f"hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} with {hw['torch_threads']} thread(s)")
+    other = OtherCpu().start()
+    time.sleep(OTHER_CPU_PROBE_S)
+    hw["other_cpu_cores_before"] = other.cores()
+    print(f"other processes used {hw['other_cpu_cores_before']:.2f} cores before the run", flush=True)
+    gen = ShapesGenerator(args.weights)
+    prompts, seeds = PROMPTS[: args.prompts], list(range(args.seeds))
+    captions = [p for p in prompts for _ in seeds]
+    rows = settings(args.quick)
+    print(f"weights: {gen.root}; {len(prompts)} prompts x {len(seeds)} seeds = {len(captions)} videos per setting, "
+          f"{len(rows)} settings; 64x64, 17 frames, CFG 7", flush=True)
+    run_setting(gen, Setting("warm-up", steps=2, merge_steps=1), prompts[:1], seeds[:1])  # kernels, caches
+
+    results: dict[str, dict] = {}
+    videos: dict[str, list[np.ndarray]] = {}
+    other.start()
+    for s in rows:
+        results[s.name], videos[s.name] = run_setting(gen, s, prompts, seeds)
+        results[s.name].update(lpl=s.lpl, merge_steps=s.merge_steps, steps=s.steps)
+        print(f"  {s.name:<14} {results[s.name]['model_calls']:5.1f} calls/video, denoise "
+              f"{results[s.name]['denoise_s']:6.1f} s", flush=True)
+    busy = other.cores()
+    hw["other_cpu_cores_during"] = busy
+
+    base = results[rows[0].name]
+    for s in rows:  # after timing: judge and compare with the reference row
+        m = results[s.name]
+        score(m, videos[s.name], videos[rows[0].name], captions)
+        m["speedup"] = base["denoise_s"] / m["denoise_s"]
+        m["generate_speedup"] = base["generate_s"] / m["generate_s"]
+    if args.quick:  # the quick rows have other names; alias them for the target check
+        results["steps30"], results[TARGET_ROW], results[NAIVE_ROW] = results["steps30"], results["lpl2"], results["steps2"]
+    ok, verdict = target(results)
+    md = table(rows, results)
+    print(f"other processes used {busy:.2f} cores during the run"
+          + (" (timings disturbed: rerun on a quiet machine)" if busy > BUSY_CORES else ""))
+    print(md)
+    print("fidelity: detected colour and direction both match the prompt (judge.py); flicker: mean |frame change| of the")
+    print("steady background (0..255); PSNR/SSIM: vs the steps30 video of the same prompt and seed; speedup: steps30's")
+    print("denoising wall / the row's (generate speedup: whole generation incl. T5 (cached) and VAE decode).")
+    print(verdict)
+    doc = {"hardware": hw, "config": {"prompts": prompts, "seeds": seeds, "steps": STEPS, "cfg_scale": 7.0,
+                                      "resolution": "64x64", "frames": 17, "weights": str(gen.root),
+                                      "threads": args.threads, "quick": args.quick},
+           "rows": {s.name: results[s.name] for s in rows}, "target": {"pass": ok, "text": verdict}}
+    write_results(out_dir, doc, ({"row": s.name, **results[s.name]} for s in rows), CSV_FIELDS)
+    text = (f"# LPL / TDTM quality on the shapes model\n\n{len(captions)} videos per setting ({len(prompts)} prompts x "
+            f"{len(seeds)} seeds), 64x64, 17 frames, CFG 7; {hw['cpu']}, torch threads {args.threads}, other "
+            f"processes {busy:.2f} cores.\n\n{md}\n\n{verdict}\n").encode()
+    write_atomic(out_dir / "quality.md", lambda f: f.write(text))
+    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.csv'}, {out_dir / 'quality.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Train the shapes model on CPU: ``python -m pipelines.shapes.train --out DIR --seed S``.
+
+Stages (each resumable: its result is kept under ``--work`` and reused by a rerun with the same settings):
+
+1. tokenizer: a SentencePiece model trained on every caption as the pipeline feeds it (``preprocess``: cleaned,
+   " aesthetic score: 6.5." appended) and a small T5 encoder with random frozen weights -> ``DIR/t5-v1_1-xxl``;
+2. the VAE (``train_vae.py``): spatial, then temporal, then frozen -> ``DIR/OpenSora-VAE-v1.2``; the latents of
+   ``--clips`` clips are encoded once and cached;
+3. STDiT3 (the full-size model's class at small width) with Open-Sora's rectified-flow objective: for clean
+   latents ``x0`` and noise ``e``, ``x_t = (1 - s) x0 + s e`` at ``t = 1000 s`` and the target is the velocity
+   ``x0 - e`` (what ``sampler.sample`` integrates: ``z += v dt`` from ``t = 1000`` down to 0). ``s`` is drawn
+   half from Open-Sora's logit-normal with its resolution/length timestep transform (``ratio`` of 64x64x17 =
+   0.28, which alone would leave the first sampling steps near ``t = 1000`` almost untrained) and half uniform
+   on (0, 1). 10% of captions are replaced by the null caption (``y_embedder.y_embedding``) for CFG. AdamW,
+   EMA of the weights (what is saved), written every ``--save-every`` steps so a partial run is usable.
+
+``DIR/training.json`` records the command, seed, sizes, per-stage times and the loss curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.shapes import layout
+from pipelines.shapes.dataset import FPS, SIZE, all_captions
+from pipelines.shapes.train_vae import encode_spatial, finish_vae, reconstruction_psnr, train_spatial, train_temporal
+
+log = logging.getLogger(__name__)
+
+CAPTION_DROPOUT = 0.1  # Open-Sora's class_dropout_prob
+EMA_DECAY = 0.999
+LR = 5e-4
+WARMUP = 100
+GRAD_CLIP = 1.0
+UNIFORM_FRACTION = 0.5  # share of timesteps drawn uniformly instead of logit-normal + transform
+LOG_EVERY = 50
+
+
+class Recorder:
+    """Averages losses over ``LOG_EVERY`` steps, logs them and keeps the curve for training.json."""
+
+    def __init__(self) -> None:
+        self.curves: dict[str, list[list[float]]] = {}
+        self._acc: dict[str, list[float]] = {}
+        self.t0 = time.perf_counter()
+
+    def __call__(self, name: str, step: int, value: float) -> None:
+        acc = self._acc.setdefault(name, [])
+        acc.append(value)
+        if len(acc) == LOG_EVERY:
+            mean = float(np.mean(acc))
+            self.curves.setdefault(name, []).append([step + 1, mean])
+            acc.clear()
+            log.info("%s step %d: %.5f (%.0f s)", name, step + 1, mean, time.perf_counter() - self.t0)
+
+
+# -- text ---------------------------------------------------------------------------------------------------
+
+
+def pipeline_texts() -> list[str]:
+    """Every caption as the pipeline hands it to T5 (cleaned, aesthetic score appended)."""
+    from pipelines.opensora.prompt import preprocess
+
+    return [preprocess(c) for c in all_captions()]
+
+
+@torch.no_grad()
+def caption_features(t5_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 features of every caption, cut to the longest caption's tokens: ``(n, L, d)``, mask ``(n, L)``.
+
+    Cutting the padding is exact for STDiT3: padded caption tokens are masked out of every cross-attention.
+    """
+    from pipelines.opensora import loading
+    from pipelines.opensora.t5 import encode_prompts, load_tokenizer
+
+    t5 = loading.load_t5(t5_dir, meta=False).model
+    y, mask = encode_prompts(load_tokenizer(t5_dir), t5, pipeline_texts())  # (n, 1, 300, d), (n, 300)
+    L = int(mask.sum(1).max())
+    return y[:, 0, :L].contiguous(), mask[:, :L].contiguous()
+
+
+# -- STDiT3 -------------------------------------------------------------------------------------------------
+
+
+def init_stdit3(model: torch.nn.Module) -> None:
+    """Open-Sora's STDiT3 initialisation: xavier linears with zero biases, N(0, 0.02) timestep/caption MLPs and
+    ``t_block``, zero fps embedder output and temporal blocks' output projections (identity at start), and
+    (as DiT) a zero final linear."""
+    nn = torch.nn
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    w = model.x_embedder.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    for lin in (model.t_embedder.mlp[0], model.t_embedder.mlp[2], model.t_block[1], model.fps_embedder.mlp[0],
+                model.y_embedder.y_proj.fc1, model.y_embedder.y_proj.fc2):
+        nn.init.normal_(lin.weight, std=0.02)
+    nn.init.zeros_(model.fps_embedder.mlp[2].weight)
+    for block in model.temporal_blocks:
+        for lin in (block.attn.proj, block.cross_attn.proj, block.mlp.fc2):
+            nn.init.zeros_(lin.weight)
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)
+
+
+def sample_sigmas(n: int, gen: torch.Generator, ratio: float) -> torch.Tensor:
+    """Noise levels ``s`` in (0, 1): logit-normal then Open-Sora's timestep transform, or uniform (mixed)."""
+    s = torch.sigmoid(torch.randn(n, generator=gen))
+    s = ratio * s / (1 + (ratio - 1) * s)  # timestep_transform on t/1000
+    uniform = torch.rand(n, generator=gen)
+    pick = torch.rand(n, generator=gen) < UNIFORM_FRACTION
+    return torch.where(pick, uniform, s).clamp(1e-4, 1.0)
+
+
+def train_stdit3(model, latents: torch.Tensor, cap_idx: torch.Tensor, y_all: torch.Tensor, mask_all: torch.Tensor,
+                 *, steps: int, batch: int, seed: int, on_loss, save, save_every: int) -> dict[str, float]:
+    """The rectified-flow loop; ``save(ema_model, step)`` is called every ``save_every`` steps and at the end."""
+    import copy
+
+    from pipelines.opensora.sampler import timestep_ratio
+
+    ratio = timestep_ratio(SIZE, SIZE, latents_frames_to_pixels(latents.shape[2]))
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / WARMUP))
+    gen = torch.Generator().manual_seed(seed + 3)
+    null = model.y_embedder.y_embedding[: y_all.shape[1]]  # (L, d): the CFG null caption, cut like y
+    n = latents.shape[0]
+    side = dict(fps=torch.tensor([float(FPS)]), height=torch.tensor([float(SIZE)]), width=torch.tensor([float(SIZE)]))
+    for step in range(steps):
+        idx = torch.randint(n, (batch,), generator=gen)
+        x0 = latents[idx]  # (b, 4, 5, 8, 8)
+        y = y_all[cap_idx[idx]].clone()  # (b, L, d)
+        mask = mask_all[cap_idx[idx]]  # (b, L)
+        drop = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
+        y[drop] = null
+        s = sample_sigmas(batch, gen, ratio)
+        noise = torch.randn(x0.shape, generator=gen)
+        sb = s.view(-1, 1, 1, 1, 1)
+        xt = (1 - sb) * x0 + sb * noise
+        out = model(xt, s * 1000, y[:, None], mask=mask, **side)  # (b, 8, 5, 8, 8)
+        loss = (out[:, : x0.shape[1]] - (x0 - noise)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        sched.step()
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        on_loss("stdit3_loss", step, loss.item())
+        if (step + 1) % save_every == 0 and step + 1 < steps:
+            save(ema, step + 1)
+    save(ema, steps)
+    return {"final_lr": sched.get_last_lr()[0]}
+
+
+def latents_frames_to_pixels(latent_frames: int) -> int:
+    if latent_frames != 5:
+        raise ValueError(f"the shapes clips have 17 frames (5 latent frames), got {latent_frames} latent frames")
+    return 17
+
+
+# -- the whole run ------------------------------------------------------------------------------------------
+
+
+def _caption_index(seed: int, n: int) -> torch.Tensor:
+    """Index into ``all_captions()`` of clips ``0..n-1``."""
+    from pipelines.shapes.dataset import make_clip
+
+    order = {c: i for i, c in enumerate(all_captions())}
+    return torch.tensor([order[make_clip(seed, i).spec.caption] for i in range(n)])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.opensora.stdit3 import STDiT3
+    from pipelines.opensora.t5 import train_tiny_tokenizer
+    from pipelines.opensora.vae import VideoAutoencoderPipeline
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    rec = Recorder()
+    times: dict[str, float] = {}
+    record: dict[str, Any] = {"command": " ".join(["python -m pipelines.shapes.train", *sys.argv[1:]]),
+                              "args": vars(args), "torch": torch.__version__, "threads": args.threads,
+                              "sizes": {"t5": layout.T5_SIZES, "stdit3": layout.STDIT3_SIZES,
+                                        "spatial_vae": layout.SPATIAL_SIZES, "temporal_vae": layout.TEMPORAL_SIZES},
+                              "objective": {"caption_dropout": CAPTION_DROPOUT, "ema_decay": EMA_DECAY, "lr": LR,
+                                            "warmup": WARMUP, "uniform_fraction": UNIFORM_FRACTION,
+                                            "target": "x0 - noise", "x_t": "(1 - s) x0 + s noise, t = 1000 s"}}
+
+    def write_record(**extra: Any) -> None:
+        record.update(times=times, losses=rec.curves, **extra)
+        (out / layout.RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+    t = time.perf_counter()
+    tok = train_tiny_tokenizer(pipeline_texts() * 4, work / "tokenizer", vocab_size=args.vocab)
+    layout.write_t5(out, tok, args.seed)
+    y_all, mask_all = caption_features(out / "t5-v1_1-xxl")
+    times["t5_s"] = time.perf_counter() - t
+    log.info("tokenizer + T5 + caption features %s: %.1f s", tuple(y_all.shape), times["t5_s"])
+
+    vae = VideoAutoencoderPipeline(layout.vae_config())
+    stamp = f"seed{args.seed}-clips{args.clips}-s{args.vae_steps}-t{args.tvae_steps}"
+    vae_cache, lat_cache = work / f"vae-{stamp}.safetensors", work / f"latents-{stamp}.safetensors"
+    if vae_cache.exists() and lat_cache.exists():
+        vae.load_state_dict(load_file(vae_cache))
+        latents = load_file(lat_cache)["latents"]
+        log.info("VAE and latents reused from %s", work)
+    else:
+        t = time.perf_counter()
+        train_spatial(vae, args.seed, args.clips, args.vae_steps, args.vae_batch, rec)
+        times["spatial_vae_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        spatial = encode_spatial(vae, args.seed, args.clips)  # (n, 4, 17, 8, 8)
+        times["encode_spatial_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        train_temporal(vae, spatial, args.seed, args.tvae_steps, args.vae_batch, rec)
+        times["temporal_vae_s"] = time.perf_counter() - t
+        latents = finish_vae(vae, spatial)  # (n, 4, 5, 8, 8), normalised
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, vae_cache)
+        save_file({"latents": latents.contiguous()}, lat_cache)
+    vae.eval().requires_grad_(False)
+    layout.write_vae(out, vae)
+    psnr, _, _ = reconstruction_psnr(vae, args.seed + 1, 0, 16)  # held-out clips (another seed)
+    record["vae_reconstruction_psnr_db"] = psnr
+    log.info("VAE written; round-trip PSNR on 16 held-out clips: %.2f dB", psnr)
+    write_record()
+
+    cap_idx = _caption_index(args.seed, args.clips)
+    model = STDiT3(layout.stdit3_config())
+    init_stdit3(model)
+
+    def save(ema: torch.nn.Module, step: int) -> None:
+        layout.write_stdit3(out, ema)
+        write_record(stdit3_steps_saved=step, stdit3_s=time.perf_counter() - t_stdit)
+        log.info("STDiT3 (EMA) written at step %d", step)
+
+    t_stdit = time.perf_counter()
+    info = train_stdit3(model, latents, cap_idx, y_all, mask_all, steps=args.steps, batch=args.batch,
+                        seed=args.seed, on_loss=rec, save=save, save_every=args.save_every)
+    times["stdit3_s"] = time.perf_counter() - t_stdit
+    write_record(stdit3_steps_saved=args.steps, **info)
+    return record
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="weights directory to write (the three model directories)")
+    ap.add_argument("--work", default="out/shapes/work", help="caches: tokenizer, trained VAE, latents")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clips", type=int, default=4000, help="training clips (latents cached once)")
+    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--tvae-steps", type=int, default=800)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=3000, help="STDiT3 steps")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--vocab", type=int, default=64, help="SentencePiece vocabulary bound")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core machine 2 threads ran 10x slower)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    if min(args.clips, args.steps, args.batch, args.vae_batch, args.save_every) < 1:
+        raise SystemExit("--clips, --steps, --batch, --vae-batch and --save-every must be >= 1")
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Training the shapes VAE (``VideoAutoencoderPipeline`` at small widths) for reconstruction, then freezing it.
+
+Two stages, as Open-Sora's VAE is built:
+
+1. ``train_spatial``: the spatial ``AutoencoderKL`` on single frames of random clips, MSE in pixels ([-1, 1])
+   plus ``KL_WEIGHT`` x the posterior's KL;
+2. ``train_temporal``: the temporal VAE on the *frozen* spatial VAE's latents of whole clips (posterior means,
+   cached once by ``encode_spatial``), MSE in that latent space plus the same small KL.
+
+``finish_vae`` then encodes the cached clips through the temporal encoder (means) and sets the pipeline's
+per-channel ``shift``/``scale`` to the latents' mean and standard deviation, so STDiT3 sees unit-variance
+latents, as Open-Sora's fixed constants do for its own VAE.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from pipelines.shapes.dataset import FRAMES, make_batch, make_clip, to_video_tensor
+
+log = logging.getLogger(__name__)
+
+KL_WEIGHT = 1e-6
+LR = 1e-3
+ENCODE_BATCH = 8  # clips per spatial-encoder call when caching
+
+Logger = Callable[[str, int, float], None]
+
+
+def _frames(seed: int, n_clips: int, batch: int, rng: np.random.Generator) -> torch.Tensor:
+    """``batch`` random frames of random clips: ``(batch, 3, H, W)`` in [-1, 1]."""
+    idx = rng.integers(n_clips, size=batch)
+    ts = rng.integers(FRAMES, size=batch)
+    frames = np.stack([make_clip(seed, int(i)).frames[int(t)] for i, t in zip(idx, ts)])  # (b, H, W, 3)
+    return to_video_tensor(frames[:, None])[:, :, 0]  # (b, 3, H, W)
+
+
+def train_spatial(vae, seed: int, n_clips: int, steps: int, batch: int, on_loss: Logger) -> None:
+    """Train ``vae.spatial_vae.module`` (diffusers AutoencoderKL) on frames; in place."""
+    ae = vae.spatial_vae.module.train()
+    opt = torch.optim.AdamW(ae.parameters(), lr=LR, weight_decay=0.0)
+    rng = np.random.default_rng([seed, 1])
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x = _frames(seed, n_clips, batch, rng)  # (b, 3, 64, 64)
+        dist = ae.encode(x).latent_dist
+        rec = ae.decode(dist.sample(gen)).sample
+        mse = (rec - x).pow(2).mean()
+        loss = mse + KL_WEIGHT * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        on_loss("spatial_vae_mse", step, mse.item())
+    ae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_spatial(vae, seed: int, n_clips: int) -> torch.Tensor:
+    """Spatial latents (posterior means x 0.18215) of clips ``0..n_clips-1``: ``(n, 4, 17, 8, 8)``."""
+    out = []
+    for start in range(0, n_clips, ENCODE_BATCH):
+        frames, _ = make_batch(seed, start, min(ENCODE_BATCH, n_clips - start))
+        out.append(vae.spatial_vae.encode(to_video_tensor(frames), sample_posterior=False))
+    return torch.cat(out)
+
+
+def train_temporal(vae, latents: torch.Tensor, seed: int, steps: int, batch: int, on_loss: Logger) -> None:
+    """Train ``vae.temporal_vae`` to reconstruct cached spatial latents ``(n, 4, 17, h, w)``; in place."""
+    tv = vae.temporal_vae.train()
+    opt = torch.optim.AdamW(tv.parameters(), lr=LR, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed + 2)
+    n = latents.shape[0]
+    for step in range(steps):
+        x = latents[torch.randint(n, (batch,), generator=gen)]  # (b, 4, 17, h, w)
+        post = tv.encode(x)
+        rec = tv.decode(post.sample(gen), num_frames=x.shape[2])
+        mse = (rec - x).pow(2).mean()
+        kl = 0.5 * (post.mean.pow(2) + post.std.pow(2) - 1.0 - post.logvar).sum(dim=(1, 2, 3, 4)).mean()
+        loss = mse + KL_WEIGHT * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        on_loss("temporal_vae_mse", step, mse.item())
+    tv.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def finish_vae(vae, spatial_latents: torch.Tensor) -> torch.Tensor:
+    """Encode the cached clips through the temporal VAE (means), set ``shift``/``scale`` from their per-channel
+    statistics, and return the normalised STDiT3 latents ``(n, 4, 5, h, w)``."""
+    z = torch.cat([vae.temporal_vae.encode(spatial_latents[i:i + 64]).mode()
+                   for i in range(0, spatial_latents.shape[0], 64)])  # (n, 4, 5, h, w)
+    mean = z.mean(dim=(0, 2, 3, 4)).view(1, -1, 1, 1, 1)
+    std = z.std(dim=(0, 2, 3, 4)).view(1, -1, 1, 1, 1)
+    vae.shift.copy_(mean)
+    vae.scale.copy_(std)
+    return vae.normalize(z)
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, seed: int, start: int, n: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """PSNR (dB, uint8 frames) of clips ``start..start+n-1`` through the whole VAE (encode means, decode), with
+    the originals and reconstructions as uint8 ``(n, T, H, W, 3)``."""
+    from pipelines.opensora.video import to_uint8_frames
+
+    frames, _ = make_batch(seed, start, n)
+    x = to_video_tensor(frames)
+    t0 = time.perf_counter()
+    rec = vae.decode(vae.encode(x, sample_posterior=False), num_frames=FRAMES)  # (n, 3, T, H, W)
+    log.info("VAE round trip of %d clips: %.1f s", n, time.perf_counter() - t0)
+    out = np.stack([to_uint8_frames(r) for r in rec])
+    mse = np.mean((out.astype(np.float64) - frames.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-12))), frames, out

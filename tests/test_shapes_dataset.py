@@ -1,0 +1,92 @@
+"""The synthetic shapes set and its judge: deterministic clips, captions, and a judge that reads them right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.shapes.dataset import (
+    BACKGROUNDS, DIRECTIONS, FRAMES, PALETTE, SHAPE_COLOURS, SHAPES, SIZE, all_captions, caption, make_batch,
+    make_clip, parse_caption, render, sample_spec,
+)
+from pipelines.shapes.judge import fidelity, flicker, judge, matches, psnr, ssim
+
+JUDGE_CLIPS = 100
+MIN_JUDGE_ACCURACY = 0.95  # the issue's bar on the generator's own clean clips
+
+
+def test_clips_are_a_function_of_seed_and_index():
+    a, b = make_clip(3, 17), make_clip(3, 17)
+    assert a.spec == b.spec and np.array_equal(a.frames, b.frames)
+    assert a.frames.shape == (FRAMES, SIZE, SIZE, 3) and a.frames.dtype == np.uint8
+    assert not np.array_equal(make_clip(3, 18).frames, a.frames)
+    assert not np.array_equal(make_clip(4, 17).frames, a.frames)
+    frames, specs = make_batch(3, 16, 3)
+    assert np.array_equal(frames[1], a.frames) and specs[1] == a.spec
+
+
+def test_every_clip_shows_its_caption():
+    for i in range(40):
+        clip = make_clip(1, i)
+        s = clip.spec
+        assert s.colour != s.background
+        colour = np.array(PALETTE[s.colour], dtype=np.uint8)
+        for t in (0, FRAMES - 1):  # the shape stays whole inside the frame
+            cx, cy = s.centre(t)
+            assert s.radius <= cx <= SIZE - 1 - s.radius and s.radius <= cy <= SIZE - 1 - s.radius
+            assert (clip.frames[t] == colour).all(-1).sum() > 50
+        assert parse_caption(s.caption) == {"shape": s.shape, "colour": s.colour, "direction": s.direction,
+                                            "background": s.background}
+
+
+def test_vocabulary_and_bad_captions():
+    caps = all_captions()
+    assert len(caps) == len(set(caps)) == len(SHAPES) * len(SHAPE_COLOURS) * len(DIRECTIONS) * len(BACKGROUNDS) - \
+        len(SHAPES) * len(DIRECTIONS)  # blue shapes never on blue
+    assert parse_caption("a red circle moving left on a blue background aesthetic score: 6.5.")["direction"] == "left"
+    with pytest.raises(ValueError, match="not a caption"):
+        parse_caption("a purple cat")
+    with pytest.raises(ValueError, match="must differ"):
+        caption("circle", "blue", "up", "blue")
+    with pytest.raises(ValueError, match="shape must be one of"):
+        caption("hexagon", "red", "up", "blue")
+
+
+def test_judge_reads_the_generators_clean_clips():
+    clips = [make_clip(11, i) for i in range(JUDGE_CLIPS)]
+    verdicts = [judge(c.frames) for c in clips]
+    assert fidelity(verdicts, [c.spec.caption for c in clips]) >= MIN_JUDGE_ACCURACY
+    assert np.mean([v.shape == c.spec.shape for v, c in zip(verdicts, clips)]) >= MIN_JUDGE_ACCURACY
+    assert np.mean([v.background == c.spec.background for v, c in zip(verdicts, clips)]) >= MIN_JUDGE_ACCURACY
+
+
+def test_judge_rejects_what_the_caption_does_not_say():
+    rng = np.random.default_rng(0)
+    spec = sample_spec(rng, shape="square", colour="red", direction="left", background="white")
+    frames = render(spec)
+    assert matches(judge(frames), spec.caption)
+    assert not matches(judge(frames), caption("square", "red", "right", "white"))
+    assert not matches(judge(frames), caption("square", "green", "left", "white"))
+    still = np.repeat(frames[:1], FRAMES, axis=0)  # no motion
+    assert judge(still).direction == "static" and not matches(judge(still), spec.caption)
+    assert judge(np.full_like(frames, 128)).colour is None  # nothing but background
+    noise = rng.integers(0, 256, frames.shape, dtype=np.uint8)
+    assert not matches(judge(noise), spec.caption)
+    with pytest.raises(ValueError, match="uint8"):
+        judge(frames.astype(np.float32))
+
+
+def test_flicker_psnr_ssim():
+    frames = make_clip(2, 5).frames
+    assert flicker(frames) == 0.0  # the clean clips' background never changes
+    noisy = np.clip(frames.astype(np.int16) + np.random.default_rng(1).integers(-20, 21, frames.shape), 0, 255)
+    noisy = noisy.astype(np.uint8)
+    assert flicker(noisy) > 5.0
+    assert psnr(frames, frames) == float("inf") and ssim(frames, frames) == pytest.approx(1.0)
+    assert 15.0 < psnr(frames, noisy) < 40.0
+    assert ssim(frames, noisy) < 0.95 and ssim(frames, noisy) == pytest.approx(ssim(noisy, frames))
+    a, b = np.full_like(frames, 128), np.full_like(frames, 235)  # flat: SSIM is the luminance term alone
+    mx, my, c1 = 128 / 255, 235 / 255, 0.01**2
+    assert ssim(a, b) == pytest.approx((2 * mx * my + c1) / (mx**2 + my**2 + c1), rel=1e-9)
+    with pytest.raises(ValueError, match="same shape"):
+        ssim(frames, frames[:3])

@@ -3,7 +3,8 @@
 Writes random weights in the real layout once into a cache (``write_random_checkpoints``: T5-v1.1-XXL 4.76 B
 parameters as safetensors shards, 19 GB; STDiT3-XL/2 1.1 B, 4.8 GB; VAE v1.2 0.39 B, 1.6 GB; a small
 SentencePiece tokenizer stands in for T5's), then runs ``OpenSoraPipeline`` from a prompt to an mp4 at a small
-size with few steps (default 144p 3:4, 17 frames, 3 steps with LPL at step 1: two STDiT3 calls, then the leap),
+size with few steps (default 144p 3:4, 17 frames, 5 steps with LPL at step 3: four STDiT3 calls, then the leap;
+four, so that STDiT3's retention works: passes 0 and 1 measure, pass 2 loads the retained blocks, pass 3 reuses them),
 every model streamed by blockrt under one budget. Reports per stage (T5, STDiT3, VAE temporal decoder, VAE
 spatial decoder) and for the whole run: peak ledger, peak RSS delta (anonymous and file-backed apart), bytes
 loaded, ``roofline_ratio``, wall time. Exits 1 with a message naming the stage if the ledger ever passed the
@@ -11,9 +12,9 @@ budget or the whole run's RSS growth did; the margin and what RSS counts beyond 
 
 Work at the defaults (FLOPs, 2 per multiply-add): T5-XXL over 300 tokens about 2.8 TFLOP (4.63 B non-embedding
 weights x 300); STDiT3 about 3.1 TFLOP per CFG call (1.1 B block weights x 2 x 700 latent tokens); the VAE
-decoders about 1 TFLOP for 17 frames at 144 x 192. At ~0.14 TFLOP/s (2 cores) about 2-4 min of compute.
+decoders about 1 TFLOP for 17 frames at 144 x 192. At ~0.14 TFLOP/s (2 cores) about 3-5 min of compute.
 
-    .venv/bin/python benchmarks/fullscale.py                # ~25 GB of disk once (a few min), then ~5 min
+    .venv/bin/python benchmarks/fullscale.py                # ~25 GB of disk once (~1-2 min), then ~5-9 min
     .venv/bin/python benchmarks/fullscale.py --size tiny    # the same code path on tiny models (seconds)
 
 Writes ``results.json``, ``results.csv``, ``video.mp4``, ``trace.json`` and ``timeline.png`` to ``--out``.
@@ -214,12 +215,12 @@ def report(results: dict[str, Any]) -> str:
              f"{'throttled to ' + results['run_config']['device_profile'] if results['run_config']['device_profile'] else 'unthrottled'}",
              f"generate: {g['resolution']} {g['aspect']}, {g['frames']} frames, {g['steps']} steps, lpl {g['lpl']}: "
              f"{g['steps_run']} STDiT3 calls, video {g['video_shape']} -> {results['video']}",
-             f"{'stage':<13} {'params':>7} {'blocks':>6} {'passes':>6} {'stage s':>8} {'pass s':>7} {'load s':>7} "
+             f"{'stage':<13} {'params':>7} {'blocks':>6} {'held':>4} {'passes':>6} {'stage s':>8} {'pass s':>7} {'load s':>7} "
              f"{'comp s':>7} {'roofl':>5} {'loaded':>8} {'ledger':>8} {'rss d':>8} {'anon d':>8} {'file d':>7}",
-             f"{'':<13} {'B':>7} {'':>6} {'':>6} {'':>8} {'':>7} {'':>7} {'':>7} {'':>5} {'GB':>8} {'MB':>8} "
+             f"{'':<13} {'B':>7} {'':>6} {'':>4} {'':>6} {'':>8} {'':>7} {'':>7} {'':>7} {'':>5} {'GB':>8} {'MB':>8} "
              f"{'MB':>8} {'MB':>8} {'MB':>7}"]
     for r in results["rows"]:
-        lines.append(f"{r['stage']:<13} {r['params'] / 1e9:7.3f} {r['blocks']:>6} {r['passes']:>6} {r['stage_s']:8.1f} "
+        lines.append(f"{r['stage']:<13} {r['params'] / 1e9:7.3f} {r['blocks']:>6} {r['retained']:>4} {r['passes']:>6} {r['stage_s']:8.1f} "
                      f"{r['wall_s']:7.1f} {r['load_s']:7.1f} {r['compute_s']:7.1f} {r['roofline_ratio']:5.2f} "
                      f"{r['bytes_loaded'] / 1e9:8.2f} {r['peak_ledger_bytes'] / 1e6:8.0f} "
                      f"{_mb(r['peak_rss_delta'])[:-3]:>8} {_mb(r['peak_anon_delta'])[:-3]:>8} "
@@ -254,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolution", default="144p")
     ap.add_argument("--aspect", default="3:4")
     ap.add_argument("--frames", type=int, default=17)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--lpl", type=int, default=1, help="FixedLeap step index: lpl + 1 STDiT3 calls, then the leap")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--lpl", type=int, default=3, help="FixedLeap step index: lpl + 1 STDiT3 calls, then the leap")
     ap.add_argument("--merge-steps", type=int, default=0, help="TDTM for the first N steps")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2)

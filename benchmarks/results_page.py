@@ -115,9 +115,22 @@ def hardware_line(hw: dict[str, Any] | None) -> str:
 def targets(ts: Any) -> list[str]:
     if not isinstance(ts, list) or not ts:
         return []
-    rows = [[t.get("name", ""), fmt(t.get("value")), t.get("target", ""), "PASS" if t.get("pass") else "MISS"]
-            for t in ts if isinstance(t, dict)]
+    rows = [[t.get("name", ""), t.get("value_text") or fmt(t.get("value")), t.get("target", ""),
+             t.get("verdict") or ("PASS" if t.get("pass") else "MISS")] for t in ts if isinstance(t, dict)]
     return ["Targets (measured, not asserted):", ""] + table(["target", "value", "wanted", ""], rows)
+
+
+def include_md(path: Path) -> list[str]:
+    """A benchmark's own markdown report, its title dropped and its headings moved two levels down."""
+    out, fenced = [], False
+    for i, line in enumerate(path.read_text().splitlines()):
+        fenced ^= line.startswith("```")
+        if not fenced and line.startswith("#"):
+            if i == 0 and line.startswith("# "):
+                continue
+            line = "##" + line
+        out.append(line)
+    return out + [""]
 
 
 def read_json(path: Path) -> Any:
@@ -216,12 +229,12 @@ def render_fullscale(ctx: Ctx, d: dict[str, Any]) -> list[str]:
            f"{g['lpl']}: {g['steps_run']} STDiT3 calls; loads "
            f"{'throttled to ' + str(d['run_config']['device_profile']) if d['run_config'].get('device_profile') else 'unthrottled (page cache / disk)'}.",
            ""]
-    rows = [[r["stage"], f"{r['params'] / 1e9:.3f}", r["blocks"], r["passes"], f"{r['stage_s']:.1f}",
+    rows = [[r["stage"], f"{r['params'] / 1e9:.3f}", r["blocks"], r.get("retained"), r["passes"], f"{r['stage_s']:.1f}",
              f"{r['wall_s']:.1f}", f"{r['load_s']:.1f}", f"{r['compute_s']:.1f}", fmt(r["roofline_ratio"]),
              f"{r['bytes_loaded'] / 1e9:.2f}", mb(r["peak_ledger_bytes"]), mb(r["peak_rss_delta"]),
              mb(r["peak_anon_delta"]), mb(r["peak_file_delta"]), "yes" if r["ledger_ok"] else "**no**"]
             for r in d["rows"]]
-    out += table(["stage", "params (B)", "blocks", "passes", "stage s", "pass s", "load s", "compute s",
+    out += table(["stage", "params (B)", "blocks", "retained", "passes", "stage s", "pass s", "load s", "compute s",
                   "`roofline_ratio`", "loaded (GB)", "peak ledger (MB)", "RSS delta (MB)", "anon (MB)",
                   "file-backed (MB)", "ledger ≤ budget"], rows)
     pk = p.get("at_rss_peak") or {}
@@ -234,7 +247,11 @@ def render_fullscale(ctx: Ctx, d: dict[str, Any]) -> list[str]:
                     f"(allocator slack, kernel scratch, tensors held between stages, library pages touched "
                     f"for the first time).")
     out += ["", "*stage s*: from the previous stage's end (model set-up included); *pass s*: the streamed passes; "
-            "RSS deltas per stage from that stage's runtime start.", ""]
+            "RSS deltas per stage from that stage's runtime start; *retained*: blocks kept resident at the end."]
+    if d.get("stray_prefetch_bytes"):
+        out[-1] += (f" The whole run's bytes loaded include {mb(d['stray_prefetch_bytes'])} MB of block-0 prefetches "
+                    "for passes that never came (each stage's last prefetch); the stage rows leave them out.")
+    out += [""]
     return out + ctx.img("timeline.png", "whole-run timeline")
 
 
@@ -350,9 +367,12 @@ def render_section(section: Section, bench: Path, img_dir: Path) -> list[str]:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             out += [f"*(the results' format is not the one this page knows ({type(e).__name__}: {e}); "
                     "shown as the CSV)*", ""]
-    if (src / "results.csv").is_file():
+    reports = sorted(src.glob("*.md"))
+    if reports:  # the benchmark's own tables
+        out += include_md(reports[0])
+    elif (src / "results.csv").is_file():
         out += csv_table(src / "results.csv")
-    if isinstance(data, dict):
+    if isinstance(data, dict) and not reports:
         out += targets(data.get("targets"))
     for png in sorted(src.glob("*.png"))[:4]:
         out += ctx.img(png.name, png.stem.replace("_", " "))

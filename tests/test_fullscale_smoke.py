@@ -135,6 +135,10 @@ def test_page_renders_present_sections_and_skips_absent_ones(tmp_path, tiny_run)
                                                  "blockrt,7.7,350000000\n")
     _png(bench / "peers" / "timeline_big.png", noisy=True)
     assert (bench / "peers" / "timeline_big.png").stat().st_size > results_page.MAX_PNG_BYTES
+    (bench / "storage").mkdir()
+    (bench / "storage" / "storage.md").write_text("# Storage dtypes\n\n## T5 int8\n\n| dtype | cos |\n|---|---|\n"
+                                                  "| int8 | 0.999 |\n")
+    (bench / "storage" / "results.json").write_text(json.dumps({"targets": [{"name": "t", "value_text": "1", "verdict": "PASS"}]}))
     (bench / "results.json").write_text(json.dumps({"hardware": {"cpu": "Test CPU"}, "unexpected": 1}))
     (bench / "results.csv").write_text("mode,wall_s_per_pass\nprefetch,0.5\n")  # overlap in a format it does not know
 
@@ -149,7 +153,9 @@ def test_page_renders_present_sections_and_skips_absent_ones(tmp_path, tiny_run)
     assert "img/retention_wall_vs_budget.png" in ret
     assert "| accelerate | 10.5 | 1190 |" in sections["peers"] and "peak_rss_delta (MB)" in sections["peers"]
     assert "format is not the one this page knows" in sections["overlap"] and "| prefetch | 0.5 |" in sections["overlap"]
-    for key in ("generate", "stdit3", "storage", "coreml"):
+    st = sections["storage"]
+    assert "#### T5 int8" in st and "| int8 | 0.999 |" in st and "Storage dtypes" not in st and "Targets" not in st
+    for key in ("generate", "stdit3", "coreml"):
         assert "*Not measured" in sections[key], key
     imgs = {p.name: p.stat().st_size for p in (docs / "img").iterdir()}
     assert {"fullscale_timeline.png", "retention_wall_vs_budget.png", "retention_timeline_load-bound_half.png",

@@ -124,6 +124,22 @@ def test_quantized_weights_sizes(exports) -> None:
     assert exports["int8"][1].packages[0].quantization == "int8"
 
 
+def test_multifunction_package_reports_each_function(exports, chain, tmp_path) -> None:
+    from coremltools.models.utils import MultiFunctionDescriptor, save_multifunction
+
+    desc = MultiFunctionDescriptor()
+    desc.add_function(str(exports["fp16"][0] / "mlp.mlpackage"), src_function_name="main", target_function_name="main")
+    desc.add_function(str(chain[0] / "second.mlpackage"), src_function_name="main", target_function_name="short")
+    desc.default_function_name = "main"
+    save_multifunction(desc, str(tmp_path / "two.mlpackage"))
+    info = inspect_package(tmp_path / "two.mlpackage")
+    assert set(info.functions) == {"main", "short"} and info.input("x").shape == (2, (1, 64), DIM)
+    assert inspect_package(tmp_path / "two.mlpackage", "short").input("x").shape == (1, 8, DIM)
+    assert info.has_quantized_weights  # the "short" function's int8 weights
+    with pytest.raises(ExportError, match="no function 'nope'"):
+        inspect_package(tmp_path / "two.mlpackage", "nope")
+
+
 def test_chain_manifest_wiring_enumerated_and_progress(chain) -> None:
     d, manifest, seen = chain
     assert seen == [(1, 2, "first"), (2, 2, "second")]

@@ -26,11 +26,14 @@ class PackageInfo:
         path: the ``.mlpackage`` directory.
         inputs / outputs: name, shape (``(lo, hi)`` for a range dim, ``hi == -1`` unbounded; outputs of a
             flexible model often have no shape, ``()``), dtype and, for inputs, enumerated shapes.
-        op_counts: MIL op type -> number of ops in the main function (nested blocks included).
+        op_counts: MIL op type -> number of ops, over every function (nested blocks included).
         bytes: the whole package on disk; weight_bytes: its weight files.
         has_quantized_weights: whether any ``constexpr_*`` op (quantized/palettised weight) is present.
-        spec_version: the Core ML specification version; opset: the ML program's opset (e.g. ``"CoreML8"``).
+        spec_version: the Core ML specification version; opset: the reported function's opset (``"CoreML8"``
+            for iOS 18).
         metadata: the model's user-defined metadata (coremltools and torch versions).
+        functions: the ML program's function names (``("main",)``, more in a multifunction package); inputs
+            and outputs are the reported function's (``inspect_package``'s ``function``, else the default one).
     """
 
     path: Path
@@ -43,6 +46,7 @@ class PackageInfo:
     spec_version: int
     opset: str
     metadata: dict[str, str] = field(default_factory=dict)
+    functions: tuple[str, ...] = ("main",)
 
     def input(self, name: str) -> TensorIO:
         """The input named ``name``."""
@@ -91,8 +95,12 @@ def _count_ops(block: Any, counts: Counter) -> None:
             _count_ops(inner, counts)
 
 
-def inspect_package(path: str | Path) -> PackageInfo:
+def inspect_package(path: str | Path, function: str | None = None) -> PackageInfo:
     """Load a ``.mlpackage``'s spec (no Core ML runtime needed) and describe it.
+
+    Args:
+        path: the ``.mlpackage`` directory.
+        function: whose inputs/outputs to report in a multifunction package (default: its default function).
 
     Raises ``ExportError`` naming the path when it is not a readable ML program package.
     """
@@ -109,16 +117,21 @@ def inspect_package(path: str | Path) -> PackageInfo:
     if spec.WhichOneof("Type") != "mlProgram":
         raise ExportError(f"{p} holds a {spec.WhichOneof('Type')!r} model; expected an ML program (mlProgram)")
     counts: Counter = Counter()
-    opset = ""
-    main = spec.mlProgram.functions.get("main")
-    if main is not None:
-        opset = main.opset
-        _count_ops(main.block_specializations[opset], counts)
+    functions = spec.mlProgram.functions
+    for f in functions.values():  # a multifunction package shares weights between its functions
+        _count_ops(f.block_specializations[f.opset], counts)
+    desc = spec.description
+    chosen = function or desc.defaultFunctionName or "main"
+    if chosen not in functions:
+        raise ExportError(f"{p} has no function {chosen!r}; functions: {sorted(functions)}")
+    opset = functions[chosen].opset
+    names = tuple(f.name for f in desc.functions) or tuple(functions)
+    iface = next((f for f in desc.functions if f.name == chosen), desc)  # multifunction: per-function interfaces
     weights = p / WEIGHTS_DIR
     return PackageInfo(
         path=p,
-        inputs=tuple(_feature(d) for d in spec.description.input),
-        outputs=tuple(_feature(d) for d in spec.description.output),
+        inputs=tuple(_feature(d) for d in iface.input),
+        outputs=tuple(_feature(d) for d in iface.output),
         op_counts=dict(sorted(counts.items())),
         bytes=dir_bytes(p),
         weight_bytes=dir_bytes(weights) if weights.is_dir() else 0,
@@ -126,4 +139,5 @@ def inspect_package(path: str | Path) -> PackageInfo:
         spec_version=int(spec.specificationVersion),
         opset=opset,
         metadata=dict(spec.description.metadata.userDefined),
+        functions=names,
     )

@@ -301,6 +301,7 @@ class Loader:
                 slot.buf[: layout.nbytes].copy_(host[: layout.nbytes], non_blocking=True)
             self._stream.synchronize()  # the staging buffer is free and the slot is ready
         self.profile.record("load", layout.block.name, req.pass_idx, start, self.profile.now(), done_bytes, "loader")
+        self.profile.record_materialised(layout.block.name, req.pass_idx, layout.block.nbytes)
 
     def _widen(self, host: torch.Tensor, w: _Widen) -> None:
         region = host[w.offset : w.offset + w.spec.nbytes]

@@ -75,6 +75,9 @@ class Summary:
     peak_rss_delta: int | None = None  # "rss_bytes" (and the kernel's high-water mark "rss_hwm_bytes")
     peak_anon_delta: int | None = None  # "rss_anon_bytes": heap and tensors, what iOS counts against an app
     peak_file_delta: int | None = None  # "rss_file_bytes": clean mapped file pages (mmap'd weights), droppable
+    # what the loads put in slots, in the compute dtype; bytes_loaded counts what they read, as stored (less for
+    # blocks stored as float16 or int8). None when no loader recorded it.
+    bytes_materialised: int | None = None
 
     @property
     def load_bytes_per_s(self) -> float:
@@ -101,6 +104,8 @@ class Summary:
             ("stall_fraction", f"{self.stall_fraction:.3f}", "stall_s / wall_s"),
             ("roofline_ratio", f"{self.roofline_ratio:.2f}", "(1.00 = perfect overlap, 2.00 = sequential)"),
             ("bytes_loaded", _fmt_bytes(self.bytes_loaded), ""),
+            *([("bytes_materialised", _fmt_bytes(self.bytes_materialised), "loaded, in the compute dtype")]
+              if self.bytes_materialised not in (None, self.bytes_loaded) else []),
             ("bytes_reused", _fmt_bytes(self.bytes_reused), "served by retained blocks"),
             ("reload_fraction", f"{self.reload_fraction:.3f}", "loaded / (loaded + reused)"),
             ("peak_ledger_bytes", _fmt_bytes(self.peak_ledger_bytes), ledger_note),
@@ -179,6 +184,7 @@ class Profile:
         self._events: list[Event] = []
         self._counters: dict[str, list[tuple[float, float]]] = {}
         self._reuse: list[tuple[str, int, int]] = []  # (block, pass_idx, nbytes)
+        self._materialised: list[tuple[str, int, int]] = []  # (block, pass_idx, nbytes) of each load
         self._open: dict[int, float] = {}  # pass_idx -> start of a begun pass
         self._passes: list[tuple[int, float, float]] = []
 
@@ -206,6 +212,11 @@ class Profile:
             raise ValueError(f"reuse of {block!r}: nbytes must be >= 0, got {nbytes}")
         with self._lock:
             self._reuse.append((block, int(pass_idx), int(nbytes)))
+
+    def record_materialised(self, block: str, pass_idx: int, nbytes: int) -> None:
+        """Note the bytes a load of ``block`` for ``pass_idx`` put in its slot (its load event has the bytes read)."""
+        with self._lock:
+            self._materialised.append((block, int(pass_idx), int(nbytes)))
 
     def counter(self, name: str, t: float, value: float) -> None:
         """Add a sample ``value`` at time ``t`` to the counter series ``name`` (thread-safe)."""
@@ -238,7 +249,7 @@ class Profile:
         with self._lock:
             offset = 1 + max([i for i, _, _ in self._passes] + [i for i in self._open] + [-1])
         with other._lock:
-            events, reuse = list(other._events), list(other._reuse)
+            events, reuse, mat = list(other._events), list(other._reuse), list(other._materialised)
             counters = {k: list(v) for k, v in other._counters.items()}
             passes = list(other._passes)
         if shift < 0 and (events or passes):
@@ -247,6 +258,7 @@ class Profile:
             self._events += [Event(e.kind, prefix + e.block, e.pass_idx + offset, e.start + shift, e.end + shift,
                                    e.nbytes, e.thread) for e in events]
             self._reuse += [(prefix + b, p + offset, n) for b, p, n in reuse]
+            self._materialised += [(prefix + b, p + offset, n) for b, p, n in mat]
             self._passes += [(p + offset, a + shift, b + shift) for p, a, b in passes]
             for name, series in counters.items():
                 self._counters.setdefault(name, []).extend((t + shift, v) for t, v in series)
@@ -276,7 +288,7 @@ class Profile:
         not completed is left out. ``peak_ledger_bytes`` is over the whole profile.
         """
         with self._lock:
-            events, reuse = list(self._events), list(self._reuse)
+            events, reuse, mat = list(self._events), list(self._reuse), list(self._materialised)
             done = {idx: (s, e) for idx, s, e in self._passes}
             ledger = [v for _, v in self._counters.get("ledger_bytes", [])]
             rss, anon, file, hwm = ([v for _, v in self._counters.get(name, [])] for name in
@@ -307,6 +319,7 @@ class Profile:
             peak_ledger_bytes=int(max(ledger, default=0)), budget=self.budget,
             peak_rss_delta=_peak_delta(rss, hwm), peak_anon_delta=_peak_delta(anon),
             peak_file_delta=_peak_delta(file),
+            bytes_materialised=sum(n for _, i, n in mat if i in sel) if mat else None,
         )
 
     def __str__(self) -> str:
@@ -355,5 +368,5 @@ class Profile:
     def reset(self) -> None:
         """Drop all events, counters, reuses and passes; t0 stays, so later times remain comparable."""
         with self._lock:
-            for store in (self._events, self._counters, self._reuse, self._open, self._passes):
+            for store in (self._events, self._counters, self._reuse, self._materialised, self._open, self._passes):
                 store.clear()

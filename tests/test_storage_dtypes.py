@@ -170,7 +170,10 @@ def test_int8_block_files_are_a_quarter_of_float32(tmp_path):
         model, inputs = build_toy(0, dim=256, n_layers=2, n_heads=4)
         with blockrt.run(model, budget="256MB", store=tmp_path / dtype, config=RunConfig(storage_dtype=dtype)) as rt:
             output(model, inputs, rt)
-            loaded = rt.profile.summary().bytes_loaded
+            summary = rt.profile.summary()
+            loaded = summary.bytes_loaded
+        assert summary.bytes_materialised == rt.plan.block_bytes  # one pass: every block once, as computed
+        assert ("bytes_materialised" in str(summary)) == (dtype == "int8")  # shown where it differs
         manifest = json.loads((tmp_path / dtype / "manifest.json").read_text())
         sizes[dtype] = (block_files(tmp_path / dtype), loaded, manifest["stored_bytes"])
     ratio = sizes["int8"][0] / sizes["float32"][0]

@@ -162,7 +162,7 @@ class Loader:
         self._queue: queue.Queue[LoadRequest | None] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
         self._cuda = device.type == "cuda"
-        self._staging = torch.empty(slot_bytes, dtype=torch.uint8).pin_memory() if self._cuda else None
+        self._pinned = torch.empty(slot_bytes, dtype=torch.uint8).pin_memory() if self._cuda else None
         self._stream = torch.cuda.Stream(device) if self._cuda else None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -265,7 +265,7 @@ class Loader:
     def _load(self, req: LoadRequest) -> None:
         layout, slot = req.layout, req.slot
         start = self.profile.now()
-        host = self._staging if self._cuda else slot.buf
+        host = self._pinned if self._cuda else slot.buf
         arr, scales = host.numpy(), self._scales.numpy()
         reads, widen = self._plan_reads(req)
         crc, done_bytes = 0, 0

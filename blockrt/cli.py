@@ -151,6 +151,54 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pipelines.opensora.coreml_export import MODELS, export_opensora, tiny_random_weights
+
+    from .coreml import ExportError, ExportOptions
+
+    if args.weights is None:
+        weights = tiny_random_weights(Path(args.cache))
+        print(f"no --weights given: exporting tiny RANDOM weights in the real layout ({weights})")
+    else:
+        weights = Path(args.weights)
+    quantize = None if args.quantize in (None, "none") else args.quantize
+    t5_quantize = "int8" if args.quantize is None else quantize  # T5 is int8 unless --quantize says otherwise
+    models = tuple(m for m in args.models.split(",") if m) if args.models else MODELS
+    bar: list = []
+
+    def progress(done: int, total: int, name: str) -> None:
+        if args.no_progress:
+            return
+        if not bar:
+            from tqdm import tqdm
+
+            bar.append(tqdm(total=total, desc="coreml export", unit="package"))
+        bar[0].set_postfix_str(name)
+        bar[0].update(done - bar[0].n)
+
+    t0 = time.perf_counter()
+    try:
+        manifest = export_opensora(weights, args.out, models, ExportOptions(precision=args.precision, quantize=quantize),
+                                   t5_quantize=t5_quantize, resolution=args.resolution, aspect=args.aspect,
+                                   frames=args.frames, tdtm=not args.no_tdtm, progress=progress, overwrite=args.overwrite)
+    except ExportError as e:
+        print(f"blockrt: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if bar:
+            bar[0].close()
+    print(f"{'package':<24} {'MB':>9} {'weights':>8} {'quant':>6} {'export s':>9}  same as PyTorch original")
+    for p in manifest.packages:
+        parity = p.meta.get("parity") or {}
+        same = {True: "yes", False: f"no (max abs {parity.get('max_abs_error')})"}.get(parity.get("equal"), "-")
+        fns = " [+tdtm function]" if "functions" in p.meta else ""
+        print(f"{p.name:<24} {p.bytes / 1e6:>9.2f} {p.weight_bytes / 1e6:>8.2f} {p.quantization or '-':>6} "
+              f"{p.seconds.get('total_s', 0):>9.2f}  {same}{fns}")
+    print(f"{len(manifest.packages)} packages, {manifest.total_bytes / 1e6:.1f} MB, {args.precision}, in "
+          f"{time.perf_counter() - t0:.1f} s: {Path(args.out) / 'export.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="blockrt", description="Run models larger than memory, block by block.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,9 +240,25 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--device-profile", default=None, help="throttle loads like this device (iphone15pro)")
     gen.add_argument("--out", default="out/generate")
     gen.add_argument("--trace", action="store_true", help="also write trace.json and timeline.png of the run")
+    exp = sub.add_parser("export", help="export model blocks for the phone").add_subparsers(dest="format", required=True)
+    co = exp.add_parser("coreml", help="every block of Open-Sora's T5, STDiT3 and VAE as a CoreML .mlpackage")
+    co.add_argument("--weights", default=None, help="directory with t5-v1_1-xxl/, OpenSora-STDiT-v3/, "
+                                                    "OpenSora-VAE-v1.2/ (default: tiny random weights)")
+    co.add_argument("--cache", default="out/weights/random/export", help="where the default random weights go")
+    co.add_argument("--out", default="out/coreml", help="the export directory (new, or --overwrite an export)")
+    co.add_argument("--models", default=None, help="comma-separated among t5,stdit3,vae (default: all)")
+    co.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    co.add_argument("--quantize", choices=("none", "int8", "int4", "palette8", "palette4"), default=None,
+                    help="weight compression of every package (default: int8 for T5 only, as the paper)")
+    co.add_argument("--resolution", default="144p", help="preset or HxW in pixels (the traced shapes)")
+    co.add_argument("--aspect", default="3:4")
+    co.add_argument("--frames", type=int, default=17)
+    co.add_argument("--no-tdtm", action="store_true", help="no TDTM function in the STDiT3 block packages")
+    co.add_argument("--overwrite", action="store_true", help="replace a previous export in --out")
+    co.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
-        return {"demo": _demo, "plan": _plan, "generate": _generate}[args.command](args)
+        return {"demo": _demo, "plan": _plan, "generate": _generate, "export": _export}[args.command](args)
     except (ValueError, OSError) as e:
         print(f"blockrt: error: {e}", file=sys.stderr)
         return 2

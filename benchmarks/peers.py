@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, {args.threads} torch threads per "
           f"contender, GPU: {hw['gpu'] or 'none'}; load average {hw['loadavg_before'][0]:.2f}", flush=True)
     results: dict[str, Any] = {"hardware": hw, "config": {k: v for k, v in vars(args).items()}, "models": {}}
-    if not args.in_process:
+    if not (args.in_process or args.quick):  # 5 extra processes: skipped in smoke runs
         results["import_costs_alone"] = alone = import_costs_alone()
         print("import cost, each alone in a fresh process (after torch): "
               + ", ".join(f"{k} +{v / 1e6:.0f} MB" for k, v in alone.items()), flush=True)

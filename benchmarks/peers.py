@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nother processes used {hw['other_cpu_cores_during']:.2f} cores on average during the run "
           f"(load average now {hw['loadavg_after'][0]:.2f}); {hw['run_s']:.0f} s in all")
     for t in results["targets"]:
-        print(f"target {t['name']:<58} {t['value_text']:>22}  {t['verdict']}")
+        print(f"target {t['name']:<58} {t['value_text']:>24}  {t['verdict']}")
     write_results(out_dir, results, rows(results), CSV_FIELDS)
     text = markdown(results).encode()
     from blockrt.profile import write_atomic

@@ -52,7 +52,7 @@ import peers_workloads as wl  # noqa: E402
 from bench_common import OtherCpu, hardware, write_results  # noqa: E402
 from blockrt.budget import parse_budget  # noqa: E402
 from blockrt.device import get_profile  # noqa: E402
-from peers_report import CSV_FIELDS, markdown, rows, table, targets  # noqa: E402
+from peers_report import CSV_FIELDS, markdown, rows, table, table_findings, targets  # noqa: E402
 from peers_worker import CONTENDERS  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "peers_worker.py"
@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 derive(res, outputs)
                 per_regime[regime] = res
                 print(table(model, regime, res), flush=True)
+                print(table_findings(spec["bytes"], res), flush=True)
             results["models"][model] = {"workload": spec, "budget": budget, "regimes": per_regime}
     hw["other_cpu_cores_during"] = other.cores()
     hw["loadavg_after"] = os.getloadavg()

@@ -9,12 +9,13 @@ MB = 1e6
 TARGET_WARM_VS_RESIDENT = 1.05  # issue 7: warm <= 1.05x resident
 TARGET_THROTTLED_ROOFLINE = 1.05  # throttled <= 1.05x max(load, compute)
 TARGET_RSS_OVER_IMPORTS = 250 * MB  # peak RSS <= imports + 250 MB
+STILL_CACHED = 0.05  # more of a contender's files than this still cached after a drop: its cold passes were not cold
 NOISE_FLOOR = 0.95  # a streamed contender faster than this x resident means the machine's load changed mid-run
 PEERS = ("accelerate_disk_offload", "accelerate_device_map", "diffusers_group_offload",
          "diffusers_group_offload_stream", "blockrt_sequential")
 CSV_FIELDS = ("model", "regime", "contender", "status", "setup_s", "wall_per_pass", "vs_resident", "blockrt_speedup",
               "roofline_ratio", "load_only_s", "streamed_bytes_per_pass", "peak_rss_passes", "peak_anon_passes",
-              "peak_file_passes", "peak_rss_with_setup", "baseline_rss", "parity_equal", "max_abs_err")
+              "peak_file_passes", "peak_rss_with_setup", "baseline_rss", "cached_after_drop", "parity_equal", "max_abs_err")
 
 
 def _peak_with_setup(r: dict[str, Any]) -> int | None:
@@ -46,7 +47,8 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                             "streamed_bytes_per_pass": r.get("streamed_bytes_per_pass"),
                             "peak_rss_passes": p.get("rss"), "peak_anon_passes": p.get("anon"),
                             "peak_file_passes": p.get("file"), "peak_rss_with_setup": _peak_with_setup(r),
-                            "baseline_rss": r.get("baseline_rss"), "parity_equal": par.get("equal"),
+                            "baseline_rss": r.get("baseline_rss"), "cached_after_drop": r.get("cached_after_drop"),
+                            "parity_equal": par.get("equal"),
                             "max_abs_err": par.get("max_abs_err")})
     return out
 
@@ -60,6 +62,47 @@ def _parity(r: dict[str, Any]) -> str:
     if not par:
         return "-"
     return "torch.equal" if par["equal"] else f"max|err| {_f(par['max_abs_err'], '.3g')}"
+
+
+def not_cold(res: dict[str, dict[str, Any]]) -> list[str]:
+    """Notes on contenders whose files stayed in the page cache although dropped before every pass."""
+    return [f"note: {n}: {100 * r['cached_after_drop']:.0f} % of its files stayed in the page cache after each drop "
+            "(pages it keeps mapped cannot be dropped): its cold passes read from memory"
+            for n, r in res.items() if (r.get("cached_after_drop") or 0.0) > STILL_CACHED]
+
+
+WHOLE_MODEL_SHARE = 0.8  # a set-up peak above this share of the model's bytes: the whole model was in memory
+EXTRA_STREAMED = 1.02  # streaming more than this x the model's bytes per pass: something is read twice
+
+
+def findings(model_bytes: int, res: dict[str, dict[str, Any]]) -> list[str]:
+    """Behaviours the measurements show (not assumed): whole-model set-up, extra bytes, mmap'd weights."""
+    out = []
+    for n, r in res.items():
+        if n == "resident" or "passes_peak" not in r:
+            continue
+        setup = r["setup_peak"]["rss"]
+        if setup > WHOLE_MODEL_SHARE * model_bytes:
+            out.append(f"{n}: set-up peaked at +{setup / MB:.0f} MB RSS, {100 * setup / model_bytes:.0f} % of the "
+                       f"{model_bytes / MB:.0f} MB model: it holds the whole model in memory before offloading")
+        if r["streamed_bytes_per_pass"] > EXTRA_STREAMED * model_bytes:
+            extra = r["streamed_bytes_per_pass"] - model_bytes
+            out.append(f"{n}: reads {r['streamed_bytes_per_pass'] / MB:.0f} MB per pass for a {model_bytes / MB:.0f} MB "
+                       f"model: {extra / MB:.0f} MB is stored and read more than once (a tensor shared by two groups, "
+                       "such as a tied embedding)")
+        p = r["passes_peak"]
+        if "blockrt" not in r and p["file"] > p["anon"]:
+            out.append(f"{n}: its weights are file-backed pages during the passes (peak +{p['file'] / MB:.0f} MB "
+                       f"file-backed vs +{p['anon'] / MB:.0f} MB anonymous): mmap'd, droppable by the OS")
+        folder = (r.get("notes") or {}).get("offload_folder_bytes")
+        if folder == 0 and r["streamed_bytes_per_pass"] > 0:
+            out.append(f"{n}: wrote nothing to its offload folder; its disk-placed weights are read from the "
+                       "original safetensors checkpoint")
+    res_r = res.get("resident", {})
+    if "passes_peak" in res_r and res_r["passes_peak"]["file"] > res_r["passes_peak"]["anon"]:
+        out.append(f"resident: +{res_r['passes_peak']['file'] / MB:.0f} MB of its weights are file-backed (the "
+                   "loader mmaps the safetensors checkpoint)")
+    return out
 
 
 def load_changed(res: dict[str, dict[str, Any]]) -> str | None:
@@ -97,7 +140,11 @@ def table(model: str, regime: str, res: dict[str, dict[str, Any]]) -> str:
                          f"{b['bytes_reused_per_pass'] / MB:.0f} MB reused per pass, {b['retained_blocks']} blocks "
                          f"retained; peak ledger {b['peak_ledger_bytes'] / MB:.0f} of {b['budget'] / MB:.0f} MB")
     warning = load_changed(res)
-    return "\n".join(lines + ([warning] if warning else []))
+    return "\n".join(lines + not_cold(res) + ([warning] if warning else []))
+
+
+def table_findings(model_bytes: int, res: dict[str, dict[str, Any]]) -> str:
+    return "\n".join(f"finding: {f}" for f in findings(model_bytes, res))
 
 
 def import_costs(results: dict[str, Any]) -> dict[str, float]:
@@ -188,7 +235,8 @@ def markdown(results: dict[str, Any]) -> str:
                              f"({p['anon'] / MB:.0f} / {p['file'] / MB:.0f}) | {_peak_with_setup(r) / MB:.0f} | "
                              f"{r['setup_s']:.1f} | {_parity(r)} |")
             warning = load_changed(res)
-            lines += ["", f"**{warning}**", ""] if warning else [""]
+            found = findings(m["workload"]["bytes"], res)
+            lines += [""] + [f"- {f}" for f in found] + [f"- {n}" for n in not_cold(res)] + ([f"- **{warning}**"] if warning else []) + [""]
     if results.get("targets"):
         lines += ["Targets (issue 7, T5 work):", ""]
         lines += [f"- {t['name']}: {t['value_text']} **{t['verdict']}**" for t in results["targets"]]

@@ -192,6 +192,16 @@ def blockrt_figures(rt: Any, passes: int) -> dict[str, Any]:
             "read_bytes_per_s": rt.read_bytes_per_s}
 
 
+def _cached_share(files: list[Path]) -> float:
+    """Bytes of ``files`` in the page cache / their size (``mincore``): pages a process keeps mapped survive
+    ``posix_fadvise(DONTNEED)``, so a contender that maps its weights is not really read cold."""
+    from blockrt.memory import cached_fraction
+
+    sizes = [p.stat().st_size for p in files]
+    total = sum(sizes)
+    return sum(cached_fraction(p) * n for p, n in zip(files, sizes)) / total if total else 0.0
+
+
 def _peaks(sampler: Any, base: Any) -> dict[str, int]:
     return {"rss": max(sampler.peak_rss, sampler.hwm or 0) - base.rss, "anon": sampler.peak_anon - base.anon,
             "file": sampler.peak_file - base.file}
@@ -230,9 +240,12 @@ def run_job(job: dict[str, Any], import_stages: dict[str, int] | None = None) ->
         result["streamed_bytes_per_pass"] = handle.streamed_bytes
         n = job["passes"] + 1  # one warm-up pass, then the timed ones
 
+        cached: list[float] = []  # the share of its files still in the page cache after each drop
+
         def before(i: int) -> None:
             if cold and handle.files:
                 drop_page_cache(handle.files)
+                cached.append(_cached_share(handle.files))
 
         s_pass = RssSampler().start()
         try:
@@ -240,6 +253,7 @@ def run_job(job: dict[str, Any], import_stages: dict[str, int] | None = None) ->
         finally:
             s_pass.stop()
         result["pass_walls"] = walls
+        result["cached_after_drop"] = max(cached) if cached else None
         result["passes_identical"] = same
         result["passes_peak"] = _peaks(s_pass, base)
         if handle.runtime is not None:

@@ -88,6 +88,14 @@ def mb(v: Any) -> str:
     return "-" if v is None or v == "" else f"{float(v) / MB:.0f}"
 
 
+def margin(budget: float, used: float | None) -> str:
+    """How far under the budget, or over it (to the kB: a few pages over is not rounded away)."""
+    if used is None:
+        return "not measured"
+    left = budget - used
+    return f"{left / MB:.1f} MB under the budget" if left >= 0 else f"**over the budget by {-left / 1e3:.0f} kB**"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     """A markdown table; cells already strings are kept, others go through ``fmt``."""
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -140,6 +148,12 @@ def read_json(path: Path) -> Any:
         return None
 
 
+def in_mb(column: str) -> bool:
+    """A CSV column of bytes (shown in MB): a name with "bytes" (not a ratio or fraction), an RSS delta, a budget."""
+    return ("bytes" in column and not any(w in column for w in ("ratio", "fraction", "per_s"))) or \
+        column.endswith("_delta") or column == "budget"
+
+
 def csv_table(path: Path) -> list[str]:
     """The whole CSV as a markdown table (byte columns in MB)."""
     with open(path, newline="") as f:
@@ -153,11 +167,11 @@ def csv_table(path: Path) -> list[str]:
             x = float(v)
         except ValueError:
             return fmt(v)
-        if "bytes" in k or k.endswith("_delta") or k == "budget":
+        if in_mb(k):
             return mb(x)
-        return fmt(int(x) if x.is_integer() and "." not in v else x)
+        return fmt(int(x) if x.is_integer() and "." not in v else x, 5)
 
-    heads = [f"{c} (MB)" if ("bytes" in c or c.endswith("_delta") or c == "budget") else c for c in cols]
+    heads = [f"{c} (MB)" if in_mb(c) else c for c in cols]
     return table(heads, [[cell(c, r.get(c) or "") for c in cols] for r in rows])
 
 
@@ -237,15 +251,17 @@ def render_fullscale(ctx: Ctx, d: dict[str, Any]) -> list[str]:
     out += table(["stage", "params (B)", "blocks", "retained", "passes", "stage s", "pass s", "load s", "compute s",
                   "`roofline_ratio`", "loaded (GB)", "peak ledger (MB)", "RSS delta (MB)", "anon (MB)",
                   "file-backed (MB)", "ledger ≤ budget"], rows)
-    pk = p.get("at_rss_peak") or {}
-    out += [f"Whole run: peak RSS growth {mb(d['rows'][-1]['peak_rss_delta'])} MB, "
-            f"{mb(p.get('rss_margin_bytes'))} MB under the budget; the process held {mb(p.get('rss_before_bytes'))} MB "
-            f"before the run (interpreter and libraries) and {mb(p.get('peak_rss_bytes'))} MB at its peak."]
+    pk, whole, budget = p.get("at_rss_peak") or {}, d["rows"][-1], d["budget_bytes"]
+    out += [f"Whole run, {whole['stage_s']:.0f} s: peak ledger {mb(whole['peak_ledger_bytes'])} MB; anonymous memory "
+            f"grew {mb(whole['peak_anon_delta'])} MB ({margin(budget, whole['peak_anon_delta'])}), the whole RSS "
+            f"{mb(whole['peak_rss_delta'])} MB ({margin(budget, whole['peak_rss_delta'])}). The process held "
+            f"{mb(p.get('rss_before_bytes'))} MB before the run (interpreter and libraries) and "
+            f"{mb(p.get('peak_rss_bytes'))} MB at its peak."]
     if pk:
         out[-1] += (f" At the RSS peak the ledger held {mb(pk.get('ledger_bytes'))} MB and RSS had grown "
                     f"{mb(pk.get('rss_delta'))} MB: {mb(pk.get('beyond_ledger'))} MB that no ledger counts "
-                    f"(allocator slack, kernel scratch, tensors held between stages, library pages touched "
-                    f"for the first time).")
+                    f"({mb(pk.get('file_delta'))} MB of it clean file-backed pages; the rest allocator slack, kernel "
+                    "scratch, thread stacks, tensors held between stages).")
     out += ["", "*stage s*: from the previous stage's end (model set-up included); *pass s*: the streamed passes; "
             "RSS deltas per stage from that stage's runtime start; *retained*: blocks kept resident at the end."]
     if d.get("stray_prefetch_bytes"):
@@ -330,7 +346,8 @@ SECTIONS: tuple[Section, ...] = (
             "accelerate, diffusers group offloading, sequential loading and blockrt on the same model and budget."),
     Section("storage", "Storage dtypes for blocks", "storage", "", None,
             "fp32 / fp16 / bf16 / int8 block storage: bytes loaded and the quality cost."),
-    Section("coreml", "Core ML", "coreml", "", None),
+    Section("coreml", "Core ML export of the blocks", "coreml", "", None),
+    Section("quality", "LPL / TDTM quality on the trained shapes model", "quality", "", None),
 )
 
 
@@ -340,23 +357,24 @@ def command_for(section: Section, data: Any, bench_root: Path) -> str:
         return section.command
     if isinstance(data, dict) and isinstance(data.get("command"), str):
         return data["command"]
-    target = f"out/bench/{section.subdir}"
+    patterns = (f'"out/bench/{section.subdir}"', f'"bench" / "{section.subdir}"')
     for script in sorted((ROOT / "benchmarks").glob("*.py")):
-        if f'"{target}"' in script.read_text(errors="replace"):
+        if script.name != Path(__file__).name and any(p in script.read_text(errors="replace") for p in patterns):
             return f"{PY} benchmarks/{script.name}"
     return ""
 
 
 def render_section(section: Section, bench: Path, img_dir: Path) -> list[str]:
     src = bench / section.subdir if section.subdir else bench
+    shown = f"out/bench/{section.subdir}" if section.subdir else "out/bench"  # where the command writes
     data = read_json(src / "results.json")
     cmd = command_for(section, data, bench)
     out = [f"## {section.title}", ""]
     if section.about:
         out += [section.about, ""]
-    out += [f"Command: `{cmd}`" if cmd else f"Command: none yet (no script under `benchmarks/` writes `{src}`).", ""]
+    out += [f"Command: `{cmd}`" if cmd else f"Command: none yet (no script under `benchmarks/` writes `{shown}`).", ""]
     if data is None and not (src / "results.csv").is_file():
-        return out + [f"*Not measured: no `results.json` or `results.csv` under `{src}`."
+        return out + [f"*Not measured: no `results.json` or `results.csv` under `{shown}`."
                       + (" Run the command above, then regenerate this page.*" if cmd else "*"), ""]
     hw = data.get("hardware") if isinstance(data, dict) else None
     out += [f"Hardware: {hardware_line(hw)}.", ""]
@@ -387,8 +405,13 @@ def build_page(bench: Path, docs: Path) -> str:
              f"regenerate with `{PY} benchmarks/results_page.py`. Timings on the shared 2-core dev machine move "
              "±15–20 % between runs: compare the ratios measured within one run. All weights are random values in "
              "the real layouts (no real checkpoints are available here).", ""]
-    lines += [f"- [{s.title}](#{anchor(s.title)})" for s in SECTIONS] + [""]
-    for s in SECTIONS:
+    known = {s.subdir for s in SECTIONS}
+    others = tuple(Section(d.name, f"Other outputs: `{d.name}`", d.name, "", None)
+                   for d in sorted(bench.iterdir()) if d.is_dir() and d.name not in known
+                   and isinstance((read_json(d / "results.json") or {}), dict)
+                   and "hardware" in (read_json(d / "results.json") or {}))
+    lines += [f"- [{s.title}](#{anchor(s.title)})" for s in SECTIONS + others] + [""]
+    for s in SECTIONS + others:
         lines += render_section(s, bench, img_dir)
     text = "\n".join(lines).rstrip() + "\n"
     docs.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,8 @@ def test_tiny_run_reports_every_stage_and_the_whole_run(tiny_run):
     assert whole["bytes_loaded"] == sum(rows[s]["bytes_loaded"] for s in fullscale.STAGES) + results["stray_prefetch_bytes"]
     assert whole["passes"] == sum(rows[s]["passes"] for s in fullscale.STAGES)
     p = results["process"]
-    assert p["rss_ok"] is True and p["rss_margin_bytes"] == whole["budget"] - whole["peak_rss_delta"]
+    assert p["rss_within_budget"] is True and p["rss_margin_bytes"] == whole["budget"] - whole["peak_rss_delta"]
+    assert p["anon_ok"] is True and p["anon_margin_bytes"] == whole["budget"] - whole["peak_anon_delta"]
     assert p["peak_rss_bytes"] == p["rss_before_bytes"] + whole["peak_rss_delta"]
     assert p["at_rss_peak"]["beyond_ledger"] == p["at_rss_peak"]["rss_delta"] - p["at_rss_peak"]["ledger_bytes"]
     assert results["generate"]["steps_run"] == 1 and results["generate"]["video_shape"][1] == 1
@@ -74,9 +75,11 @@ def test_a_ledger_over_the_budget_is_named_and_fails_the_run(tiny_run, monkeypat
     assert row["peak_ledger_bytes"] == 120 and row["ledger_ok"] is False
     results = json.loads((tiny_run[1] / "results.json").read_text())
     results["rows"][1] = {**results["rows"][1], "peak_ledger_bytes": results["budget_bytes"] + 1, "ledger_ok": False}
-    results["process"] = {**results["process"], "rss_ok": False}
+    results["process"] = {**results["process"], "rss_within_budget": False}  # clean file pages alone: reported only
+    assert [m.split(":")[0] for m in fullscale.failures(results)] == ["stdit3"]
+    results["process"] = {**results["process"], "anon_ok": False}
     msgs = fullscale.failures(results)
-    assert len(msgs) == 2 and msgs[0].startswith("stdit3: peak ledger") and "whole run: peak RSS" in msgs[1]
+    assert len(msgs) == 2 and msgs[0].startswith("stdit3: peak ledger") and "whole run: peak anonymous" in msgs[1]
     monkeypatch.setattr(fullscale, "run", lambda args: results)
     assert fullscale.main(TINY_ARGS + ["--out", str(tiny_run[1].parent / "failing")]) == 1
     assert "FAIL: stdit3: peak ledger" in capsys.readouterr().err
@@ -139,6 +142,9 @@ def test_page_renders_present_sections_and_skips_absent_ones(tmp_path, tiny_run)
     (bench / "storage" / "storage.md").write_text("# Storage dtypes\n\n## T5 int8\n\n| dtype | cos |\n|---|---|\n"
                                                   "| int8 | 0.999 |\n")
     (bench / "storage" / "results.json").write_text(json.dumps({"targets": [{"name": "t", "value_text": "1", "verdict": "PASS"}]}))
+    (bench / "newbench").mkdir()  # a benchmark the page does not know: a section of its own, its CSV whole
+    (bench / "newbench" / "results.json").write_text(json.dumps({"hardware": {"cpu": "Other CPU"}}))
+    (bench / "newbench" / "results.csv").write_text("x,store_bytes\n1,2000000\n")
     (bench / "results.json").write_text(json.dumps({"hardware": {"cpu": "Test CPU"}, "unexpected": 1}))
     (bench / "results.csv").write_text("mode,wall_s_per_pass\nprefetch,0.5\n")  # overlap in a format it does not know
 
@@ -161,4 +167,6 @@ def test_page_renders_present_sections_and_skips_absent_ones(tmp_path, tiny_run)
     assert {"fullscale_timeline.png", "retention_wall_vs_budget.png", "retention_timeline_load-bound_half.png",
             "peers_timeline_big.png"} <= set(imgs)
     assert all(size <= results_page.MAX_PNG_BYTES for size in imgs.values()), imgs
+    other = text.split("## Other outputs: `newbench`")[1]
+    assert "Other CPU" in other and "| 1 | 2 |" in other and "store_bytes (MB)" in other
     assert results_page.build_page(bench, docs) == text  # no timestamps: regenerating changes nothing

@@ -101,7 +101,7 @@ class RunConfig:
                     raise ValueError(f"storage_dtype: pattern {pattern!r} is not a non-empty string; {accepted}")
                 if not isinstance(dtype, str) or dtype not in STORAGE_DTYPES:
                     raise ValueError(f"storage_dtype[{pattern!r}] = {dtype!r} is not a storage dtype; {accepted}")
-            object.__setattr__(self, "storage_dtype", dict(s))  # a private copy: later edits to the caller's dict do nothing
+            object.__setattr__(self, "storage_dtype", dict(s))  # a private copy: the caller's later edits do nothing
             return
         raise ValueError(f"storage_dtype {s!r} is not accepted; {accepted}")
 

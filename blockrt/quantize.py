@@ -169,8 +169,10 @@ def check_stored(plan: Plan, segments: dict[str, Segment], where: str) -> None:
             elif seg.dtype == "int8":
                 if scale is None or scale.dtype != SCALE_DTYPE or scale.shape != spec.shape[:1] or len(spec.shape) < 2:
                     found = "none" if scale is None else f"{scale.dtype}{list(scale.shape)}"
-                    bad.append(f"{spec.key}: int8 needs {scale_key(spec.key)!r} float32{list(spec.shape[:1])}, found {found}")
-            elif seg.dtype not in FLOAT_DTYPES or dtype_from_name(seg.dtype).itemsize > dtype_from_name(spec.dtype).itemsize:
+                    bad.append(f"{spec.key}: int8 needs {scale_key(spec.key)!r} float32{list(spec.shape[:1])}, "
+                               f"found {found}")
+            elif seg.dtype not in FLOAT_DTYPES or \
+                    dtype_from_name(seg.dtype).itemsize > dtype_from_name(spec.dtype).itemsize:
                 bad.append(f"{spec.key}: stored as {seg.dtype}, which does not widen into {spec.dtype}")
     if bad:
         shown = bad[:10] + ([f"... and {len(bad) - 10} more"] if len(bad) > 10 else [])

@@ -116,7 +116,8 @@ class Runtime:
         self._staging = Staging.of(self._layouts, stored_dtypes(self.plan, self._storage))  # before any spilling
         self._check_budget()
         self.source = self._open_source(weights, store)
-        self._staging = Staging.of(self._layouts, {k: self.source.segment(k).dtype for b in self.plan.blocks for k in b.keys})
+        held = {k: self.source.segment(k).dtype for b in self.plan.blocks for k in b.keys}
+        self._staging = Staging.of(self._layouts, held)
         self._check_budget()  # a checkpoint stored narrower than computed needs staging too
         if config.cold_reads:
             drop_page_cache(self.source.files())
@@ -218,12 +219,14 @@ class Runtime:
             self._tmpdir = tempfile.mkdtemp(prefix="blockrt-")
             store = Path(self._tmpdir) / "store"
         stored = stored_dtypes(self.plan, self._storage)
-        return open_store(store, self.plan, fp, stored) or write_store(store, self.plan, tensors, fp, stored, self._storage)
+        return (open_store(store, self.plan, fp, stored)
+                or write_store(store, self.plan, tensors, fp, stored, self._storage))
 
     def _bind_pinned(self, binder: Binder, from_source: bool) -> None:
         self.ledger.reserve("pinned", self.plan.pinned_bytes, "the pinned part")
         if from_source:
-            pairs = [(s, self.source.read_tensor(s.key, self.device, dtype_from_name(s.dtype))) for s in self.plan.pinned]
+            pairs = [(s, self.source.read_tensor(s.key, self.device, dtype_from_name(s.dtype)))
+                     for s in self.plan.pinned]
         else:
             pairs = [(s, binder.tensor(s.key).detach().to(self.device)) for s in self.plan.pinned]
         binder.materialize(pairs)

@@ -37,7 +37,8 @@ class WeightSource:
     def files(self) -> list[str]:
         return sorted({s.path for s in self.segments.values()})
 
-    def read_tensor(self, key: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read_tensor(self, key: str, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor into fresh memory (the small pinned part at start-up; conversions block by block).
 
         Returned in its stored dtype, or in ``dtype`` if given (an int8 tensor stored with ``key.scale`` is
@@ -51,7 +52,8 @@ class WeightSource:
         if dtype is not None and out.dtype != dtype:
             from .quantize import from_storage, scale_key
 
-            scale = self.read_tensor(scale_key(key)) if out.dtype == torch.int8 and scale_key(key) in self.segments else None
+            quantised = out.dtype == torch.int8 and scale_key(key) in self.segments
+            scale = self.read_tensor(scale_key(key)) if quantised else None
             out = from_storage(out, scale, dtype)
         return out.to(device)
 

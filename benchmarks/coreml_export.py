@@ -45,6 +45,7 @@ def t5_block(quick: bool) -> ExportBlock:
     from pipelines.opensora.t5 import t5_tiny_config, t5_xxl_config
 
     cfg = t5_tiny_config() if quick else t5_xxl_config()
+    cfg._attn_implementation = "sdpa"  # what T5EncoderModel picks (a bare block would fall back to eager)
     block = T5Block(cfg, has_relative_attention_bias=False).eval()
     L = 300
     ex = (torch.randn(1, L, cfg.d_model), torch.randn(1, cfg.num_heads, L, L),

@@ -214,7 +214,9 @@ def test_full_size_stdit3_and_t5_block(tmp_path: Path) -> None:
     cos, sin = torch.randn(T, cfg.head_dim), torch.randn(T, cfg.head_dim)
     ex = (torch.randn(2, T * S, C), torch.randn(2, L, C), torch.randn(2, 6 * C), torch.zeros(2, L), cos, sin)
     blocks = [ExportBlock("stdit3_block_00", STDiT3Layer(sp, tp, T, S), ex, *LAYER_IO)]
-    t5 = T5Block(t5_xxl_config(), has_relative_attention_bias=False).eval()
+    t5_cfg = t5_xxl_config()
+    t5_cfg._attn_implementation = "sdpa"  # what T5EncoderModel picks
+    t5 = T5Block(t5_cfg, has_relative_attention_bias=False).eval()
     mask = additive_mask((torch.arange(300) < 20).long()[None])
     blocks.append(ExportBlock("t5_block_01", T5NextBlock(t5), (torch.randn(1, 300, 4096), torch.randn(1, 64, 300, 300),
                                                                 mask), *NEXT_IO, quantize="int8"))

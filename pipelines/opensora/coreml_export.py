@@ -182,9 +182,9 @@ def vae_parts(cap: Captured, last: dict[str, tuple]) -> Iterator[Part]:
     vae = cap.model
     nk = cap.extra["chunk_frames"]
     refs = dict(cv.temporal_parts(vae, nk, reference=True))
-    chains = [(cv.temporal_parts(vae, nk), cap.extra["chunk"], cap.extra["temporal_out"], {}),
-              (cv.spatial_parts(vae), cap.extra["frames"], cap.extra["rgb"], None)]
-    for parts, act, final, _ in chains:
+    chains = [(cv.temporal_parts(vae, nk), cap.extra["chunk"], cap.extra["temporal_out"]),
+              (cv.spatial_parts(vae), cap.extra["frames"], cap.extra["rgb"])]
+    for parts, act, final in chains:
         for k, (name, mod) in enumerate(parts):
             # fixed shapes: coremltools 9's group_norm converter rejects a symbolic (RangeDim or enumerated) dim
             kw = {"input_names": ("x",), "output_names": ("out",), "reference": refs.get(name)}

@@ -9,7 +9,7 @@ MB = 1e6
 TARGET_WARM_VS_RESIDENT = 1.05  # issue 7: warm <= 1.05x resident
 TARGET_THROTTLED_ROOFLINE = 1.05  # throttled <= 1.05x max(load, compute)
 TARGET_RSS_OVER_IMPORTS = 250 * MB  # peak RSS <= imports + 250 MB
-STILL_CACHED = 0.05  # more of a contender's files than this still cached after a drop: its cold passes were not cold
+STILL_CACHED = 0.05  # share of a contender's files cached after a drop beyond what it holds: not read cold
 NOISE_FLOOR = 0.95  # a streamed contender faster than this x resident means the machine's load changed mid-run
 PEERS = ("accelerate_disk_offload", "accelerate_device_map", "diffusers_group_offload",
          "diffusers_group_offload_stream", "blockrt_sequential")
@@ -66,9 +66,16 @@ def _parity(r: dict[str, Any]) -> str:
 
 def not_cold(res: dict[str, dict[str, Any]]) -> list[str]:
     """Notes on contenders whose files stayed in the page cache although dropped before every pass."""
-    return [f"note: {n}: {100 * r['cached_after_drop']:.0f} % of its files stayed in the page cache after each drop "
-            "(pages it keeps mapped cannot be dropped): its cold passes read from memory"
-            for n, r in res.items() if (r.get("cached_after_drop") or 0.0) > STILL_CACHED]
+    out = []
+    for n, r in res.items():
+        files = (r.get("load_probe") or {}).get("bytes") or 0
+        cached = (r.get("cached_after_drop") or 0.0) * files
+        kept = max(0, files - r.get("streamed_bytes_per_pass", 0))  # file bytes it does not stream (held in memory)
+        if files and cached > kept + STILL_CACHED * files:
+            out.append(f"note: {n}: {cached / MB:.0f} MB of its {files / MB:.0f} MB of files stayed in the page cache "
+                       "after each drop, more than the part it holds in memory (pages a process keeps mapped cannot "
+                       "be dropped): some of its cold reads came from memory")
+    return out
 
 
 WHOLE_MODEL_SHARE = 0.8  # a set-up peak above this share of the model's bytes: the whole model was in memory
@@ -135,7 +142,8 @@ def table(model: str, regime: str, res: dict[str, dict[str, Any]]) -> str:
             f"{_peak_with_setup(r) / MB:9.0f}  {_parity(r)}")
         if "blockrt" in r:
             b = r["blockrt"]
-            lines.append(f"{'':<31} blockrt: load {b['load_s']:.3f} s, compute {b['compute_s']:.3f} s, stall "
+            bw = b["bytes_loaded_per_pass"] / b["load_s"] / 1e9 if b["load_s"] > 0 else 0.0
+            lines.append(f"{'':<31} blockrt: load {b['load_s']:.3f} s ({bw:.2f} GB/s), compute {b['compute_s']:.3f} s, stall "
                          f"{b['stall_s']:.3f} s per pass; {b['bytes_loaded_per_pass'] / MB:.0f} MB loaded, "
                          f"{b['bytes_reused_per_pass'] / MB:.0f} MB reused per pass, {b['retained_blocks']} blocks "
                          f"retained; peak ledger {b['peak_ledger_bytes'] / MB:.0f} of {b['budget'] / MB:.0f} MB")

@@ -402,3 +402,23 @@ def test_storage_wider_than_the_model_is_refused(tmp_path):
     assert stored["layers.0.ln1.weight"].dtype == torch.float16  # 1-D tensors stay in the compute dtype
     assert stored["layers.0.mlp.0.weight"].dtype == torch.int8
     assert os.path.exists(tmp_path / "s" / "manifest.json")
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_storage_quality_benchmark_runs(tmp_path, capsys):
+    from benchmarks.storage_quality import main
+
+    assert main(["--quick", "--passes", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {(r["model"], r["storage_dtype"]) for r in rows} >= {("t5", "int8"), ("stdit3", "int8")}
+    for r in rows:
+        assert r["peak_ledger_bytes"] <= r["budget"]
+        if r["storage_dtype"] == "float32":
+            assert r["snr_db"] is None and r["max_abs_err"] == 0  # identical: infinite SNR, written as null
+        else:
+            assert r["snr_db"] > 30 and r["bytes_ratio"] < 0.55
+    assert not (tmp_path / "work").exists()  # checkpoints and stores removed
+    assert "int8" in capsys.readouterr().out

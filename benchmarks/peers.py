@@ -57,6 +57,7 @@ from peers_worker import CONTENDERS  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "peers_worker.py"
 REGIMES = ("warm", "cold")
+OWN = ("blockrt", "blockrt_sequential")  # their failure fails the run (the resident's stops it at once)
 DEFAULT_BUDGETS = {"t5": "300MB", "stdit3": "3.3GB"}
 QUICK_BUDGETS = {"t5": "12MB", "stdit3": "24MB"}
 WORKER_TIMEOUT_S = 1800
@@ -244,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     from blockrt.profile import write_atomic
     write_atomic(out_dir / "peers.md", lambda f: f.write(text))
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.csv'}, {out_dir / 'peers.md'}, logs in {log_dir}")
+    ours = [f"{model}/{regime}/{name}: {r['error']}" for model, m in results["models"].items()
+            for regime, res in m["regimes"].items() for name, r in res.items()
+            if name in OWN and r.get("error")]
+    if ours:  # a peer may fail (that is a finding); blockrt failing is a bug
+        print("blockrt failed:\n  " + "\n  ".join(ours), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -155,7 +155,7 @@ def setup(job: dict[str, Any]) -> Contender:
         cfg = RunConfig(prefetch_depth=0 if seq else 1, retention=not seq, read_bytes_per_s=job["read_bytes_per_s"],
                         cold_reads=job["regime"] == "cold", rss_interval_s=None)
         rt = blockrt.run(loaded.model, budget=budget, weights=loaded.weights, config=cfg)
-        return Contender(rt, list(rt.source.files()), rt.plan.block_bytes, runtime=rt,
+        return Contender(rt, [Path(f) for f in rt.source.files()], rt.plan.block_bytes, runtime=rt,
                          notes={"blocks": len(rt.plan.blocks), "pinned_bytes": rt.plan.pinned_bytes,
                                 "largest_block_bytes": rt.plan.largest_block().nbytes})
     raise ValueError(f"unknown contender {name!r}; expected one of {CONTENDERS}")
@@ -197,7 +197,7 @@ def _cached_share(files: list[Path]) -> float:
     ``posix_fadvise(DONTNEED)``, so a contender that maps its weights is not really read cold."""
     from blockrt.memory import cached_fraction
 
-    sizes = [p.stat().st_size for p in files]
+    sizes = [os.stat(p).st_size for p in files]
     total = sum(sizes)
     return sum(cached_fraction(p) * n for p, n in zip(files, sizes)) / total if total else 0.0
 

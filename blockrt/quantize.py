@@ -119,6 +119,8 @@ def convert_in_place(region: torch.Tensor, spec: TensorSpec, stored: str, scale:
     dst_dtype = dtype_from_name(spec.dtype)
     src_dtype = dtype_from_name(stored)
     n = region.numel() // dst_dtype.itemsize
+    if n == 0:
+        return
     src = region[region.numel() - n * src_dtype.itemsize:].view(src_dtype)  # (n,) stored
     dst = region.view(dst_dtype)  # (n,) compute
     step = chunk_elements(spec, stored)
@@ -142,10 +144,11 @@ def chunk_elements(spec: TensorSpec, stored: str) -> int:
     n = 1
     for s in spec.shape:
         n *= s
-    if stored != "int8":
+    rows = spec.shape[0] if spec.shape else 0
+    if stored != "int8" or n == 0:
         return max(1, min(n, CHUNK_ELEMENTS))
-    cols = n // spec.shape[0] if spec.shape[0] else 1
-    return max(1, min(spec.shape[0], max(1, CHUNK_ELEMENTS // max(cols, 1)))) * cols
+    cols = n // rows
+    return max(1, min(rows, CHUNK_ELEMENTS // cols)) * cols  # whole rows; one row if a row is longer than a chunk
 
 
 def stored_dtypes(plan: Plan, storage: dict[str, str | None]) -> dict[str, str]:

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from .device import DeviceProfile
 
 VERIFY_MODES = ("first", "always", "never")
+DEFAULT_RESERVE_FRACTION = 0.02  # of the budget, kept out of retention for memory outside the ledger
+DEFAULT_RESERVE_CAP = 64 << 20  # the full-size run measured 58-71 MB of RSS outside the ledger at 3.3 GB
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # as blockrt.quantize.STORAGE_DTYPES
 
 
@@ -46,6 +48,9 @@ class RunConfig:
         store_path: where a store is written: the spilled in-memory model's store (as ``store=``), or the store
             a checkpoint is converted into once when ``storage_dtype`` asks for another dtype than it holds
             (default then: ``<checkpoint dir>/.blockrt/<hash>``).
+        reserve_bytes: budget the retention planner leaves unfilled for memory the runtime does not own
+            (allocator slack, thread stacks, kernels' scratch), so the process RSS, not only the ledger, stays
+            under the budget; None = 2% of the budget, at most 64 MiB. Feasibility checks ignore it.
 
     Example:
         >>> RunConfig(prefetch_depth=2, read_bytes_per_s=1.45e9)
@@ -66,6 +71,7 @@ class RunConfig:
     load_timeout_s: float = 600.0
     storage_dtype: str | dict[str, str] | None = None
     store_path: str | os.PathLike | None = None
+    reserve_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
@@ -86,6 +92,10 @@ class RunConfig:
         if not (self.load_timeout_s > 0):
             raise ValueError(f"load_timeout_s must be positive; got {self.load_timeout_s!r}")
         self._check_storage()
+        if self.reserve_bytes is not None and (isinstance(self.reserve_bytes, bool) or not isinstance(self.reserve_bytes, int)
+                                               or self.reserve_bytes < 0):
+            raise ValueError(f"reserve_bytes must be an int >= 0 or None (2% of the budget, at most 64 MiB); "
+                             f"got {self.reserve_bytes!r}")
         if self.store_path is not None and not isinstance(self.store_path, (str, os.PathLike)):
             raise ValueError(f"store_path must be a directory path or None; got {self.store_path!r}")
 
@@ -104,6 +114,12 @@ class RunConfig:
             object.__setattr__(self, "storage_dtype", dict(s))  # a private copy: the caller's later edits do nothing
             return
         raise ValueError(f"storage_dtype {s!r} is not accepted; {accepted}")
+
+    def reserve_for(self, budget: int) -> int:
+        """Bytes of ``budget`` that retention leaves free (``reserve_bytes``, or its default)."""
+        if self.reserve_bytes is not None:
+            return self.reserve_bytes
+        return min(DEFAULT_RESERVE_CAP, int(budget * DEFAULT_RESERVE_FRACTION))
 
     def storage_for(self, block_name: str) -> str | None:
         """The storage dtype asked for block ``block_name`` (None = as it is)."""

@@ -75,7 +75,8 @@ def runtime_prediction(rt: Any, budget: int | None = None, profile: DeviceProfil
     if profile is not None:
         timings = [replace(t, load_s=t.nbytes / profile.read_bytes_per_s) for t in timings]
     return predict(timings, budget=budget or rt.budget, pinned_bytes=rt.plan.pinned_bytes,
-                   working_set_bytes=rt.working_set_bytes, prefetch_depth=rt.config.prefetch_depth, head_s=head)
+                   working_set_bytes=rt.working_set_bytes, prefetch_depth=rt.config.prefetch_depth, head_s=head,
+                   reserve_bytes=rt.config.reserve_for(budget or rt.budget))
 
 
 def measured_timings(profile: Profile, plan: Plan, layouts: Sequence[BlockLayout], p: int,

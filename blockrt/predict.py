@@ -292,8 +292,9 @@ def minimum_budget(timings: Sequence[BlockTiming], *, pinned_bytes: int, working
 
 
 def predict(timings: Sequence[BlockTiming], *, budget: int, pinned_bytes: int, working_set_bytes: int,
-            prefetch_depth: int = 1, head_s: float = 0.0) -> Prediction:
-    """Predict sequential, concurrent and concurrent + retention pass times under ``budget`` bytes.
+            prefetch_depth: int = 1, head_s: float = 0.0, reserve_bytes: int = 0) -> Prediction:
+    """Predict sequential, concurrent and concurrent + retention pass times under ``budget`` bytes, of which
+    ``reserve_bytes`` stay out of retention (``RunConfig.reserve_bytes``).
 
     Raises:
         ValueError: when the budget cannot hold pinned + the slots + the working set (names the smallest).
@@ -309,7 +310,8 @@ def predict(timings: Sequence[BlockTiming], *, budget: int, pinned_bytes: int, w
             f"budget {format_bytes(budget)} ({budget} bytes) is below the smallest feasible {format_bytes(need)} "
             f"({need} bytes): {pinned_bytes} pinned + {slots} slot(s) x {max(b.nbytes for b in timings)} bytes "
             f"(the largest block, prefetch_depth={prefetch_depth}) + {working_set_bytes} working set")
-    decision = choose_retained(timings, prefetch_depth=prefetch_depth, free_bytes=budget - need, head_s=head_s)
+    free = max(0, budget - need - reserve_bytes)
+    decision = choose_retained(timings, prefetch_depth=prefetch_depth, free_bytes=free, head_s=head_s)
     return Prediction(budget, need, prefetch_depth, sequential_closed_form(timings, head_s=head_s),
                       _steady(timings, prefetch_depth, (), head_s), decision.steady_s, decision,
                       sum(b.load_s for b in timings), sum(b.compute_s for b in timings))

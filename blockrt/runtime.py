@@ -443,7 +443,7 @@ class Runtime:
         return runtime_prediction(self, resolve_budget(budget)[0] if budget is not None else None, profile, p)
 
     def _plan_retention(self) -> None:
-        free = self.budget - self.ledger.total
+        free = max(0, self.budget - self.ledger.total - self.config.reserve_for(self.budget))
         timings, head = self.timings()
         self.retention = choose_retained(timings, prefetch_depth=self.config.prefetch_depth, free_bytes=free,
                                          head_s=head)

@@ -37,7 +37,7 @@ def test_budget_sweep_retains_what_fits_and_stays_identical(extra_blocks):
         assert rt.profile.summary().peak_ledger_bytes <= budget
         retained = rt.retention.retained
         kept = sum(BlockLayout.of(plan.blocks[i]).nbytes for i in retained)
-        free = budget - plan.pinned_bytes - 2 * blk - rt.working_set_bytes
+        free = budget - plan.pinned_bytes - 2 * blk - rt.working_set_bytes - rt.config.reserve_for(budget)
         assert kept <= free
         assert free - kept < blk or len(retained) == len(plan.blocks)  # within one block of the maximum
         streamed = sum(b.nbytes for i, b in enumerate(plan.blocks) if i not in retained)
@@ -244,3 +244,29 @@ def test_a_new_input_kind_sheds_retained_blocks_instead_of_failing():
         assert len(rt.retention.retained) < held and len(rt.residency.retained) == len(rt.retention.retained)
         assert rt.ledger.peak <= budget
         assert torch.equal(rt(ids=long_ids), ref_long)
+
+
+def test_reserve_bytes_stay_out_of_retention():
+    """Retention leaves ``reserve_bytes`` of the budget free (memory outside the ledger); 0 fills it all."""
+    model, inputs = BUILDERS["toy"](n_layers=8)
+    plan = partition(model)
+    blk = slot_bytes(plan)
+    budget = plan.pinned_bytes + 2 * blk + 256 * 1024 + 4 * blk
+    kept = {}
+    for reserve in (0, 2 * blk):
+        model, inputs = BUILDERS["toy"](n_layers=8)  # a closed Runtime leaves meta placeholders behind
+        with blockrt.run(model, budget=budget, config=blockrt.RunConfig(reserve_bytes=reserve)) as rt:
+            for _ in range(PASSES):
+                rt(**inputs)
+            kept[reserve] = len(rt.retention.retained)
+            assert rt.ledger.peak <= budget - reserve
+    assert kept[0] - kept[2 * blk] == 2  # two blocks' worth of budget kept back
+
+
+def test_reserve_bytes_default_and_validation():
+    cfg = blockrt.RunConfig()
+    assert cfg.reserve_for(8_000_000_000) == 64 << 20  # capped
+    assert cfg.reserve_for(100_000_000) == 2_000_000  # 2%
+    assert blockrt.RunConfig(reserve_bytes=0).reserve_for(10**9) == 0
+    with pytest.raises(ValueError, match="reserve_bytes must be an int >= 0"):
+        blockrt.RunConfig(reserve_bytes=-1)

@@ -33,6 +33,7 @@ class Residency:
         self.verified: set[int] = set()
         self.active: int | None = None
         self.pass_idx = -1
+        self.wrap = True  # prefetch past the last block into the next pass (off for a pass known to be last)
         self.on_acquire = None  # callbacks the runtime sets for measuring: f(i) / f(i)
         self.on_release = None
         self._compute_start = 0.0
@@ -96,6 +97,8 @@ class Residency:
             if wanted >= self.config.prefetch_depth:
                 return
             j = (i + k) % n
+            if j <= i and not self.wrap:
+                return  # the caller said no pass follows: block 0.. would be read for nothing
             ret = self.retained.get(j)
             if ret is not None and ret.request is not None:
                 continue  # retained and loaded (or loading): costs the loader nothing

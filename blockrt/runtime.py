@@ -254,6 +254,12 @@ class Runtime:
         with torch.no_grad():
             return self.model(*args, **kwargs)
 
+    def expect_last_pass(self) -> None:
+        """Say that the next call is the last one: its final blocks do not prefetch the start of a pass that
+        never comes (a whole block's read saved, e.g. 771 MB for T5-XXL). Applies to one call; a further call
+        still works, loading its first blocks on demand."""
+        self.residency.wrap = False
+
     def set_budget(self, budget: int | str | DeviceProfile) -> None:
         """Change the budget between passes; retention is planned again for the new budget."""
         if self._in_pass:
@@ -340,6 +346,7 @@ class Runtime:
         if not self._in_pass:  # begin_pass refused the call
             return
         self._in_pass = False
+        self.residency.wrap = True
         if self.residency.active is not None:
             self.residency.release(self.residency.active)
         self._running = 0

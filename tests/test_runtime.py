@@ -220,3 +220,33 @@ def test_failed_setup_leaves_no_temporary_store_and_keeps_the_weights(monkeypatc
         blockrt.run(model, budget=roomy(model))
     assert set(glob.glob(pattern)) == before
     assert torch.equal(reference(model, inputs), ref)  # nothing was evicted
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_expect_last_pass_reads_no_block_for_a_pass_that_never_comes(depth):
+    """Without the hint the last blocks prefetch the next pass's first ones; with it, every load serves a pass
+    that ran, the output is unchanged, and a call after all still works (loading on demand)."""
+    config = blockrt.RunConfig(prefetch_depth=depth, retention=False)
+    loads = {}
+    for hint in (False, True):
+        model, inputs = BUILDERS["toy"](n_layers=4)
+        ref = reference(model, inputs)
+        with blockrt.run(model, budget=roomy(model), config=config) as rt:
+            assert torch.equal(output(rt(**inputs)), ref)
+            if hint:
+                rt.expect_last_pass()
+            assert torch.equal(output(rt(**inputs)), ref)
+            rt.loader.close()  # waits for in-flight reads, so every load is recorded
+            loads[hint] = [e.pass_idx for e in rt.profile.events if e.kind == "load"]
+    n = len(partition(BUILDERS["toy"](n_layers=4)[0]).blocks)
+    assert sorted(loads[True]) == [0] * n + [1] * n
+    assert loads[False].count(2) == depth  # the blocks read for a third pass
+
+
+def test_a_call_after_the_announced_last_pass_still_streams():
+    model, inputs = BUILDERS["toy"](n_layers=4)
+    ref = reference(model, inputs)
+    with blockrt.run(model, budget=roomy(model), config=blockrt.RunConfig(prefetch_depth=1)) as rt:
+        rt.expect_last_pass()
+        for _ in range(4):  # the hint lasts one call; the next loads its first block on demand
+            assert torch.equal(output(rt(**inputs)), ref)

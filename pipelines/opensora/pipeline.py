@@ -165,6 +165,7 @@ class OpenSoraPipeline:
         t5 = loading.load_t5(self.root / DIRS["t5"])
         tokenizer = load_tokenizer(self.root / DIRS["t5"])
         with self._run(t5.model, t5.weights) as rt:
+            rt.expect_last_pass()  # one pass: no second one to prefetch for
             y, mask = encode_prompts(tokenizer, rt, [preprocess(cfg.prompt)])  # (1, 1, L, d), (1, L)
         self._finish("t5", rt, whole, stages)
         del t5, rt
@@ -185,13 +186,20 @@ class OpenSoraPipeline:
             side = {"fps": torch.tensor([float(cfg.fps)]), "height": torch.tensor([float(h)]),
                     "width": torch.tensor([float(w)])}
 
+            policy = cfg.policy()
+            # the step of the last STDiT3 call, where known in advance (dynamic LPL decides as it goes)
+            last_call = None if isinstance(policy, DynamicLeap) else \
+                policy.leap_at if isinstance(policy, FixedLeap) else cfg.steps - 1
+
             def model_fn(z_in: torch.Tensor, t_in: torch.Tensor, step: int, x_mask: torch.Tensor | None) -> torch.Tensor:
+                if step == last_call:
+                    rt.expect_last_pass()
                 # STDiT3 casts x to its weights' dtype first; casting here keeps every step one input kind for
                 # the runtime (step 0's latent is bf16 noise, later ones fp32) without changing a bit
                 return rt(z_in.to(model.dtype), t_in, y_in, mask=mask, x_mask=x_mask,
                           merge_frames=step < cfg.merge_steps, **side)
 
-            result = sample(model_fn, z, ts, cfg_scale=cfg.cfg_scale, policy=cfg.policy(), progress=progress)
+            result = sample(model_fn, z, ts, cfg_scale=cfg.cfg_scale, policy=policy, progress=progress)
         self._finish("stdit3", rt, whole, stages)
         del stdit, model, rt
         gc.collect()
@@ -244,6 +252,9 @@ class _Whole:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return self.model(*args, **kwargs)
+
+    def expect_last_pass(self) -> None:
+        """Nothing to prefetch when the weights are all resident."""
 
     def __enter__(self) -> "_Whole":
         return self

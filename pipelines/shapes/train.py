@@ -4,8 +4,9 @@ Stages (each resumable: its result is kept under ``--work`` and reused by a reru
 
 1. tokenizer: a SentencePiece model trained on every caption as the pipeline feeds it (``preprocess``: cleaned,
    " aesthetic score: 6.5." appended) and a small T5 encoder with random frozen weights -> ``DIR/t5-v1_1-xxl``;
-2. the VAE (``train_vae.py``): spatial, then temporal, then frozen -> ``DIR/OpenSora-VAE-v1.2``; the latents of
-   ``--clips`` clips are encoded once and cached;
+2. the VAE (``train_vae.py``): spatial (plain MSE, then ``--vae-focus-steps`` with the shape's pixels weighted
+   up), then temporal, then frozen -> ``DIR/OpenSora-VAE-v1.2``; the latents of ``--clips`` clips are encoded
+   once and cached;
 3. STDiT3 (the full-size model's class at small width) with Open-Sora's rectified-flow objective: for clean
    latents ``x0`` and noise ``e``, ``x_t = (1 - s) x0 + s e`` at ``t = 1000 s`` and the target is the velocity
    ``x0 - e`` (what ``sampler.sample`` integrates: ``z += v dt`` from ``t = 1000`` down to 0). ``s`` is drawn
@@ -43,6 +44,8 @@ WARMUP = 100
 GRAD_CLIP = 1.0
 UNIFORM_FRACTION = 0.5  # share of timesteps drawn uniformly instead of logit-normal + transform
 LOG_EVERY = 50
+FOCUS_LR = 5e-4  # spatial VAE phase 2
+FOCUS_REL = 2.0  # shape_cells: deviation over this many times the clip's median deviation
 
 
 class Recorder:
@@ -114,6 +117,15 @@ def init_stdit3(model: torch.nn.Module) -> None:
     nn.init.zeros_(model.final_layer.linear.bias)
 
 
+def shape_cells(x0: torch.Tensor) -> torch.Tensor:
+    """``(b, 1, T, H, W)`` 1.0 where a clean latent ``(b, C, T, H, W)`` departs from its clip's background: the
+    cell's absolute deviation from the per-channel median (summed over channels) is over ``FOCUS_REL`` times
+    the clip's median deviation."""
+    med = x0.flatten(2).median(dim=2).values[..., None, None, None]  # (b, C, 1, 1, 1): the background
+    dev = (x0 - med).abs().sum(1, keepdim=True)  # (b, 1, T, H, W)
+    return (dev > FOCUS_REL * dev.flatten(1).median(dim=1).values.view(-1, 1, 1, 1, 1)).float()
+
+
 def sample_sigmas(n: int, gen: torch.Generator, ratio: float) -> torch.Tensor:
     """Noise levels ``s`` in (0, 1): logit-normal then Open-Sora's timestep transform, or uniform (mixed)."""
     s = torch.sigmoid(torch.randn(n, generator=gen))
@@ -124,8 +136,13 @@ def sample_sigmas(n: int, gen: torch.Generator, ratio: float) -> torch.Tensor:
 
 
 def train_stdit3(model, latents: torch.Tensor, cap_idx: torch.Tensor, y_all: torch.Tensor, mask_all: torch.Tensor,
-                 *, steps: int, batch: int, seed: int, on_loss, save, save_every: int) -> dict[str, float]:
-    """The rectified-flow loop; ``save(ema_model, step)`` is called every ``save_every`` steps and at the end."""
+                 *, steps: int, batch: int, seed: int, on_loss, save, save_every: int,
+                 focus: float = 0.0) -> dict[str, float]:
+    """The rectified-flow loop; ``save(ema_model, step)`` is called every ``save_every`` steps and at the end.
+
+    ``focus`` > 0 weights the loss of the latent cells that hold the shape ``1 + focus`` times (``shape_cells``):
+    the background is learnt first and the shape's colour and motion, a few cells of 320, much later.
+    """
     import copy
 
     from pipelines.opensora.sampler import timestep_ratio
@@ -151,7 +168,8 @@ def train_stdit3(model, latents: torch.Tensor, cap_idx: torch.Tensor, y_all: tor
         sb = s.view(-1, 1, 1, 1, 1)
         xt = (1 - sb) * x0 + sb * noise
         out = model(xt, s * 1000, y[:, None], mask=mask, **side)  # (b, 8, 5, 8, 8)
-        loss = (out[:, : x0.shape[1]] - (x0 - noise)).pow(2).mean()
+        w = 1.0 + focus * shape_cells(x0)  # (b, 1, 5, 8, 8)
+        loss = ((out[:, : x0.shape[1]] - (x0 - noise)).pow(2) * w).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -175,6 +193,12 @@ def latents_frames_to_pixels(latent_frames: int) -> int:
 
 
 # -- the whole run ------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _caption_index(seed: int, n: int) -> torch.Tensor:
@@ -219,16 +243,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log.info("tokenizer + T5 + caption features %s: %.1f s", tuple(y_all.shape), times["t5_s"])
 
     vae = VideoAutoencoderPipeline(layout.vae_config())
-    stamp = f"seed{args.seed}-clips{args.clips}-s{args.vae_steps}-t{args.tvae_steps}"
+    stamp1 = f"seed{args.seed}-clips{args.clips}-s{args.vae_steps}"
+    stamp = f"{stamp1}-f{args.vae_focus_steps}x{args.vae_focus:g}-t{args.tvae_steps}"
     vae_cache, lat_cache = work / f"vae-{stamp}.safetensors", work / f"latents-{stamp}.safetensors"
+    spatial_cache = work / f"spatial-{stamp1}.safetensors"  # after phase 1
     if vae_cache.exists() and lat_cache.exists():
         vae.load_state_dict(load_file(vae_cache))
         latents = load_file(lat_cache)["latents"]
         log.info("VAE and latents reused from %s", work)
     else:
         t = time.perf_counter()
-        train_spatial(vae, args.seed, args.clips, args.vae_steps, args.vae_batch, rec)
+        if spatial_cache.exists():
+            vae.spatial_vae.load_state_dict(load_file(spatial_cache))
+            log.info("spatial VAE phase 1 reused from %s", spatial_cache)
+        else:
+            train_spatial(vae, args.seed, args.clips, args.vae_steps, args.vae_batch, rec)
+            save_file({k: v.contiguous() for k, v in vae.spatial_vae.state_dict().items()}, spatial_cache)
         times["spatial_vae_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        train_spatial(vae, args.seed, args.clips, args.vae_focus_steps, args.vae_batch, rec, focus=args.vae_focus,
+                      lr=FOCUS_LR, phase=2)
+        times["spatial_vae_phase2_s"] = time.perf_counter() - t
         t = time.perf_counter()
         spatial = encode_spatial(vae, args.seed, args.clips)  # (n, 4, 17, 8, 8)
         times["encode_spatial_s"] = time.perf_counter() - t
@@ -248,6 +283,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cap_idx = _caption_index(args.seed, args.clips)
     model = STDiT3(layout.stdit3_config())
     init_stdit3(model)
+    if args.init_stdit3:  # continue from earlier weights (the EMA of a previous run)
+        model.load_state_dict(load_file(args.init_stdit3))
+        record["init_stdit3"] = {"file": args.init_stdit3, "sha256": _sha256(Path(args.init_stdit3))}
 
     def save(ema: torch.nn.Module, step: int) -> None:
         layout.write_stdit3(out, ema)
@@ -256,10 +294,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t_stdit = time.perf_counter()
     info = train_stdit3(model, latents, cap_idx, y_all, mask_all, steps=args.steps, batch=args.batch,
-                        seed=args.seed, on_loss=rec, save=save, save_every=args.save_every)
+                        seed=args.seed, on_loss=rec, save=save, save_every=args.save_every, focus=args.latent_focus)
     times["stdit3_s"] = time.perf_counter() - t_stdit
     write_record(stdit3_steps_saved=args.steps, **info)
+    write_summary(out)
     return record
+
+
+def _record_lines(r: dict[str, Any], name: str) -> list[str]:
+    lines = [f"    {r['command']}", "",
+             f"seed {r['args']['seed']}; {r['args']['clips']} training clips; torch {r['torch']}, {r['threads']} "
+             f"thread(s) on a shared 2-core CPU; record: `{name}`.", "",
+             "| stage | last step | time | loss (first logged -> last logged, each a mean of 50 steps) |",
+             "|---|---|---|---|"]
+    stage_time = {"spatial_vae_mse": "spatial_vae_s", "spatial_vae_weighted_mse_phase2": "spatial_vae_phase2_s",
+                  "temporal_vae_mse": "temporal_vae_s"}
+    for stage, curve in r["losses"].items():
+        if not curve:
+            continue
+        (s0, v0), (s1, v1) = curve[0], curve[-1]
+        secs = r.get("stdit3_s") if stage == "stdit3_loss" else r["times"].get(stage_time.get(stage, ""))
+        when = "-" if secs is None else f"{secs / 60:.1f} min"
+        lines.append(f"| {stage} | {s1} | {when} | {v0:.4f} (step {s0}) -> {v1:.4f} |")
+    lines += ["", f"VAE round-trip PSNR on 16 held-out clips: {r.get('vae_reconstruction_psnr_db', float('nan')):.2f} dB. "
+              f"STDiT3 (EMA, decay {r['objective']['ema_decay']}) saved at step {r.get('stdit3_steps_saved')}."
+              + (f" Started from `{r['init_stdit3']['file']}` (sha256 {r['init_stdit3']['sha256'][:16]}...)."
+                 if r.get("init_stdit3") else ""), ""]
+    return lines
+
+
+def write_summary(weights: str | Path, records: tuple[str, ...] = (layout.RECORD,), notes: tuple[str, ...] = ()) -> Path:
+    """``TRAINING.md`` in ``weights``: for each record (json files there, in order) its command, seed, stage
+    times and losses; then ``notes``; then the sizes and objective of the last record."""
+    d = Path(weights)
+    lines = ["# How these weights were made", ""]
+    last: dict[str, Any] = {}
+    for k, name in enumerate(records):
+        last = json.loads((d / name).read_text())
+        if len(records) > 1:
+            lines += [f"## Run {k + 1}", ""]
+        lines += _record_lines(last, name)
+    lines += [*notes, "" if notes else "", f"Sizes: `{json.dumps(last['sizes'])}`.", "",
+              f"Objective: `{json.dumps(last['objective'])}`.", ""]
+    path = d / "TRAINING.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -269,11 +348,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clips", type=int, default=4000, help="training clips (latents cached once)")
     ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--vae-focus-steps", type=int, default=800, help="spatial VAE phase 2: shape pixels weighted")
+    ap.add_argument("--vae-focus", type=float, default=20.0, help="phase 2 weight of a shape pixel is 1 + this")
     ap.add_argument("--tvae-steps", type=int, default=800)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3000, help="STDiT3 steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--latent-focus", type=float, default=0.0, help="STDiT3 loss weight 1 + this on shape cells")
+    ap.add_argument("--init-stdit3", default=None, help="start STDiT3 from this model.safetensors (else Open-Sora's init)")
     ap.add_argument("--vocab", type=int, default=64, help="SentencePiece vocabulary bound")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core machine 2 threads ran 10x slower)")

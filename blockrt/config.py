@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 VERIFY_MODES = ("first", "always", "never")
 DEFAULT_RESERVE_FRACTION = 0.02  # of the budget, kept out of retention for memory outside the ledger
 DEFAULT_RESERVE_CAP = 64 << 20  # the full-size run measured 58-71 MB of RSS outside the ledger at 3.3 GB
+DEFAULT_ROW_STREAM_MIN_BYTES = 16 << 20  # a table this large is read by rows (T5-large's is 131.6 MB)
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # as blockrt.quantize.STORAGE_DTYPES
 
 
@@ -51,6 +52,9 @@ class RunConfig:
         reserve_bytes: budget the retention planner leaves unfilled for memory the runtime does not own
             (allocator slack, thread stacks, kernels' scratch), so the process RSS, not only the ledger, stays
             under the budget; None = 2% of the budget, at most 64 MiB. Feasibility checks ignore it.
+        row_stream_min_bytes: a pinned ``nn.Embedding`` table at least this large is never read whole: each call
+            reads only the rows its ids use (``embedding_rows.py``; tables tied to a non-embedding, such as an LM
+            head, stay pinned). 0 = every eligible table, None = none (all pinned).
 
     Example:
         >>> RunConfig(prefetch_depth=2, read_bytes_per_s=1.45e9)
@@ -72,6 +76,7 @@ class RunConfig:
     storage_dtype: str | dict[str, str] | None = None
     store_path: str | os.PathLike | None = None
     reserve_bytes: int | None = None
+    row_stream_min_bytes: int | None = DEFAULT_ROW_STREAM_MIN_BYTES
 
     def __post_init__(self) -> None:
         if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
@@ -96,6 +101,10 @@ class RunConfig:
                                                or self.reserve_bytes < 0):
             raise ValueError(f"reserve_bytes must be an int >= 0 or None (2% of the budget, at most 64 MiB); "
                              f"got {self.reserve_bytes!r}")
+        m = self.row_stream_min_bytes
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ValueError(f"row_stream_min_bytes must be an int >= 0 (0 = read every eligible embedding table by "
+                             f"rows) or None (keep every table pinned); got {m!r}")
         if self.store_path is not None and not isinstance(self.store_path, (str, os.PathLike)):
             raise ValueError(f"store_path must be a directory path or None; got {self.store_path!r}")
 

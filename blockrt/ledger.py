@@ -13,7 +13,7 @@ from collections.abc import Callable
 from .budget import format_bytes
 from .errors import BudgetError
 
-KINDS = ("pinned", "slots", "retained", "in_flight", "working_set")
+KINDS = ("pinned", "slots", "retained", "in_flight", "working_set", "rows")  # rows: embedding_rows.py
 
 
 class Ledger:

@@ -29,6 +29,7 @@ from .binding import Binder, meta_leftovers
 from .budget import format_bytes
 from .config import RunConfig
 from .device import DeviceProfile, resolve_budget
+from .embedding_rows import EmbeddingRows, row_streamed_tables
 from .errors import BlockrtError, BudgetError, PartitionError
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, Slot, Staging
@@ -114,6 +115,8 @@ class Runtime:
         self._layouts = [BlockLayout.of(b) for b in self.plan.blocks]
         self._storage = {b.name: config.storage_for(b.name) for b in self.plan.blocks}
         self._staging = Staging.of(self._layouts, stored_dtypes(self.plan, self._storage))  # before any spilling
+        self._rows = row_streamed_tables(model, self.plan, config.row_stream_min_bytes)  # tables read by rows
+        self._pinned_bytes = sum(s.nbytes for s in self.plan.pinned if s.key not in self._rows)
         self._check_budget()
         self.source = self._open_source(weights, store)
         held = {k: self.source.segment(k).dtype for b in self.plan.blocks for k in b.keys}
@@ -124,7 +127,7 @@ class Runtime:
         self.ledger = Ledger(self.budget, on_change=lambda total: self.profile.counter("ledger_bytes", self.profile.now(), total))
         binder = Binder(model)
         self._bind_pinned(binder, from_source=weights is not None)
-        streamed = {k for b in self.plan.blocks for k in b.keys} | set(self.plan.aliases)
+        streamed = {k for b in self.plan.blocks for k in b.keys} | set(self.plan.aliases) | set(self._rows)
         leftovers = meta_leftovers(model, streamed)
         if leftovers:
             raise BlockrtError(
@@ -145,6 +148,8 @@ class Runtime:
                              staging=self._staging)
         self.residency = Residency(self.plan, self._layouts, slots, self.loader, self.ledger, binder, self.profile,
                                    config, self.device)
+        self.embedding_rows = EmbeddingRows(model, self.plan, self._rows, self.source, binder, self.ledger, self.profile,
+                                            self.device, lambda: self.residency.pass_idx)
         self.residency.on_acquire = self._block_started
         self.residency.on_release = self._block_finished
         self.retention: RetentionDecision | None = None
@@ -172,12 +177,12 @@ class Runtime:
         return min(self.config.prefetch_depth + 1, len(self.plan.blocks))
 
     def minimum_budget(self) -> int:
-        """The smallest budget for this plan and prefetch depth: pinned + slots x the largest block + the
-        loader's staging (for blocks stored narrower than computed), plus the measured working set once the
-        first pass has run."""
+        """The smallest budget for this plan and prefetch depth: pinned (less the tables read by rows) + slots x
+        the largest block + the loader's staging (for blocks stored narrower than computed), plus the measured
+        working set (which holds the rows read) once the first pass has run."""
         ws = getattr(self, "working_set_bytes", 0)
         staging = self._staging.nbytes
-        return self.plan.pinned_bytes + self._n_slots * max(lay.nbytes for lay in self._layouts) + staging + ws
+        return self._pinned_bytes + self._n_slots * max(lay.nbytes for lay in self._layouts) + staging + ws
 
     def _check_budget(self) -> None:
         need = self.minimum_budget()
@@ -187,7 +192,7 @@ class Runtime:
                 f"budget {format_bytes(self.budget)} is below the smallest feasible {format_bytes(need)} "
                 f"({need} bytes): block {big.block.name!r} needs {format_bytes(big.nbytes)} in each of "
                 f"{self._n_slots} slot(s) (prefetch_depth={self.config.prefetch_depth}) plus "
-                f"{format_bytes(self.plan.pinned_bytes)} pinned and {format_bytes(self._staging.nbytes)} of loader "
+                f"{format_bytes(self._pinned_bytes)} pinned and {format_bytes(self._staging.nbytes)} of loader "
                 "staging (storage dtypes narrower than computed), before any activations; fix: raise the budget "
                 f"to at least {need} bytes, lower prefetch_depth, or split the model into smaller blocks")
 
@@ -223,13 +228,14 @@ class Runtime:
                 or write_store(store, self.plan, tensors, fp, stored, self._storage))
 
     def _bind_pinned(self, binder: Binder, from_source: bool) -> None:
-        self.ledger.reserve("pinned", self.plan.pinned_bytes, "the pinned part")
+        self.ledger.reserve("pinned", self._pinned_bytes, "the pinned part")
+        pinned = [s for s in self.plan.pinned if s.key not in self._rows]
         if from_source:
-            pairs = [(s, self.source.read_tensor(s.key, self.device, dtype_from_name(s.dtype)))
-                     for s in self.plan.pinned]
+            pairs = [(s, self.source.read_tensor(s.key, self.device, dtype_from_name(s.dtype))) for s in pinned]
         else:
-            pairs = [(s, binder.tensor(s.key).detach().to(self.device)) for s in self.plan.pinned]
+            pairs = [(s, binder.tensor(s.key).detach().to(self.device)) for s in pinned]
         binder.materialize(pairs)
+        binder.evict([s for s in self.plan.pinned if s.key in self._rows])  # read by rows on each call
 
     def _install_hooks(self) -> None:
         m = self.model
@@ -237,6 +243,7 @@ class Runtime:
                                                        with_kwargs=True))
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: setattr(self, "_pass_ok", True)))
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: self._end_pass(), always_call=True))
+        self._hooks += self.embedding_rows.install()
         for i, block in enumerate(self.plan.blocks):
             for path in block.modules:
                 sub = m.get_submodule(path)
@@ -290,6 +297,7 @@ class Runtime:
             self._stop_tracking()
         if self.residency.active is not None:
             self.residency.release(self.residency.active)
+        self.embedding_rows.release_all()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

@@ -216,6 +216,9 @@ class _TimedCalls:
         self.call_s.append(time.perf_counter() - t0)
         return out
 
+    def expect_last_pass(self) -> None:
+        self.inner.expect_last_pass()
+
     def __enter__(self) -> "_TimedCalls":
         self.inner.__enter__()
         return self

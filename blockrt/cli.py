@@ -95,6 +95,8 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+SHAPES_PROMPT = "a red circle moving right on a blue background"  # the built-in trained model's default
+SHAPES_RESOLUTION = "64x64"
 DEMO_CAPTIONS = ["a red circle moving left on a blue background", "a green square moving up on a white background",
                  "a yellow triangle moving right on a black background", "a blue circle moving down on a gray background"]
 
@@ -111,19 +113,49 @@ def _demo_weights(cache: Path) -> Path:
     return cache
 
 
+def _print_judge(video: torch.Tensor, prompt: str) -> None:
+    """What the shapes judge sees in the video (colour masks, centroid track), and whether the prompt says so."""
+    from pipelines.opensora.video import to_uint8_frames
+    from pipelines.shapes.judge import judge, matches
+
+    v = judge(to_uint8_frames(video))
+    try:
+        verdict = "matches the prompt" if matches(v, prompt) else "does NOT match the prompt"
+    except ValueError:
+        verdict = "the prompt is outside the training captions"
+    print(f"judge: a {v.colour} {v.shape} moving {v.direction} on a {v.background} background: {verdict}")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from pipelines.opensora.pipeline import GenerateConfig, OpenSoraPipeline, tqdm_progress
 
     lpl = None if args.lpl is None else ("dynamic" if args.lpl == "dynamic" else int(args.lpl))
+    if args.random_weights and args.weights is not None:
+        raise ValueError("--random-weights and --weights exclude each other; pass one")
+    shapes = args.weights is None and not args.random_weights  # the built-in trained model: its own defaults
+    if args.resolution is None:
+        args.resolution = SHAPES_RESOLUTION if shapes else "144p"
+    if args.aspect is None:
+        args.aspect = "1:1" if shapes else "3:4"
+    if args.prompt is None:
+        args.prompt = SHAPES_PROMPT if shapes else DEMO_CAPTIONS[0]
     cfg = GenerateConfig(prompt=args.prompt, resolution=args.resolution, aspect=args.aspect, frames=args.frames,
                          steps=args.steps, cfg_scale=args.cfg, seed=args.seed, lpl=lpl, merge_steps=args.tdtm)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.weights is None:
+    if args.random_weights:
         weights = _demo_weights(Path(args.cache))
-        print(f"no --weights given: using tiny RANDOM weights of the three models in the real layout ({weights}); "
-              "the video is noise by construction. For real videos download OpenSora-STDiT-v3, OpenSora-VAE-v1.2 "
-              "and t5-v1_1-xxl into one directory and pass --weights DIR --budget 3.3GB.")
+        print(f"--random-weights: tiny RANDOM weights of the three models in the real layout ({weights}); "
+              "the video is noise by construction.")
+    elif args.weights is None:
+        from pipelines.shapes.layout import WEIGHTS_DIR
+
+        weights = WEIGHTS_DIR
+        print(f"no --weights given: the small Open-Sora-architecture model trained here on synthetic shapes "
+              f"({weights}; prompts like {SHAPES_PROMPT!r}: circle/square/triangle, red/green/blue/yellow, "
+              "left/right/up/down, on black/white/gray/blue). For Open-Sora v1.2 itself download "
+              "OpenSora-STDiT-v3, OpenSora-VAE-v1.2 and t5-v1_1-xxl into one directory and pass --weights DIR "
+              "--budget 3.3GB --resolution 240p.")
     else:
         weights = Path(args.weights)
     config = RunConfig(device_profile=args.device_profile)
@@ -142,6 +174,8 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"whole run: peak_ledger_bytes {format_bytes(whole.peak_ledger_bytes)} of {format_bytes(pipe.budget)}; "
           f"peak_rss_delta {format_bytes(whole.peak_rss_delta or 0)} (anon {format_bytes(whole.peak_anon_delta or 0)}, "
           f"file-backed {format_bytes(whole.peak_file_delta or 0)})")
+    if shapes:
+        _print_judge(result.video, cfg.prompt)
     written = [result.path]
     if args.trace:
         result.profile.save_trace(out_dir / "trace.json")
@@ -224,12 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--dim", type=int, default=512)
     plan.add_argument("--tokens", type=int, default=256)
     gen = sub.add_parser("generate", help="text to video with Open-Sora v1.2 (T5 -> STDiT3 -> VAE) under one budget")
-    gen.add_argument("--prompt", default=DEMO_CAPTIONS[0])
+    gen.add_argument("--prompt", default=None, help=f"the text (default with the built-in model: {SHAPES_PROMPT!r})")
     gen.add_argument("--weights", default=None, help="directory with t5-v1_1-xxl/, OpenSora-STDiT-v3/, "
-                                                     "OpenSora-VAE-v1.2/ (default: tiny random weights)")
-    gen.add_argument("--cache", default="out/weights/random/demo", help="where the default random weights go")
-    gen.add_argument("--resolution", default="144p")
-    gen.add_argument("--aspect", default="3:4")
+                                                     "OpenSora-VAE-v1.2/ (default: the small model trained on "
+                                                     "synthetic shapes, shipped in pipelines/shapes/weights)")
+    gen.add_argument("--random-weights", action="store_true", help="tiny random weights instead (noise videos)")
+    gen.add_argument("--cache", default="out/weights/random/demo", help="where --random-weights are written")
+    gen.add_argument("--resolution", default=None, help="preset (default: 64x64 with the built-in model, else 144p)")
+    gen.add_argument("--aspect", default=None, help="H:W (default: 1:1 with the built-in model, else 3:4)")
     gen.add_argument("--frames", type=int, default=17)
     gen.add_argument("--steps", type=int, default=30)
     gen.add_argument("--cfg", type=float, default=7.0)

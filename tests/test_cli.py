@@ -33,15 +33,29 @@ def test_bad_arguments_are_clear_errors(capsys):
     assert "budget must be" in capsys.readouterr().err
 
 
-def test_generate_with_the_default_random_weights(tmp_path, capsys):
-    rc = main(["generate", "--cache", str(tmp_path / "weights"), "--out", str(tmp_path / "out"), "--steps", "3",
-               "--lpl", "1", "--tdtm", "1", "--resolution", "144p", "--aspect", "1:1", "--trace"])
+def test_generate_with_random_weights(tmp_path, capsys):
+    rc = main(["generate", "--random-weights", "--cache", str(tmp_path / "weights"), "--out", str(tmp_path / "out"),
+               "--steps", "3", "--lpl", "1", "--tdtm", "1", "--resolution", "144p", "--aspect", "1:1", "--trace"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "RANDOM weights" in out and "--weights DIR" in out
+    assert "RANDOM weights" in out
     assert "LPL leapt at step 1" in out and "whole run: peak_ledger_bytes" in out
     for name in ("video.mp4", "trace.json", "timeline.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
-    assert main(["generate", "--cache", str(tmp_path / "weights"), "--out", str(tmp_path / "o2"), "--steps", "2",
-                 "--lpl", "5"]) == 2
+    assert main(["generate", "--random-weights", "--cache", str(tmp_path / "weights"), "--out", str(tmp_path / "o2"),
+                 "--steps", "2", "--lpl", "5"]) == 2
     assert "lpl" in capsys.readouterr().err
+    assert main(["generate", "--random-weights", "--weights", str(tmp_path)]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_generate_defaults_to_the_trained_shapes_model(tmp_path, capsys):
+    rc = main(["generate", "--out", str(tmp_path / "out"), "--trace"])  # what `make demo` runs
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "trained here on synthetic shapes" in out and "17 frames at 64x64 1:1, 30 STDiT3 calls" in out
+    judged = next(line for line in out.splitlines() if line.startswith("judge: "))
+    assert judged.startswith("judge: a red ") and "moving right" in judged and judged.endswith(": matches the prompt")
+    assert "whole run: peak_ledger_bytes" in out
+    for name in ("video.mp4", "trace.json", "timeline.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0

@@ -17,7 +17,7 @@ the same prompt and seed, model calls per video, the denoising wall time (all vi
 steps30, measured in this run. The issue's target is checked and printed as PASS or MISS: LPL at about half the
 steps (lpl16) keeps fidelity within 2 points of steps30 and beats the naive steps16 on SSIM.
 
-    .venv/bin/python benchmarks/quality.py             # 12 prompts x 2 seeds, 16 settings (~10 min on 2 cores)
+    .venv/bin/python benchmarks/quality.py             # 12 prompts x 2 seeds, 16 settings (~6 min on 2 cores)
     .venv/bin/python benchmarks/quality.py --quick     # 2 prompts x 1 seed, 4 settings (the smoke test)
 
 Writes ``results.json``, ``results.csv`` and ``quality.md`` to ``--out`` (default ``out/bench/quality``).

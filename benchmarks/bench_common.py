@@ -94,3 +94,20 @@ def write_results(out_dir: Path, results: dict[str, Any], rows: Iterable[dict[st
         w.writerow({k: ("" if v is None else v) for k, v in r.items()})
     text = buf.getvalue().encode()
     write_atomic(out_dir / "results.csv", lambda f: f.write(text))
+
+
+def begin_run(threads: int, out: str | Path) -> tuple[Path, dict[str, Any], "OtherCpu"]:
+    """Every benchmark's start: torch threads, the output directory, the hardware line printed, and the other
+    processes' CPU use probed before the run (then measured again from zero over the run)."""
+    torch.set_num_threads(threads)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hw = hardware()
+    print(f"hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} with {hw['torch_threads']} thread(s), "
+          f"Python {hw['python']}", flush=True)
+    other = OtherCpu().start()
+    time.sleep(OTHER_CPU_PROBE_S)
+    hw["other_cpu_cores_before"] = other.cores()
+    other.start()
+    print(f"other processes used {hw['other_cpu_cores_before']:.2f} cores before the run", flush=True)
+    return out_dir, hw, other

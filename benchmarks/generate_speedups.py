@@ -52,7 +52,7 @@ for _p in (ROOT, ROOT / "benchmarks"):  # run as a script from a checkout withou
         sys.path.insert(0, str(_p))
 
 from blockrt import RunConfig, get_profile  # noqa: E402
-from bench_common import BUSY_CORES, OTHER_CPU_PROBE_S, OtherCpu, hardware, release_freed_memory, write_results  # noqa: E402
+from bench_common import BUSY_CORES, begin_run, release_freed_memory, write_results  # noqa: E402
 from pipelines.opensora.pipeline import GenerateConfig, GenerateResult, OpenSoraPipeline  # noqa: E402
 from pipelines.opensora.resolution import latent_size, num_frames, resolve  # noqa: E402
 
@@ -370,16 +370,7 @@ def table(rows: list[Row], results: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hw = hardware()
-    print(f"hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} with {hw['torch_threads']} thread(s), "
-          f"Python {hw['python']}", flush=True)
-    other = OtherCpu().start()
-    time.sleep(OTHER_CPU_PROBE_S)
-    hw["other_cpu_cores_before"] = other.cores()
-    print(f"other processes used {hw['other_cpu_cores_before']:.2f} cores before the run", flush=True)
+    out_dir, hw, other = begin_run(args.threads, args.out)
 
     overrides = stdit_overrides(args)
     root = Path(args.weights) if args.weights else ROOT / "out" / "weights" / "random" / weights_name(overrides)

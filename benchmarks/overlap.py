@@ -46,7 +46,7 @@ from blockrt.loader import BlockLayout  # noqa: E402
 from blockrt.working_set import LiveBytes  # noqa: E402
 from partitioners import partition  # noqa: E402
 from pipelines.toy import ToyConfig, ToyTransformer  # noqa: E402
-from bench_common import BUSY_CORES, OTHER_CPU_PROBE_S, OtherCpu, hardware, write_results  # noqa: E402
+from bench_common import BUSY_CORES, begin_run, write_results  # noqa: E402
 
 # Targets from the issue: printed next to the measurements as PASS/MISS, never asserted.
 TARGET_ROOFLINE_PREFETCH = 1.10  # roofline_ratio of the prefetch run must be <= this
@@ -191,17 +191,7 @@ def table(modes: dict[str, dict], passes: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hw = hardware()
-    print(f"hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} with {hw['torch_threads']} thread(s), "
-          f"Python {hw['python']}", flush=True)
-    other = OtherCpu().start()
-    time.sleep(OTHER_CPU_PROBE_S)
-    hw["other_cpu_cores_before"] = other.cores()
-    other.start()
-    print(f"other processes used {hw['other_cpu_cores_before']:.2f} cores before the run", flush=True)
+    out_dir, hw, other = begin_run(args.threads, args.out)
 
     torch.manual_seed(0)
     heads = max(1, args.dim // 64)

@@ -33,14 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 for _p in (ROOT, ROOT / "benchmarks"):  # run as a script from a checkout without installing
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from bench_common import BUSY_CORES, OTHER_CPU_PROBE_S, OtherCpu, hardware, write_results  # noqa: E402
+from bench_common import BUSY_CORES, begin_run, write_results  # noqa: E402
 from blockrt.profile import write_atomic  # noqa: E402
 from pipelines.opensora.pipeline import GenerateConfig  # noqa: E402
 from pipelines.shapes.generate import ShapesGenerator  # noqa: E402
@@ -164,15 +163,7 @@ def target(results: dict[str, dict], lpl_row: str = TARGET_ROW, naive_row: str =
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hw = hardware()
-    print(f"hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} with {hw['torch_threads']} thread(s)")
-    other = OtherCpu().start()
-    time.sleep(OTHER_CPU_PROBE_S)
-    hw["other_cpu_cores_before"] = other.cores()
-    print(f"other processes used {hw['other_cpu_cores_before']:.2f} cores before the run", flush=True)
+    out_dir, hw, other = begin_run(args.threads, args.out)
     gen = ShapesGenerator(args.weights)
     prompts, seeds = PROMPTS[: args.prompts], list(range(args.seeds))
     captions = [p for p in prompts for _ in seeds]

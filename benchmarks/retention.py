@@ -56,7 +56,7 @@ from blockrt import RunConfig, get_profile  # noqa: E402
 from blockrt.loader import BlockLayout  # noqa: E402
 from blockrt.predict import simulate  # noqa: E402
 from blockrt.profile import write_atomic  # noqa: E402
-from bench_common import BUSY_CORES, OTHER_CPU_PROBE_S, OtherCpu, hardware, release_freed_memory, write_results  # noqa: E402
+from bench_common import BUSY_CORES, begin_run, release_freed_memory, write_results  # noqa: E402
 from partitioners import partition  # noqa: E402
 from pipelines.toy import Layer, ToyConfig, ToyTransformer  # noqa: E402
 
@@ -391,17 +391,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hw = hardware()
-    print(f"hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} with {hw['torch_threads']} thread(s), "
-          f"Python {hw['python']}", flush=True)
-    other = OtherCpu().start()
-    time.sleep(OTHER_CPU_PROBE_S)
-    hw["other_cpu_cores_before"] = other.cores()
-    other.start()
-    print(f"other processes used {hw['other_cpu_cores_before']:.2f} cores before the run", flush=True)
+    out_dir, hw, other = begin_run(args.threads, args.out)
 
     phone = get_profile(DEVICE_PROFILE)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth is not None else phone.read_bytes_per_s

@@ -139,7 +139,7 @@ class EmbeddingRows:
         except BaseException:
             self.ledger.move("rows", "working_set", moved)
             raise
-        self._held[spec.key] = held = _Held(buf, moved, nbytes - moved, module.padding_idx)
+        self._held[spec.key] = _Held(buf, moved, nbytes - moved, module.padding_idx)
         rows = uniq.cpu().tolist()
         start = self.profile.now()
         read = _read_rows(seg, rows, buf, dim)

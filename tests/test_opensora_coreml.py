@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("coremltools")
 
 from blockrt.coreml import ExportBlock, ExportError, ExportOptions, export_blocks, inspect_package, read_manifest  # noqa: E402
-from pipelines.opensora.coreml_export import MODELS, TDTM_FUNCTION, export_opensora, tiny_random_weights  # noqa: E402
+from pipelines.opensora.coreml_export import MODELS, TDTM_FUNCTION, export_opensora  # noqa: E402
 
 TDTM_MAX_SIZE_RATIO = 0.6  # multifunction package / two separate packages (weights stored once: ~0.5)
 INT8_MAX_SIZE_RATIO = 0.30  # int8 weights / fp32 weights of a full-size block (~0.25 + scales)

@@ -176,11 +176,11 @@ def capture_vae(directory: Path, shapes: Shapes, budget: int | str) -> Captured:
     z = initial_noise((1, vae.out_channels, *shapes.latent), SEED + 1).float()
     zk, nk = vae.split_chunks(z, shapes.frames)[0]
     with torch.no_grad():
-        with _run(vae.temporal_vae.decoder, vd.weights, budget, "temporal_vae.decoder.") as rt:
+        with _run(vae.temporal_vae.decoder, vd.weights, budget, "temporal_vae.decoder."):
             x_z = vae.temporal_vae.decode(vae.denormalize(zk), nk)  # (1, 4, nk, h, w)
         mb = vae.spatial_vae.micro_batch_size or nk
         frames = x_z[0].transpose(0, 1)[:mb].contiguous()  # (mb, 4, h, w): the first micro-batch
-        with _run(vae.spatial_vae.module.decoder, vd.weights, budget, "spatial_vae.module.decoder.") as rt:
+        with _run(vae.spatial_vae.module.decoder, vd.weights, budget, "spatial_vae.module.decoder."):
             video = vae.spatial_vae.decode(x_z[:, :, :mb])  # (1, 3, mb, 8h, 8w)
     return Captured(vae, vd.weights, {}, {"chunk": zk.clone(), "chunk_frames": nk, "temporal_out": x_z.clone(),
                                           "frames": frames, "rgb": video[0].transpose(0, 1).contiguous()})

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import weakref
 from dataclasses import replace
 from pathlib import Path
@@ -38,9 +37,8 @@ from .plan import Plan, dtype_from_name
 from .predict import BlockTiming, RetentionDecision, choose_retained
 from .profile import Profile
 from .residency import Residency
-from .sources import CheckpointSource, WeightSource
 from .quantize import stored_dtypes
-from .store import converted_store, fingerprint, needs_conversion, open_store, require_storage, write_store
+from .weights import open_weights
 from .working_set import LiveBytes, warm_up
 
 log = logging.getLogger(__name__)
@@ -118,7 +116,7 @@ class Runtime:
         self._rows = row_streamed_tables(model, self.plan, config.row_stream_min_bytes)  # tables read by rows
         self._pinned_bytes = sum(s.nbytes for s in self.plan.pinned if s.key not in self._rows)
         self._check_budget()
-        self.source = self._open_source(weights, store)
+        self.source, self._tmpdir = open_weights(self.model, self.plan, self.config, self._storage, weights, store)
         held = {k: self.source.segment(k).dtype for b in self.plan.blocks for k in b.keys}
         self._staging = Staging.of(self._layouts, held)
         self._check_budget()  # a checkpoint stored narrower than computed needs staging too
@@ -195,37 +193,6 @@ class Runtime:
                 f"{format_bytes(self._pinned_bytes)} pinned and {format_bytes(self._staging.nbytes)} of loader "
                 "staging (storage dtypes narrower than computed), before any activations; fix: raise the budget "
                 f"to at least {need} bytes, lower prefetch_depth, or split the model into smaller blocks")
-
-    def _open_source(self, weights: str | Path | None, store: str | Path | None) -> WeightSource:
-        if weights is not None:
-            if store is not None:
-                raise ValueError("pass either weights= (stream from a checkpoint) or store= (spill the model), not both")
-            if (Path(weights) / "manifest.json").exists():
-                found = open_store(weights, self.plan, fingerprint=None)
-                require_storage(found, self.plan, self._storage)
-                return found
-            source = CheckpointSource(weights)
-            source.resolve(self.plan, strict=self.config.strict_keys, prefix=self.config.weights_prefix)
-            if needs_conversion(source, self.plan, self._storage):  # once, then cached (RunConfig.store_path)
-                return converted_store(source, self.plan, self._storage, self.config.store_path,
-                                       self.config.weights_prefix)
-            return source
-        binder = Binder(self.model)
-        tensors = {k: binder.tensor(k) for k in self.plan.all_specs()}
-        on_meta = [k for k, t in tensors.items() if t.is_meta]
-        if on_meta:
-            raise BlockrtError(
-                f"{type(self.model).__name__} has weights on the meta device ({on_meta[:3]}...) and no weights= was "
-                "given (a model streamed by a closed Runtime keeps meta placeholders); fix: pass weights=<checkpoint "
-                "or blockrt store directory> to stream them")
-        fp = fingerprint(self.plan, tensors)
-        store = store if store is not None else self.config.store_path
-        if store is None:
-            self._tmpdir = tempfile.mkdtemp(prefix="blockrt-")
-            store = Path(self._tmpdir) / "store"
-        stored = stored_dtypes(self.plan, self._storage)
-        return (open_store(store, self.plan, fp, stored)
-                or write_store(store, self.plan, tensors, fp, stored, self._storage))
 
     def _bind_pinned(self, binder: Binder, from_source: bool) -> None:
         self.ledger.reserve("pinned", self._pinned_bytes, "the pinned part")

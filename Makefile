@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export MALLOC_MMAP_THRESHOLD_ = 131072
 export MALLOC_TRIM_THRESHOLD_ = 131072
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-page clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/overlap.py --out out/bench
 	$(PY) benchmarks/retention.py --out out/bench/retention
+
+bench-page: $(STAMP)
+	$(PY) benchmarks/results_page.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     from .device import DeviceProfile
 
 VERIFY_MODES = ("first", "always", "never")
-DEFAULT_RESERVE_FRACTION = 0.02  # of the budget, kept out of retention for memory outside the ledger
-DEFAULT_RESERVE_CAP = 64 << 20  # the full-size run measured 58-71 MB of RSS outside the ledger at 3.3 GB
+DEFAULT_RESERVE_FRACTION = 0.03  # of the budget, kept out of retention for memory outside the ledger
+DEFAULT_RESERVE_CAP = 128 << 20  # the full-size run measured 58-71 MB of RSS outside the ledger at 3.3 GB
 DEFAULT_ROW_STREAM_MIN_BYTES = 16 << 20  # a table this large is read by rows (T5-large's is 131.6 MB)
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # as blockrt.quantize.STORAGE_DTYPES
 
@@ -51,7 +51,7 @@ class RunConfig:
             (default then: ``<checkpoint dir>/.blockrt/<hash>``).
         reserve_bytes: budget the retention planner leaves unfilled for memory the runtime does not own
             (allocator slack, thread stacks, kernels' scratch), so the process RSS, not only the ledger, stays
-            under the budget; None = 2% of the budget, at most 64 MiB. Feasibility checks ignore it.
+            under the budget; None = 3% of the budget, at most 128 MiB. Feasibility checks ignore it.
         row_stream_min_bytes: a pinned ``nn.Embedding`` table at least this large is never read whole: each call
             reads only the rows its ids use (``embedding_rows.py``; tables tied to a non-embedding, such as an LM
             head, stay pinned). 0 = every eligible table, None = none (all pinned).
@@ -99,7 +99,7 @@ class RunConfig:
         self._check_storage()
         if self.reserve_bytes is not None and (isinstance(self.reserve_bytes, bool) or not isinstance(self.reserve_bytes, int)
                                                or self.reserve_bytes < 0):
-            raise ValueError(f"reserve_bytes must be an int >= 0 or None (2% of the budget, at most 64 MiB); "
+            raise ValueError(f"reserve_bytes must be an int >= 0 or None (3% of the budget, at most 128 MiB); "
                              f"got {self.reserve_bytes!r}")
         m = self.row_stream_min_bytes
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):

@@ -265,8 +265,8 @@ def test_reserve_bytes_stay_out_of_retention():
 
 def test_reserve_bytes_default_and_validation():
     cfg = blockrt.RunConfig()
-    assert cfg.reserve_for(8_000_000_000) == 64 << 20  # capped
-    assert cfg.reserve_for(100_000_000) == 2_000_000  # 2%
+    assert cfg.reserve_for(8_000_000_000) == 128 << 20  # capped
+    assert cfg.reserve_for(100_000_000) == 3_000_000  # 3%
     assert blockrt.RunConfig(reserve_bytes=0).reserve_for(10**9) == 0
     with pytest.raises(ValueError, match="reserve_bytes must be an int >= 0"):
         blockrt.RunConfig(reserve_bytes=-1)

@@ -87,3 +87,15 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "gpt2": build_gpt2,
     "llama": build_llama,
 }
+
+
+def stdit3_feed(plain: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One CFG-batch STDiT3 call (cond row + the model's null caption) on a 3x6x7 latent at t=700, 5 prompt
+    tokens; ``plain`` is a materialised STDiT3 (its ``null_caption`` is needed)."""
+    cfg = plain.config
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(2, cfg.in_channels, 3, 6, 7, generator=g), "timestep": torch.tensor([700.0, 700.0]),
+            "y": torch.cat([torch.randn(1, 1, cfg.model_max_length, cfg.caption_channels, generator=g),
+                            plain.null_caption(1)]),
+            "mask": torch.tensor([[1] * 5 + [0] * (cfg.model_max_length - 5)]), "fps": torch.tensor([24.0]),
+            "height": torch.tensor([48.0]), "width": torch.tensor([56.0])}

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import blockrt
+from models import stdit3_feed
 from pipelines.opensora import checkpoints as ck
 from pipelines.opensora import tensor_files
 from pipelines.opensora.loading import CheckpointError, check_weights, load_bin, load_stdit3, load_t5, load_vae
@@ -309,13 +310,7 @@ def test_stdit3_loads_on_meta_and_streams_identically(tmp_path):
     plain, _ = load_stdit3(d, meta=False)
     model, weights = load_stdit3(d)
     assert weights == d / "model.safetensors" and all(p.is_meta for p in model.parameters())
-    cfg = plain.config
-    g = torch.Generator().manual_seed(0)
-    feed = {"x": torch.randn(2, cfg.in_channels, 3, 6, 7, generator=g), "timestep": torch.tensor([700.0, 700.0]),
-            "y": torch.cat([torch.randn(1, 1, cfg.model_max_length, cfg.caption_channels, generator=g),
-                            plain.null_caption(1)]),
-            "mask": torch.tensor([[1] * 5 + [0] * (cfg.model_max_length - 5)]), "fps": torch.tensor([24.0]),
-            "height": torch.tensor([48.0]), "width": torch.tensor([56.0])}
+    feed = stdit3_feed(plain)
     with torch.no_grad():
         ref = plain(**feed)
     assert torch.isfinite(ref).all() and 0 < ref.abs().max() < MAX_ACTIVATION

@@ -7,6 +7,7 @@ import torch
 
 import blockrt
 from blockrt import RunConfig
+from models import stdit3_feed
 from partitioners import partition
 
 PASSES = 3
@@ -62,12 +63,7 @@ def test_stdit3_streams_from_a_checkpoint_in_the_real_layout(tmp_path):
     cfg = STDiT3Config.from_dict(json.loads((weights / "config.json").read_text()))
     plain = STDiT3(cfg).eval()
     plain.load_state_dict(load_file(weights / "model.safetensors"))
-    g = torch.Generator().manual_seed(0)
-    feed = {"x": torch.randn(2, cfg.in_channels, 3, 6, 7, generator=g), "timestep": torch.tensor([700.0, 700.0]),
-            "y": torch.cat([torch.randn(1, 1, cfg.model_max_length, cfg.caption_channels, generator=g),
-                            plain.null_caption(1)]),
-            "mask": torch.tensor([[1] * 5 + [0] * (cfg.model_max_length - 5)]), "fps": torch.tensor([24.0]),
-            "height": torch.tensor([48.0]), "width": torch.tensor([56.0])}
+    feed = stdit3_feed(plain)
     with torch.no_grad():
         ref = plain(**feed)
     with blockrt.meta_weights():

@@ -139,6 +139,10 @@ def _generate(args: argparse.Namespace) -> int:
         args.aspect = "1:1" if shapes else "3:4"
     if args.prompt is None:
         args.prompt = SHAPES_PROMPT if shapes else DEMO_CAPTIONS[0]
+    if args.cfg is None:
+        from pipelines.shapes.layout import CFG_SCALE
+
+        args.cfg = CFG_SCALE if shapes else 7.0
     cfg = GenerateConfig(prompt=args.prompt, resolution=args.resolution, aspect=args.aspect, frames=args.frames,
                          steps=args.steps, cfg_scale=args.cfg, seed=args.seed, lpl=lpl, merge_steps=args.tdtm)
     out_dir = Path(args.out)
@@ -268,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--aspect", default=None, help="H:W (default: 1:1 with the built-in model, else 3:4)")
     gen.add_argument("--frames", type=int, default=17)
     gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--cfg", type=float, default=7.0)
+    gen.add_argument("--cfg", type=float, default=None,
+                     help="CFG scale (default: 7.0, Open-Sora's; 4.0 for the built-in shapes model)")
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--lpl", default=None, help="leap step index (the paper: 16 of 30) or 'dynamic'")
     gen.add_argument("--tdtm", type=int, default=0, help="merge frame pairs for the first N steps")

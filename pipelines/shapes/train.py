@@ -2,8 +2,10 @@
 
 Stages (each resumable: its result is kept under ``--work`` and reused by a rerun with the same settings):
 
-1. tokenizer: a SentencePiece model trained on every caption as the pipeline feeds it (``preprocess``: cleaned,
-   " aesthetic score: 6.5." appended) and a small T5 encoder with random frozen weights -> ``DIR/t5-v1_1-xxl``;
+1. tokenizer: a SentencePiece unigram model trained on every caption as the pipeline feeds it (``preprocess``:
+   cleaned, " aesthetic score: 6.5." appended) and on each caption word alone (``tokenizer_corpus``), checked
+   to keep every caption word one piece, and a small T5 encoder with random frozen weights ->
+   ``DIR/t5-v1_1-xxl``;
 2. the VAE (``train_vae.py``): spatial (plain MSE, then ``--vae-focus-steps`` with the shape's pixels weighted
    up), then temporal, then frozen -> ``DIR/OpenSora-VAE-v1.2``; the latents of ``--clips`` clips are encoded
    once and cached;
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -67,6 +70,31 @@ class Recorder:
 
 
 # -- text ---------------------------------------------------------------------------------------------------
+
+
+def check_whole_words(tokenizer_dir: Path) -> None:
+    """Raise ValueError unless every word the captions choose from (shape, colour, direction, background) is
+    one token. A word cut into characters reaches STDiT3 only through the frozen random T5's mixing of its
+    pieces: with a tokenizer trained on the captions alone ("left" -> "le" "f" "t", "down" -> "d" "o" "w" "n")
+    the model learnt colour but not direction."""
+    from pipelines.opensora.t5 import load_tokenizer
+    from pipelines.shapes.dataset import BACKGROUNDS, DIRECTIONS, SHAPE_COLOURS, SHAPES
+
+    tok = load_tokenizer(tokenizer_dir)
+    split = {w: tok.tokenize(w) for w in (*SHAPES, *SHAPE_COLOURS, *DIRECTIONS, *BACKGROUNDS)}
+    split = {w: p for w, p in split.items() if len(p) != 1}
+    if split:
+        raise ValueError(f"every caption word must be one token, but {split} are split; raise --vocab")
+
+
+def tokenizer_corpus() -> list[str]:
+    """What the SentencePiece (unigram, T5's kind) tokenizer is trained on: every caption as the pipeline feeds
+    it, 4 times, and every word of those captions alone, 20 times. On the captions alone the unigram trainer
+    collapses to about 40 pieces, mostly single characters, whatever the vocabulary bound; the lone words
+    make every caption word one piece, as the real T5 vocabulary has them."""
+    texts = pipeline_texts()
+    words = sorted({w for t in texts for w in t.split()})
+    return texts * 4 + words * 20
 
 
 def pipeline_texts() -> list[str]:
@@ -137,11 +165,12 @@ def sample_sigmas(n: int, gen: torch.Generator, ratio: float) -> torch.Tensor:
 
 def train_stdit3(model, latents: torch.Tensor, cap_idx: torch.Tensor, y_all: torch.Tensor, mask_all: torch.Tensor,
                  *, steps: int, batch: int, seed: int, on_loss, save, save_every: int,
-                 focus: float = 0.0) -> dict[str, float]:
+                 focus: float = 0.0, cosine: bool = False) -> dict[str, float]:
     """The rectified-flow loop; ``save(ema_model, step)`` is called every ``save_every`` steps and at the end.
 
     ``focus`` > 0 weights the loss of the latent cells that hold the shape ``1 + focus`` times (``shape_cells``):
     the background is learnt first and the shape's colour and motion, a few cells of 320, much later.
+    ``cosine`` decays the learning rate to 0 over ``steps`` after the warm-up (else it stays at ``LR``).
     """
     import copy
 
@@ -151,7 +180,10 @@ def train_stdit3(model, latents: torch.Tensor, cap_idx: torch.Tensor, y_all: tor
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / WARMUP))
+    def lr_factor(k: int) -> float:
+        return min(1.0, (k + 1) / WARMUP) * (0.5 * (1 + math.cos(math.pi * k / steps)) if cosine else 1.0)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(seed + 3)
     null = model.y_embedder.y_embedding[: y_all.shape[1]]  # (L, d): the CFG null caption, cut like y
     n = latents.shape[0]
@@ -236,7 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (out / layout.RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
     t = time.perf_counter()
-    tok = train_tiny_tokenizer(pipeline_texts() * 4, work / "tokenizer", vocab_size=args.vocab)
+    tok = train_tiny_tokenizer(tokenizer_corpus(), work / "tokenizer", vocab_size=args.vocab)
+    check_whole_words(tok)
     layout.write_t5(out, tok, args.seed)
     y_all, mask_all = caption_features(out / "t5-v1_1-xxl")
     times["t5_s"] = time.perf_counter() - t
@@ -294,7 +327,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t_stdit = time.perf_counter()
     info = train_stdit3(model, latents, cap_idx, y_all, mask_all, steps=args.steps, batch=args.batch,
-                        seed=args.seed, on_loss=rec, save=save, save_every=args.save_every, focus=args.latent_focus)
+                        seed=args.seed, on_loss=rec, save=save, save_every=args.save_every, focus=args.latent_focus,
+                        cosine=args.cosine)
     times["stdit3_s"] = time.perf_counter() - t_stdit
     write_record(stdit3_steps_saved=args.steps, **info)
     write_summary(out)
@@ -304,7 +338,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _record_lines(r: dict[str, Any], name: str) -> list[str]:
     lines = [f"    {r['command']}", "",
              f"seed {r['args']['seed']}; {r['args']['clips']} training clips; torch {r['torch']}, {r['threads']} "
-             f"thread(s) on a shared 2-core CPU; record: `{name}`.", "",
+             f"thread(s) on a 2-core CPU; record: `{name}`.", "",
              "| stage | last step | time | loss (first logged -> last logged, each a mean of 50 steps) |",
              "|---|---|---|---|"]
     stage_time = {"spatial_vae_mse": "spatial_vae_s", "spatial_vae_weighted_mse_phase2": "spatial_vae_phase2_s",
@@ -346,16 +380,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, help="weights directory to write (the three model directories)")
     ap.add_argument("--work", default="out/shapes/work", help="caches: tokenizer, trained VAE, latents")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--clips", type=int, default=4000, help="training clips (latents cached once)")
+    ap.add_argument("--clips", type=int, default=3000, help="training clips (latents cached once)")
     ap.add_argument("--vae-steps", type=int, default=1200)
     ap.add_argument("--vae-focus-steps", type=int, default=800, help="spatial VAE phase 2: shape pixels weighted")
     ap.add_argument("--vae-focus", type=float, default=20.0, help="phase 2 weight of a shape pixel is 1 + this")
     ap.add_argument("--tvae-steps", type=int, default=800)
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=3000, help="STDiT3 steps")
+    ap.add_argument("--steps", type=int, default=6000, help="STDiT3 steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--save-every", type=int, default=250)
-    ap.add_argument("--latent-focus", type=float, default=0.0, help="STDiT3 loss weight 1 + this on shape cells")
+    ap.add_argument("--latent-focus", type=float, default=4.0, help="STDiT3 loss weight 1 + this on shape cells")
+    ap.add_argument("--cosine", action="store_true", help="decay the STDiT3 learning rate to 0 (cosine)")
     ap.add_argument("--init-stdit3", default=None, help="start STDiT3 from this model.safetensors (else Open-Sora's init)")
     ap.add_argument("--vocab", type=int, default=64, help="SentencePiece vocabulary bound")
     ap.add_argument("--threads", type=int, default=1,

@@ -1,8 +1,9 @@
 """LPL and TDTM quality on a model we can judge: the paper's Tables 3/4 on the shapes model trained here.
 
 For a fixed set of prompts x seeds, every setting generates each video with the shipped shapes model
-(``pipelines/shapes/weights``, 64x64, 17 frames, the model's CFG scale ``layout.CFG_SCALE``), all models resident (``ShapesGenerator``, the same
-maths as ``OpenSoraPipeline(stream=False)``), and ``pipelines/shapes/judge.py`` scores it:
+(``pipelines/shapes/weights``, 64x64, 17 frames, the model's CFG scale ``layout.CFG_SCALE``), all models
+resident (``ShapesGenerator``, the same maths as ``OpenSoraPipeline(stream=False)``), and
+``pipelines/shapes/judge.py`` scores it:
 
     steps30              the 30-step reference
     lplK                 FixedLeap(K-1) of 30 steps: K model calls, then one leap to t=0 (K = 10, 13, 16, 20, 25)
@@ -106,6 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.prompts, args.seeds = 2, 1
     if not 1 <= args.prompts <= len(PROMPTS) or args.seeds < 1 or args.threads < 1:
         p.error(f"--prompts must be in 1..{len(PROMPTS)}, --seeds and --threads >= 1")
+    known = [s.name for s in settings(args.quick)]
+    args.rows = [n.strip() for n in args.rows.split(",") if n.strip()] if args.rows else None
+    unknown = [n for n in args.rows or [] if n not in known]
+    if unknown:
+        p.error(f"--rows: unknown settings {unknown}; expected some of {known}")
     return args
 
 
@@ -180,13 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts, seeds = PROMPTS[: args.prompts], list(range(args.seeds))
     captions = [p for p in prompts for _ in seeds]
     rows = settings(args.quick)
-    if args.rows:
-        known = {s.name: s for s in rows}
-        wanted = [n.strip() for n in args.rows.split(",") if n.strip()]
-        unknown = [n for n in wanted if n not in known]
-        if unknown:
-            raise SystemExit(f"--rows: unknown settings {unknown}; expected some of {list(known)}")
-        rows = [rows[0]] + [known[n] for n in wanted if n != rows[0].name]
+    if args.rows:  # the reference row always runs, first
+        rows = [rows[0]] + [s for s in rows[1:] if s.name in args.rows]
     print(f"weights: {gen.root}; {len(prompts)} prompts x {len(seeds)} seeds = {len(captions)} videos per setting, "
           f"{len(rows)} settings; 64x64, 17 frames, CFG {args.cfg:g}", flush=True)
     run_setting(gen, Setting("warm-up", steps=2, merge_steps=1), prompts[:1], seeds[:1])  # kernels, caches

@@ -84,7 +84,8 @@ def check_whole_words(tokenizer_dir: Path) -> None:
     split = {w: tok.tokenize(w) for w in (*SHAPES, *SHAPE_COLOURS, *DIRECTIONS, *BACKGROUNDS)}
     split = {w: p for w, p in split.items() if len(p) != 1}
     if split:
-        raise ValueError(f"every caption word must be one token, but {split} are split; raise --vocab")
+        raise ValueError(f"every caption word must be one token, but {split} are split; train the tokenizer on "
+                         "tokenizer_corpus() (the captions and each caption word alone), not on the captions alone")
 
 
 def tokenizer_corpus() -> list[str]:
@@ -180,6 +181,7 @@ def train_stdit3(model, latents: torch.Tensor, cap_idx: torch.Tensor, y_all: tor
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+
     def lr_factor(k: int) -> float:
         return min(1.0, (k + 1) / WARMUP) * (0.5 * (1 + math.cos(math.pi * k / steps)) if cosine else 1.0)
 

@@ -40,8 +40,8 @@ FIELDS = ["block", "mode", "params", "fp32_weight_bytes", "package_bytes", "weig
 def t5_block(quick: bool) -> ExportBlock:
     from transformers.models.t5.modeling_t5 import T5Block
 
-    from pipelines.opensora.coreml_t5 import NEXT_IO, T5NextBlock, additive_mask
-    from pipelines.opensora.t5 import t5_tiny_config, t5_xxl_config
+    from blockrt.pipelines.opensora.coreml_t5 import NEXT_IO, T5NextBlock, additive_mask
+    from blockrt.pipelines.opensora.t5 import t5_tiny_config, t5_xxl_config
 
     cfg = t5_tiny_config() if quick else t5_xxl_config()
     cfg._attn_implementation = "sdpa"  # what T5EncoderModel picks (a bare block would fall back to eager)
@@ -53,8 +53,8 @@ def t5_block(quick: bool) -> ExportBlock:
 
 
 def stdit3_block(quick: bool) -> ExportBlock:
-    from pipelines.opensora.coreml_stdit3 import LAYER_IO, STDiT3Layer
-    from pipelines.opensora.stdit3 import STDiT3Block, STDiT3Config
+    from blockrt.pipelines.opensora.coreml_stdit3 import LAYER_IO, STDiT3Layer
+    from blockrt.pipelines.opensora.stdit3 import STDiT3Block, STDiT3Config
 
     cfg = STDiT3Config.tiny() if quick else STDiT3Config.xl2()
     sp, tp = STDiT3Block(cfg, temporal=False).eval(), STDiT3Block(cfg, temporal=True).eval()
@@ -65,8 +65,8 @@ def stdit3_block(quick: bool) -> ExportBlock:
 
 
 def vae_block(quick: bool) -> ExportBlock:
-    from pipelines.opensora.coreml_vae import ResBlocks
-    from pipelines.opensora.vae_temporal import TemporalDecoder, TemporalVAEConfig
+    from blockrt.pipelines.opensora.coreml_vae import ResBlocks
+    from blockrt.pipelines.opensora.vae_temporal import TemporalDecoder, TemporalVAEConfig
 
     cfg = TemporalVAEConfig(filters=8, num_groups=4) if quick else TemporalVAEConfig()
     dec = TemporalDecoder(cfg).eval()

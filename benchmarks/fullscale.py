@@ -45,10 +45,10 @@ from bench_common import OtherCpu, hardware, release_freed_memory, write_results
 from blockrt import RunConfig  # noqa: E402
 from blockrt.memory import read_rss  # noqa: E402
 from blockrt.profile import Profile  # noqa: E402
-from pipelines.opensora import loading  # noqa: E402
-from pipelines.opensora.checkpoints import write_random_checkpoints  # noqa: E402
-from pipelines.opensora.pipeline import DIRS, GenerateConfig, OpenSoraPipeline  # noqa: E402
-from pipelines.opensora.t5 import train_tiny_tokenizer  # noqa: E402
+from blockrt.pipelines.opensora import loading  # noqa: E402
+from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints  # noqa: E402
+from blockrt.pipelines.opensora.pipeline import DIRS, GenerateConfig, OpenSoraPipeline  # noqa: E402
+from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer  # noqa: E402
 
 CAPTIONS = ["a red circle moving left on a blue background", "a green square moving up on a white background",
             "a yellow triangle moving right on a black background", "a blue circle moving down on a gray background",

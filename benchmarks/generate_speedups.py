@@ -53,8 +53,8 @@ for _p in (ROOT, ROOT / "benchmarks"):  # run as a script from a checkout withou
 
 from blockrt import RunConfig, get_profile  # noqa: E402
 from bench_common import BUSY_CORES, begin_run, release_freed_memory, write_results  # noqa: E402
-from pipelines.opensora.pipeline import GenerateConfig, GenerateResult, OpenSoraPipeline  # noqa: E402
-from pipelines.opensora.resolution import latent_size, num_frames, resolve  # noqa: E402
+from blockrt.pipelines.opensora.pipeline import GenerateConfig, GenerateResult, OpenSoraPipeline  # noqa: E402
+from blockrt.pipelines.opensora.resolution import latent_size, num_frames, resolve  # noqa: E402
 
 PROMPT = "a red circle moving left on a blue background"
 TOKENIZER_TEXTS = [PROMPT, "a green square moving up on a white background",
@@ -190,8 +190,8 @@ def weights_name(overrides: dict[str, Any]) -> str:
 
 def write_weights(root: Path, overrides: dict[str, Any]) -> dict[str, Path]:
     """The three components under ``root`` (tiny T5 and VAE, STDiT3 with ``overrides``), reused when complete."""
-    from pipelines.opensora.checkpoints import write_random_checkpoints
-    from pipelines.opensora.t5 import train_tiny_tokenizer
+    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     tok = root / "tokenizer"
     if not (tok / "spiece.model").is_file():  # trained once: the T5 checkpoint's marker records its hash
@@ -243,7 +243,7 @@ class TimedPipeline(OpenSoraPipeline):
             self.stage_s = time.perf_counter() - t0
 
     def _run(self, model: torch.nn.Module, weights: Path, **extra: Any) -> Any:
-        from pipelines.opensora.stdit3 import STDiT3
+        from blockrt.pipelines.opensora.stdit3 import STDiT3
 
         rt = super()._run(model, weights, **extra)
         if not self.stream and isinstance(model, STDiT3):

@@ -1,6 +1,6 @@
 """Overlap benchmark: does streaming with prefetch hide the loads? (design §4 measures, one run, one machine)
 
-A real transformer (``pipelines.toy.ToyTransformer``) runs the same input in four modes:
+A real transformer (``blockrt.pipelines.toy.ToyTransformer``) runs the same input in four modes:
 
     resident     the plain model, all weights in memory, no blockrt
     sequential   blockrt, ``prefetch_depth=0``: each block loads on demand (the paper's sequential loading)
@@ -44,8 +44,8 @@ import blockrt  # noqa: E402
 from blockrt import RunConfig  # noqa: E402
 from blockrt.loader import BlockLayout  # noqa: E402
 from blockrt.working_set import LiveBytes  # noqa: E402
-from partitioners import partition  # noqa: E402
-from pipelines.toy import ToyConfig, ToyTransformer  # noqa: E402
+from blockrt.partitioners import partition  # noqa: E402
+from blockrt.pipelines.toy import ToyConfig, ToyTransformer  # noqa: E402
 from bench_common import BUSY_CORES, begin_run, write_results  # noqa: E402
 
 # Targets from the issue: printed next to the measurements as PASS/MISS, never asserted.

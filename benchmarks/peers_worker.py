@@ -63,7 +63,7 @@ def import_all() -> dict[str, int]:
     stages["diffusers"] = _status_rss()
     import blockrt  # noqa: F401
     import peers_workloads  # noqa: F401
-    from pipelines.opensora import loading, sampler, stdit3  # noqa: F401
+    from blockrt.pipelines.opensora import loading, sampler, stdit3  # noqa: F401
     stages["blockrt+pipelines"] = _status_rss()
     return stages
 
@@ -123,7 +123,7 @@ def setup(job: dict[str, Any]) -> Contender:
                                                    offload_folder=str(offload)).eval()
         else:
             from accelerate import infer_auto_device_map, load_checkpoint_and_dispatch
-            from pipelines.opensora.loading import find_weights
+            from blockrt.pipelines.opensora.loading import find_weights
             model = wl.build_empty(spec)
             dm = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=wl.block_classes(spec))
             model = load_checkpoint_and_dispatch(model, str(find_weights(spec["dir"])), device_map=dm,
@@ -149,7 +149,7 @@ def setup(job: dict[str, Any]) -> Contender:
     if name in ("blockrt", "blockrt_sequential"):
         import blockrt
         from blockrt import RunConfig
-        from pipelines.opensora.loading import load_stdit3, load_t5
+        from blockrt.pipelines.opensora.loading import load_stdit3, load_t5
         loaded = (load_t5 if spec["name"] == "t5" else load_stdit3)(spec["dir"])
         seq = name == "blockrt_sequential"
         cfg = RunConfig(prefetch_depth=0 if seq else 1, retention=not seq, read_bytes_per_s=job["read_bytes_per_s"],

@@ -36,7 +36,7 @@ STDIT3_VIDEO_QUICK = dict(frames=17, height=32, width=32, prompt_tokens=8, cfg_s
 
 def prepare(name: str, *, quick: bool, cache: Path, stdit3_size: str = "xl") -> dict[str, Any]:
     """Write (once; cached) the checkpoint of workload ``name`` and describe it as a JSON-able dict."""
-    from pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
 
     if name == "t5":
         root, size, over = (cache / "peers-t5-quick", "tiny", T5_QUICK) if quick else (cache / "peers-t5-large", "full", T5_LARGE)
@@ -80,7 +80,7 @@ def model_class(spec: dict[str, Any]) -> type:
     if spec["name"] == "t5":
         from transformers import T5EncoderModel
         return T5EncoderModel
-    from pipelines.opensora.stdit3 import STDiT3
+    from blockrt.pipelines.opensora.stdit3 import STDiT3
     return STDiT3
 
 
@@ -97,7 +97,7 @@ def build_resident(spec: dict[str, Any]) -> torch.nn.Module:
     if spec["name"] == "t5":
         from transformers import T5EncoderModel
         return T5EncoderModel.from_pretrained(spec["dir"]).eval()
-    from pipelines.opensora.loading import load_stdit3
+    from blockrt.pipelines.opensora.loading import load_stdit3
     return load_stdit3(spec["dir"], meta=False).model.eval()
 
 
@@ -110,7 +110,7 @@ def build_empty(spec: dict[str, Any]) -> torch.nn.Module:
         from transformers import T5Config
         with init_empty_weights():
             return cls(T5Config.from_pretrained(spec["dir"])).eval()
-    from pipelines.opensora.stdit3 import STDiT3Config
+    from blockrt.pipelines.opensora.stdit3 import STDiT3Config
     with init_empty_weights():
         return cls(STDiT3Config.from_dict(json.loads((Path(spec["dir"]) / "config.json").read_text()))).eval()
 
@@ -153,9 +153,9 @@ def run_passes(spec: dict[str, Any], call: Callable[..., torch.Tensor], n_passes
 def _denoise(spec: dict[str, Any], timed: Callable[..., Any], steps: int, device: str) -> torch.Tensor:
     from safetensors import safe_open
 
-    from pipelines.opensora.loading import find_weights
-    from pipelines.opensora.resolution import latent_size
-    from pipelines.opensora.sampler import initial_noise, sample, timesteps
+    from blockrt.pipelines.opensora.loading import find_weights
+    from blockrt.pipelines.opensora.resolution import latent_size
+    from blockrt.pipelines.opensora.sampler import initial_noise, sample, timesteps
 
     cfg = json.loads((Path(spec["dir"]) / "config.json").read_text())
     with safe_open(str(find_weights(spec["dir"])), "pt") as f:  # the learned null caption, as null_caption() gives it

@@ -43,10 +43,10 @@ for _p in (ROOT, ROOT / "benchmarks"):  # run as a script from a checkout withou
 
 from bench_common import BUSY_CORES, begin_run, write_results  # noqa: E402
 from blockrt.profile import write_atomic  # noqa: E402
-from pipelines.opensora.pipeline import GenerateConfig  # noqa: E402
-from pipelines.shapes.generate import ShapesGenerator  # noqa: E402
-from pipelines.shapes.judge import flicker, judge, matches, psnr, ssim  # noqa: E402
-from pipelines.shapes.layout import CFG_SCALE  # noqa: E402
+from blockrt.pipelines.opensora.pipeline import GenerateConfig  # noqa: E402
+from blockrt.pipelines.shapes.generate import ShapesGenerator  # noqa: E402
+from blockrt.pipelines.shapes.judge import flicker, judge, matches, psnr, ssim  # noqa: E402
+from blockrt.pipelines.shapes.layout import CFG_SCALE  # noqa: E402
 
 STEPS = 30
 TARGET_FIDELITY_POINTS = 2.0  # lpl16 may lose at most this many percentage points of fidelity vs steps30
@@ -134,7 +134,7 @@ def run_setting(gen: ShapesGenerator, s: Setting, prompts: list[str], seeds: lis
 
 def score(m: dict, videos: list[np.ndarray], refs: list[np.ndarray], captions: list[str]) -> None:
     verdicts = [judge(v) for v in videos]
-    from pipelines.shapes.dataset import parse_caption
+    from blockrt.pipelines.shapes.dataset import parse_caption
 
     want = [parse_caption(c) for c in captions]
     m["matches"] = [matches(v, c) for v, c in zip(verdicts, captions)]  # per video, in prompt x seed order

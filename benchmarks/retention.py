@@ -1,6 +1,6 @@
 """Retention benchmark: how much does keeping blocks resident save over many passes, per budget?
 
-A real transformer (``pipelines.toy.ToyTransformer``, default dim 1024 and 12 layers: 12 blocks of
+A real transformer (``blockrt.pipelines.toy.ToyTransformer``, default dim 1024 and 12 layers: 12 blocks of
 50.4 MB fp32) runs ``--passes`` passes (10, as a denoising loop does) under blockrt at budgets from the
 smallest feasible one to "everything fits", with the loader throttled to the iPhone 15 Pro's flash read
 (``get_profile("iphone15pro").read_bytes_per_s`` = 1.45 GB/s), in two regimes set by the token count:
@@ -57,8 +57,8 @@ from blockrt.loader import BlockLayout  # noqa: E402
 from blockrt.predict import simulate  # noqa: E402
 from blockrt.profile import write_atomic  # noqa: E402
 from bench_common import BUSY_CORES, begin_run, release_freed_memory, write_results  # noqa: E402
-from partitioners import partition  # noqa: E402
-from pipelines.toy import Layer, ToyConfig, ToyTransformer  # noqa: E402
+from blockrt.partitioners import partition  # noqa: E402
+from blockrt.pipelines.toy import Layer, ToyConfig, ToyTransformer  # noqa: E402
 
 # Targets from the issue: printed next to the measurements as PASS/MISS, never asserted.
 TARGET_LOAD_BOUND_HALF = 0.60  # load-bound, half the model retained: wall / no-retention wall <= this

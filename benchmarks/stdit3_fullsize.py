@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 import blockrt  # noqa: E402
 from blockrt import RunConfig  # noqa: E402
 from blockrt.profile import write_atomic  # noqa: E402
-from pipelines.opensora.checkpoints import write_random_checkpoints  # noqa: E402
-from pipelines.opensora.stdit3 import STDiT3, STDiT3Config  # noqa: E402
+from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints  # noqa: E402
+from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config  # noqa: E402
 
 
 def inputs(cfg: STDiT3Config, frames_latent: int, h: int, w: int, tokens: int, seed: int = 0) -> dict:

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 import blockrt  # noqa: E402
 from benchmarks.bench_common import OtherCpu, hardware, release_freed_memory, write_results  # noqa: E402
 from blockrt import RunConfig  # noqa: E402
-from partitioners import partition  # noqa: E402
+from blockrt.partitioners import partition  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 IPHONE_READ_BYTES_PER_S = 1.45e9
@@ -156,7 +156,7 @@ def loads_alone(source, plan, read_bytes_per_s: float | None, rounds: int = 2) -
 def t5_part(args, work: Path) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor, str]:
     from transformers import T5EncoderModel
 
-    from pipelines.opensora.t5 import XXL_CONFIG_JSON, load_tokenizer, t5_tiny_config, tokenize, train_tiny_tokenizer
+    from blockrt.pipelines.opensora.t5 import XXL_CONFIG_JSON, load_tokenizer, t5_tiny_config, tokenize, train_tiny_tokenizer
 
     if args.quick:
         config = t5_tiny_config(vocab_size=32128)
@@ -192,8 +192,8 @@ def t5_part(args, work: Path) -> tuple[list[dict[str, Any]], torch.Tensor, torch
 
 
 def stdit3_part(args, work: Path, t5_ref: torch.Tensor, t5_mask: torch.Tensor) -> tuple[list[dict[str, Any]], str]:
-    from pipelines.opensora.checkpoints import write_random_checkpoints
-    from pipelines.opensora.stdit3 import STDiT3, STDiT3Config
+    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config
 
     size = "tiny" if args.quick else "full"
     overrides = {} if args.quick else {"stdit3": {"depth": args.stdit3_depth}}

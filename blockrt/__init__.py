@@ -14,7 +14,7 @@ from .device import PROFILES, DeviceProfile, get_profile, register_profile  # no
 from .memory import drop_page_cache, read_rss  # noqa: E402
 from .predict import BlockTiming, Prediction, predict, simulate  # noqa: E402
 from .errors import BlockrtError, BudgetError, LoadError, PartitionError, StoreError  # noqa: E402
-from .plan import Block, Plan, TensorSpec  # noqa: E402
+from .partitioners.plan import Block, Plan, TensorSpec  # noqa: E402
 from .profile import Profile, Summary  # noqa: E402
 from .runtime import Runtime, run  # noqa: E402
 from .skeleton import meta_weights  # noqa: E402

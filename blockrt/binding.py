@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .plan import TensorSpec, dtype_from_name
+from .partitioners.plan import TensorSpec, dtype_from_name
 
 
 def _slot_of(model: nn.Module, key: str) -> tuple[nn.Module, str, bool]:

@@ -31,7 +31,7 @@ from torch import nn
 
 from .binding import Binder
 from .ledger import Ledger
-from .plan import Plan, TensorSpec, dtype_from_name
+from .partitioners.plan import Plan, TensorSpec, dtype_from_name
 from .profile import Profile
 from .safetensors_format import Segment
 from .sources import WeightSource, read_exactly

@@ -1,16 +1,15 @@
-"""The exceptions blockrt raises. Each message names what was expected, what was found and the fix."""
+"""The exceptions blockrt raises. Each message names what was expected, what was found and the fix.
 
+``BlockrtError`` and ``PartitionError`` are defined with the partitioners (the bottom layer) and re-exported.
+"""
 
-class BlockrtError(Exception):
-    """Base class of every blockrt error."""
+from .partitioners.errors import BlockrtError, PartitionError
+
+__all__ = ["BlockrtError", "BudgetError", "LoadError", "PartitionError", "StoreError"]
 
 
 class BudgetError(BlockrtError):
     """The memory budget cannot hold what a run needs; the message gives the smallest budget that would."""
-
-
-class PartitionError(BlockrtError):
-    """A model cannot be split into blocks by the chosen partitioner."""
 
 
 class StoreError(BlockrtError):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import LoadError
-from .plan import Block, TensorSpec
+from .partitioners.plan import Block, TensorSpec
 from .quantize import chunk_elements, convert_in_place, scale_key
 from .safetensors_format import Segment
 from .sources import WeightSource, read_exactly
@@ -53,7 +53,7 @@ class BlockLayout:
 
     def views(self, buf: torch.Tensor) -> list[tuple[TensorSpec, torch.Tensor]]:
         """Typed views of ``buf`` (a flat uint8 tensor) for every tensor of the block."""
-        from .plan import dtype_from_name
+        from .partitioners.plan import dtype_from_name
 
         out = []
         for spec, off in zip(self.block.tensors, self.offsets):

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .device import DeviceProfile
 from .loader import BlockLayout
-from .plan import Plan
+from .partitioners.plan import Plan
 from .profile import Profile
 from .predict import BlockTiming, Prediction, minimum_budget, predict, sweep
 

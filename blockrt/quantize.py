@@ -18,7 +18,7 @@ import torch
 
 from .config import STORAGE_DTYPES
 from .errors import StoreError
-from .plan import Plan, TensorSpec, dtype_from_name
+from .partitioners.plan import Plan, TensorSpec, dtype_from_name
 from .safetensors_format import Segment
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")

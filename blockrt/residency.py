@@ -17,7 +17,7 @@ from .config import RunConfig
 from .errors import LoadError
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, LoadRequest, Slot
-from .plan import Plan
+from .partitioners.plan import Plan
 
 
 class Residency:

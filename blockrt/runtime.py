@@ -33,7 +33,7 @@ from .errors import BlockrtError, BudgetError, PartitionError
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, Slot, Staging
 from .memory import RssSampler, drop_page_cache, pin_malloc_mmap_threshold, trim_malloc
-from .plan import Plan, dtype_from_name
+from .partitioners.plan import Plan, dtype_from_name
 from .predict import BlockTiming, RetentionDecision, choose_retained
 from .profile import Profile
 from .residency import Residency
@@ -75,7 +75,7 @@ class Runtime:
 
     def __init__(self, model: nn.Module, budget: int | str | DeviceProfile, *, weights: str | Path | None = None,
                  store: str | Path | None = None, partitioner: Any = None, config: RunConfig | None = None) -> None:
-        from partitioners import partition
+        from blockrt.partitioners import partition
 
         self.config = config = config or RunConfig()
         self.budget, budget_profile = resolve_budget(budget)

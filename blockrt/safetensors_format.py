@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import StoreError
-from .plan import dtype_from_name, dtype_name
+from .partitioners.plan import dtype_from_name, dtype_name
 
 CODE_TO_DTYPE: dict[str, str] = {
     "F64": "float64",

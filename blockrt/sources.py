@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import StoreError
-from .plan import Plan, dtype_from_name
+from .partitioners.plan import Plan, dtype_from_name
 from .safetensors_format import Segment, read_header
 
 

@@ -30,7 +30,7 @@ import torch
 
 from . import __version__
 from .errors import StoreError
-from .plan import Plan, dtype_from_name
+from .partitioners.plan import Plan, dtype_from_name
 from .profile import current_umask
 from .quantize import check_stored, stored_dtype, to_storage
 from .safetensors_format import fsync_dir, read_header, write_file
@@ -324,7 +324,7 @@ def convert_store(model_or_plan: "torch.nn.Module | Plan", weights: str | os.Pat
     if isinstance(model_or_plan, Plan):
         plan = model_or_plan
     else:
-        from partitioners import partition
+        from blockrt.partitioners import partition
 
         plan = partition(model_or_plan)
     config = RunConfig(storage_dtype=storage_dtype)

@@ -13,7 +13,7 @@ from torch import nn
 from .binding import Binder
 from .config import RunConfig
 from .errors import BlockrtError
-from .plan import Plan
+from .partitioners.plan import Plan
 from .quantize import stored_dtypes
 from .sources import CheckpointSource, WeightSource
 from .store import converted_store, fingerprint, needs_conversion, open_store, require_storage, write_store

@@ -4,8 +4,8 @@ The per-model partitioners register themselves by class path on import (no optio
 imported here): T5 encoders, STDiT3 and the Open-Sora VAE.
 """
 
-from partitioners import stdit3, t5, vae  # noqa: F401  (registration)
-from partitioners.generic import generic_partition
-from partitioners.registry import partition, register
+from blockrt.partitioners import stdit3, t5, vae  # noqa: F401  (registration)
+from blockrt.partitioners.generic import generic_partition
+from blockrt.partitioners.registry import partition, register
 
 __all__ = ["generic_partition", "partition", "register"]

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from blockrt.errors import PartitionError
-from blockrt.plan import Block, Plan, TensorSpec, dtype_from_name, tensor_spec
+from blockrt.partitioners.errors import PartitionError
+from blockrt.partitioners.plan import Block, Plan, TensorSpec, dtype_from_name, tensor_spec
 
 _STACK_TYPES = (nn.ModuleList, nn.Sequential)
 
@@ -70,7 +70,7 @@ def find_layer_stack(model: nn.Module) -> tuple[str, list[str]]:
         raise PartitionError(
             f"generic partitioner found no repeated layer stack in {name}: expected an nn.ModuleList or "
             f"nn.Sequential of >= 2 modules of one class holding parameters (like encoder.layer, encoder.block, "
-            f"transformer.h, layers){seen}; register a partitioner for {name} with partitioners.register"
+            f"transformer.h, layers){seen}; register a partitioner for {name} with blockrt.partitioners.register"
         )
     return best[1], best[2]
 

@@ -11,8 +11,8 @@ from typing import Callable, Protocol
 
 from torch import nn
 
-from blockrt.plan import Plan
-from partitioners.generic import check_target_bytes, generic_partition
+from blockrt.partitioners.plan import Plan
+from blockrt.partitioners.generic import check_target_bytes, generic_partition
 
 
 class PartitionFn(Protocol):
@@ -51,7 +51,7 @@ def register(cls: type | str) -> Callable[[PartitionFn], PartitionFn]:
             name = cls if isinstance(cls, str) else cls.__qualname__
             raise ValueError(
                 f"a partitioner for {name} is already registered ({old.__module__}.{old.__qualname__}); "
-                f"call partitioners.registry.unregister({name}) first to replace it"
+                f"call blockrt.partitioners.registry.unregister({name}) first to replace it"
             )
         _REGISTRY[cls] = fn
         return fn
@@ -97,5 +97,5 @@ def partition(
     plan = fn(model, target_bytes=target_bytes)
     if not isinstance(plan, Plan):
         name = getattr(fn, "__qualname__", repr(fn))
-        raise TypeError(f"partitioner {name} returned {type(plan).__qualname__}, expected a blockrt.plan.Plan")
+        raise TypeError(f"partitioner {name} returned {type(plan).__qualname__}, expected a blockrt.Plan")
     return plan

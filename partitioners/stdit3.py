@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from blockrt.plan import Plan
-from partitioners.generic import plan_from_units
-from partitioners.registry import register
+from blockrt.partitioners.plan import Plan
+from blockrt.partitioners.generic import plan_from_units
+from blockrt.partitioners.registry import register
 
 
-@register("pipelines.opensora.stdit3.STDiT3")
+@register("blockrt.pipelines.opensora.stdit3.STDiT3")
 def partition_stdit3(model: nn.Module, *, target_bytes: int | None = None) -> Plan:
     """Block i streams ``spatial_blocks.i`` then ``temporal_blocks.i`` (their execution order)."""
     n = len(model.spatial_blocks)  # type: ignore[arg-type]

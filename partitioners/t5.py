@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from blockrt.plan import Plan
-from partitioners.generic import plan_from_units
-from partitioners.registry import register
+from blockrt.partitioners.plan import Plan
+from blockrt.partitioners.generic import plan_from_units
+from blockrt.partitioners.registry import register
 
 
 @register("transformers.models.t5.modeling_t5.T5EncoderModel")

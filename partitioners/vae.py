@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from blockrt.plan import Plan
-from partitioners.generic import plan_from_units
-from partitioners.registry import register
+from blockrt.partitioners.plan import Plan
+from blockrt.partitioners.generic import plan_from_units
+from blockrt.partitioners.registry import register
 
 
-@register("pipelines.opensora.vae_temporal.TemporalDecoder")
+@register("blockrt.pipelines.opensora.vae_temporal.TemporalDecoder")
 def partition_temporal_decoder(model: nn.Module, *, target_bytes: int | None = None) -> Plan:
     """``res_blocks.i``, then for stage i = n-1..0 its res blocks and the up-sampling conv after it."""
     units: list[tuple[str, list[str]]] = [(f"res_blocks.{i}", [f"res_blocks.{i}"]) for i in range(len(model.res_blocks))]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines.toy import ToyConfig, ToyTransformer
+from blockrt.pipelines.toy import ToyConfig, ToyTransformer
 
 VOCAB = 128
 BATCH, SEQ = 2, 8

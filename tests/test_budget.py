@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import blockrt
-import partitioners
+from blockrt import partitioners
 from blockrt.budget import format_bytes
 from models import build_toy
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from blockrt.cli import main
+from blockrt.pipelines.cli import main
 
 
 def test_demo_writes_trace_and_timeline(tmp_path, capsys):

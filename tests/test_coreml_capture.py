@@ -18,7 +18,7 @@ import blockrt  # noqa: E402
 from blockrt.coreml import ExportError, ExportOptions, capture_blocks, export_model, inspect_package, read_manifest  # noqa: E402
 from blockrt.coreml.capture import PINNED  # noqa: E402
 from models import BUILDERS, build_toy  # noqa: E402
-from partitioners import partition  # noqa: E402
+from blockrt.partitioners import partition  # noqa: E402
 
 SEQ_RANGE = (1, 32)
 

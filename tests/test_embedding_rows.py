@@ -13,7 +13,7 @@ import blockrt
 from blockrt import BudgetError, RunConfig
 from blockrt.embedding_rows import row_streamed_tables
 from models import build_toy
-from partitioners import partition
+from blockrt.partitioners import partition
 
 pytestmark = pytest.mark.timeout(120)
 

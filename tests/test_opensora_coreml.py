@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("coremltools")
 
 from blockrt.coreml import ExportBlock, ExportError, ExportOptions, export_blocks, inspect_package, read_manifest  # noqa: E402
-from pipelines.opensora.coreml_export import MODELS, TDTM_FUNCTION, export_opensora  # noqa: E402
+from blockrt.pipelines.opensora.coreml_export import MODELS, TDTM_FUNCTION, export_opensora  # noqa: E402
 
 TDTM_MAX_SIZE_RATIO = 0.6  # multifunction package / two separate packages (weights stored once: ~0.5)
 INT8_MAX_SIZE_RATIO = 0.30  # int8 weights / fp32 weights of a full-size block (~0.25 + scales)
@@ -28,8 +28,8 @@ OVERRIDES = {"t5": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 128, "num_
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.opensora.checkpoints import write_random_checkpoints
-    from pipelines.opensora.t5 import train_tiny_tokenizer
+    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("weights")
     train_tiny_tokenizer(["a red circle moving left on a blue background"] * 40, root / "tok", vocab_size=60)
@@ -117,7 +117,7 @@ def test_rewrites_equal_the_original_models(export: Path) -> None:
 
 
 def test_cli_exports_without_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from blockrt.cli import main
+    from blockrt.pipelines.cli import main
 
     out = tmp_path / "cli"
     rc = main(["export", "coreml", "--cache", str(tmp_path / "cache"), "--out", str(out), "--models", "t5",
@@ -161,8 +161,8 @@ def test_every_tensor_is_within_core_mls_rank_limit(export: Path) -> None:
 
 def test_unconvertible_op_names_the_op_and_the_block(tmp_path: Path) -> None:
     """A flexible frame batch in the spatial VAE: coremltools' group_norm rejects the symbolic dim."""
-    from pipelines.opensora.coreml_vae import spatial_parts
-    from pipelines.opensora.vae import VAEConfig, VideoAutoencoderPipeline
+    from blockrt.pipelines.opensora.coreml_vae import spatial_parts
+    from blockrt.pipelines.opensora.vae import VAEConfig, VideoAutoencoderPipeline
 
     name, mid = spatial_parts(VideoAutoencoderPipeline(VAEConfig.tiny()).eval())[1]
     x = torch.randn(4, 32, 8, 8)
@@ -183,8 +183,8 @@ def test_predict_matches_pytorch(export: Path, weights: Path) -> None:
     mlmodel = ct.models.MLModel(str(export / p.file))
     x = np.random.default_rng(0).standard_normal([s for s in p.inputs[0].shape]).astype(np.float32)
     t = np.random.default_rng(1).standard_normal([s for s in p.inputs[1].shape]).astype(np.float32)
-    from pipelines.opensora.coreml_stdit3 import STDiT3Final
-    from pipelines.opensora.loading import load_stdit3
+    from blockrt.pipelines.opensora.coreml_stdit3 import STDiT3Final
+    from blockrt.pipelines.opensora.loading import load_stdit3
 
     model = load_stdit3(weights / "OpenSora-STDiT-v3", meta=False).model
     ref = STDiT3Final(model, tuple(m.extra["latent"]))(torch.from_numpy(x), torch.from_numpy(t)).detach().numpy()
@@ -202,10 +202,10 @@ def test_full_size_stdit3_and_t5_block(tmp_path: Path) -> None:
     weights in the real layout, converted: fp16 and int8 sizes against the fp32 weight bytes."""
     from transformers.models.t5.modeling_t5 import T5Block
 
-    from pipelines.opensora.coreml_stdit3 import LAYER_IO, STDiT3Layer
-    from pipelines.opensora.coreml_t5 import NEXT_IO, T5NextBlock, additive_mask
-    from pipelines.opensora.stdit3 import STDiT3Block, STDiT3Config
-    from pipelines.opensora.t5 import t5_xxl_config
+    from blockrt.pipelines.opensora.coreml_stdit3 import LAYER_IO, STDiT3Layer
+    from blockrt.pipelines.opensora.coreml_t5 import NEXT_IO, T5NextBlock, additive_mask
+    from blockrt.pipelines.opensora.stdit3 import STDiT3Block, STDiT3Config
+    from blockrt.pipelines.opensora.t5 import t5_xxl_config
 
     torch.manual_seed(0)
     cfg = STDiT3Config.xl2()

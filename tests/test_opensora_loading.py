@@ -19,10 +19,10 @@ import torch
 
 import blockrt
 from models import stdit3_feed
-from pipelines.opensora import checkpoints as ck
-from pipelines.opensora import tensor_files
-from pipelines.opensora.loading import CheckpointError, check_weights, load_bin, load_stdit3, load_t5, load_vae
-from pipelines.opensora.t5 import (MAX_LENGTH, encode_prompts, load_tokenizer, t5_tiny_config, t5_xxl_config,
+from blockrt.pipelines.opensora import checkpoints as ck
+from blockrt.pipelines.opensora import tensor_files
+from blockrt.pipelines.opensora.loading import CheckpointError, check_weights, load_bin, load_stdit3, load_t5, load_vae
+from blockrt.pipelines.opensora.t5 import (MAX_LENGTH, encode_prompts, load_tokenizer, t5_tiny_config, t5_xxl_config,
                                    tokenize, train_tiny_tokenizer)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opensora_keys"
@@ -38,9 +38,9 @@ CAPTIONS = [
 ] * 10
 PROMPTS = ["a cat sitting on a chair aesthetic score: 6.5.", "waves on the beach at night"]
 
-needs_stdit3 = pytest.mark.skipif(importlib.util.find_spec("pipelines.opensora.stdit3") is None,
+needs_stdit3 = pytest.mark.skipif(importlib.util.find_spec("blockrt.pipelines.opensora.stdit3") is None,
                                   reason="pipelines/opensora/stdit3.py (STDiT3) is not written yet")
-needs_vae = pytest.mark.skipif(importlib.util.find_spec("pipelines.opensora.vae") is None,
+needs_vae = pytest.mark.skipif(importlib.util.find_spec("blockrt.pipelines.opensora.vae") is None,
                                reason="pipelines/opensora/vae.py (the VAE pipeline) is not written yet")
 
 
@@ -341,8 +341,8 @@ def test_deep_random_stdit3_stays_finite_and_order_one(tmp_path):
 def test_vae_loads_on_meta_and_whole(tmp_path):
     from safetensors.torch import load_file
 
-    from pipelines.opensora.loading import vae_config_from_json
-    from pipelines.opensora.vae import VideoAutoencoderPipeline
+    from blockrt.pipelines.opensora.loading import vae_config_from_json
+    from blockrt.pipelines.opensora.vae import VideoAutoencoderPipeline
 
     d = ck.write_random_checkpoints(tmp_path, ("vae",), size="tiny")["vae"]
     model, weights = load_vae(d)

@@ -8,13 +8,13 @@ import torch
 import blockrt
 from blockrt import RunConfig
 from models import stdit3_feed
-from partitioners import partition
+from blockrt.partitioners import partition
 
 PASSES = 3
 
 
 def test_vae_decoders_stream_part_by_part_with_identical_output():
-    from pipelines.opensora.vae import VAEConfig, VideoAutoencoderPipeline
+    from blockrt.pipelines.opensora.vae import VAEConfig, VideoAutoencoderPipeline
 
     torch.manual_seed(0)
     vae = VideoAutoencoderPipeline(VAEConfig.tiny()).eval()
@@ -37,7 +37,7 @@ def test_vae_decoders_stream_part_by_part_with_identical_output():
 
 
 def test_vae_decoder_parts_cover_every_weight_at_full_size():
-    from pipelines.opensora.vae import VAEConfig, VideoAutoencoderPipeline
+    from blockrt.pipelines.opensora.vae import VAEConfig, VideoAutoencoderPipeline
 
     with torch.device("meta"):
         vae = VideoAutoencoderPipeline(VAEConfig())
@@ -55,8 +55,8 @@ def test_stdit3_streams_from_a_checkpoint_in_the_real_layout(tmp_path):
 
     from safetensors.torch import load_file
 
-    from pipelines.opensora.checkpoints import write_random_checkpoints
-    from pipelines.opensora.stdit3 import STDiT3, STDiT3Config
+    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config
 
     weights = write_random_checkpoints(tmp_path, which=("stdit3",), size="tiny")["stdit3"]
     assert (weights / "model.safetensors").exists() and (weights / "config.json").exists()
@@ -81,8 +81,8 @@ def test_vae_decoders_stream_from_the_vae_checkpoint_by_prefix(tmp_path):
     from safetensors.torch import load_file
 
     from blockrt.errors import StoreError
-    from pipelines.opensora.checkpoints import write_random_checkpoints
-    from pipelines.opensora.vae import VAEConfig, VideoAutoencoderPipeline
+    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.vae import VAEConfig, VideoAutoencoderPipeline
 
     weights = write_random_checkpoints(tmp_path, which=("vae",), size="tiny")["vae"]
     plain = VideoAutoencoderPipeline(VAEConfig.tiny()).eval()

@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from blockrt.errors import PartitionError
-from blockrt.plan import Plan
+from blockrt.partitioners.plan import Plan
 from models import build_t5_encoder, build_toy
-from partitioners import generic_partition, partition, register
-from partitioners.registry import lookup, unregister
-from pipelines.toy import ToyConfig, ToyTransformer
+from blockrt.partitioners import generic_partition, partition, register
+from blockrt.partitioners.registry import lookup, unregister
+from blockrt.pipelines.toy import ToyConfig, ToyTransformer
 
 # model name -> (stack path, number of layers)
 EXPECTED_STACKS = {
@@ -218,7 +218,7 @@ def test_largest_homogeneous_stack_wins() -> None:
 )
 def test_no_stack_raises(model: nn.Module) -> None:
     name = type(model).__qualname__
-    with pytest.raises(PartitionError, match=rf"no repeated layer stack in {name}.*partitioners.register"):
+    with pytest.raises(PartitionError, match=rf"no repeated layer stack in {name}.*blockrt.partitioners.register"):
         partition(model)
 
 
@@ -270,12 +270,12 @@ def test_registry_dispatch_by_mro(registered_sub) -> None:
     with pytest.raises(ValueError, match="already registered"):
         register(_ToySub)(generic_partition)
     # a partitioner must return a Plan
-    with pytest.raises(TypeError, match="expected a blockrt.plan.Plan"):
+    with pytest.raises(TypeError, match="expected a blockrt.Plan"):
         partition(base, partitioner=lambda m, *, target_bytes: None)  # type: ignore[arg-type,return-value]
 
 
 def test_plan_from_units_rejects_bad_units() -> None:
-    from partitioners.generic import plan_from_units
+    from blockrt.partitioners.generic import plan_from_units
 
     model, _ = build_toy(n_layers=2)
     for units, msg in [

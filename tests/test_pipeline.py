@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.opensora.pipeline import GenerateConfig, OpenSoraPipeline
+from blockrt.pipelines.opensora.pipeline import GenerateConfig, OpenSoraPipeline
 
 CAPTIONS = ["a red circle moving left on a blue background", "a green square moving up on a white background",
             "a yellow triangle moving right on a black background", "a blue circle moving down"]
@@ -14,8 +14,8 @@ BUDGET = "64MB"
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    from pipelines.opensora.checkpoints import write_random_checkpoints
-    from pipelines.opensora.t5 import train_tiny_tokenizer
+    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("weights")
     tok = train_tiny_tokenizer(CAPTIONS * 20, root / "tokenizer", vocab_size=60)
@@ -29,8 +29,8 @@ def small(**kw) -> GenerateConfig:
 
 
 def test_streamed_equals_not_streamed_and_writes_an_mp4(weights, tmp_path):
-    from pipelines.opensora.resolution import resolve
-    from pipelines.opensora.video import read_mp4
+    from blockrt.pipelines.opensora.resolution import resolve
+    from blockrt.pipelines.opensora.video import read_mp4
 
     streamed = OpenSoraPipeline(weights, budget=BUDGET).generate(small(lpl=2, merge_steps=2), out=tmp_path / "a.mp4")
     whole = OpenSoraPipeline(weights, budget=BUDGET, stream=False).generate(small(lpl=2, merge_steps=2))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.opensora.prompt import (
+from blockrt.pipelines.opensora.prompt import (
     AESTHETIC_SUFFIX,
     append_scores,
     clean_caption,
@@ -22,7 +22,7 @@ from pipelines.opensora.prompt import (
     preprocess,
     split_loop_prompts,
 )
-from pipelines.opensora.resolution import (
+from blockrt.pipelines.opensora.resolution import (
     ASPECT_RATIO_MAP,
     RESOLUTIONS,
     decoded_size,
@@ -31,7 +31,7 @@ from pipelines.opensora.resolution import (
     num_frames,
     resolve,
 )
-from pipelines.opensora.video import read_mp4, save_video, to_uint8_frames, write_mp4
+from blockrt.pipelines.opensora.video import read_mp4, save_video, to_uint8_frames, write_mp4
 
 MIN_PSNR_DB = 30.0  # smooth synthetic clip through libx264 CRF 23, yuv420p
 
@@ -169,7 +169,7 @@ def test_frames_and_latent_sizes():
 
 
 def test_latent_size_matches_vae():
-    from pipelines.opensora.vae import VAEConfig, VideoAutoencoderPipeline
+    from blockrt.pipelines.opensora.vae import VAEConfig, VideoAutoencoderPipeline
 
     with torch.device("meta"):
         vae = VideoAutoencoderPipeline(VAEConfig.tiny())

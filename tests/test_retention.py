@@ -9,7 +9,7 @@ import blockrt
 from blockrt import BudgetError, RunConfig
 from blockrt.loader import BlockLayout
 from models import BUILDERS
-from partitioners import partition
+from blockrt.partitioners import partition
 from test_runtime import SlowBlocks, output, reference
 
 PASSES = 5

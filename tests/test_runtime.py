@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import blockrt
 from blockrt import BudgetError, RunConfig
 from models import BUILDERS
-from partitioners import partition
+from blockrt.partitioners import partition
 
 PASSES = 3
 OVERLAP_BPS = 20e6  # throttled read bandwidth for the overlap tests: loads become slow and measurable

@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
-from pipelines.opensora.lpl import DynamicLeap, FixedLeap, LeapPolicy, NoLeap, authors_cosine, latent_cosine
-from pipelines.opensora.sampler import (
+from blockrt.pipelines.opensora.lpl import DynamicLeap, FixedLeap, LeapPolicy, NoLeap, authors_cosine, latent_cosine
+from blockrt.pipelines.opensora.sampler import (
     SampleResult,
     SamplerConfig,
     initial_noise,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.shapes.dataset import (
+from blockrt.pipelines.shapes.dataset import (
     BACKGROUNDS, DIRECTIONS, FRAMES, PALETTE, SHAPE_COLOURS, SHAPES, SIZE, all_captions, caption, make_batch,
     make_clip, parse_caption, render, sample_spec,
 )
-from pipelines.shapes.judge import fidelity, flicker, judge, matches, psnr, ssim
+from blockrt.pipelines.shapes.judge import fidelity, flicker, judge, matches, psnr, ssim
 
 JUDGE_CLIPS = 100
 MIN_JUDGE_ACCURACY = 0.95  # the bar on the generator's own clean clips

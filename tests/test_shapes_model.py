@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.opensora import loading
-from pipelines.opensora.pipeline import DIRS, GenerateConfig, OpenSoraPipeline
-from pipelines.opensora.video import to_uint8_frames
-from pipelines.shapes.judge import judge, matches
-from pipelines.shapes.layout import CFG_SCALE, RECORD, WEIGHTS_DIR
+from blockrt.pipelines.opensora import loading
+from blockrt.pipelines.opensora.pipeline import DIRS, GenerateConfig, OpenSoraPipeline
+from blockrt.pipelines.opensora.video import to_uint8_frames
+from blockrt.pipelines.shapes.judge import judge, matches
+from blockrt.pipelines.shapes.layout import CFG_SCALE, RECORD, WEIGHTS_DIR
 
 PROMPT = "a red circle moving right on a blue background"
 PROMPTS = [PROMPT, "a green square moving left on a white background", "a blue triangle moving up on a gray background",
@@ -37,19 +37,21 @@ def test_shipped_weights_are_the_real_layout_and_small():
     size = sum(p.stat().st_size for p in WEIGHTS_DIR.rglob("*") if p.is_file())
     assert size <= MAX_SHIPPED_BYTES
     record = json.loads((WEIGHTS_DIR / RECORD).read_text())
-    assert record["command"].startswith("python -m pipelines.shapes.train") and "seed" in record["args"]
+    # the shipped record was written before the module moved under blockrt.pipelines
+    assert record["command"].split()[2] in ("pipelines.shapes.train", "blockrt.pipelines.shapes.train")
+    assert "seed" in record["args"]
     assert record["losses"]["stdit3_loss"][-1][1] < record["losses"]["stdit3_loss"][0][1]
 
 
 def test_the_shipped_tokenizer_keeps_every_caption_word_whole():
-    from pipelines.shapes.train import check_whole_words
+    from blockrt.pipelines.shapes.train import check_whole_words
 
     check_whole_words(WEIGHTS_DIR / DIRS["t5"])  # raises if any shape, colour, direction or background is split
 
 
 def test_a_tokenizer_trained_on_the_captions_alone_splits_words_and_is_refused(tmp_path):
-    from pipelines.opensora.t5 import train_tiny_tokenizer
-    from pipelines.shapes.train import check_whole_words, pipeline_texts, tokenizer_corpus
+    from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
+    from blockrt.pipelines.shapes.train import check_whole_words, pipeline_texts, tokenizer_corpus
 
     with pytest.raises(ValueError, match="must be one token"):
         check_whole_words(train_tiny_tokenizer(pipeline_texts() * 4, tmp_path / "captions", vocab_size=64))
@@ -67,8 +69,8 @@ def test_a_30_step_sample_scores_as_the_prompt_says(tmp_path):
 
 
 def test_the_judge_rejects_random_weights(tmp_path):
-    from pipelines.opensora.checkpoints import write_random_checkpoints
-    from pipelines.opensora.t5 import train_tiny_tokenizer
+    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     tok = train_tiny_tokenizer([PROMPT + " aesthetic score: 6.5."] * 20, tmp_path / "tok", vocab_size=40)
     write_random_checkpoints(tmp_path / "w", size="tiny", t5_format="safetensors", tokenizer=tok)
@@ -77,7 +79,7 @@ def test_the_judge_rejects_random_weights(tmp_path):
 
 
 def test_the_resident_generator_equals_the_pipeline():
-    from pipelines.shapes.generate import ShapesGenerator
+    from blockrt.pipelines.shapes.generate import ShapesGenerator
 
     cfg = shapes_config(steps=6, lpl=3, merge_steps=2)
     ours = ShapesGenerator().generate(cfg)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import blockrt
-from pipelines.opensora.layers import apply_rope, pos_embed_2d, rope_frequencies, timestep_sinusoid
-from pipelines.opensora.stdit3 import STDiT3, STDiT3Config, unpatchify
+from blockrt.pipelines.opensora.layers import apply_rope, pos_embed_2d, rope_frequencies, timestep_sinusoid
+from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config, unpatchify
 
 KEYS = Path(__file__).parent / "fixtures" / "opensora_keys" / "stdit3_xl2.json"
 XL2_BLOCK_PARAMS = 21_255_696  # one spatial or temporal block (spec §1.1)

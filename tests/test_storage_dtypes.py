@@ -21,7 +21,7 @@ from blockrt import BudgetError, LoadError, RunConfig, StoreError
 from blockrt.binding import Binder
 from blockrt.quantize import INT8_MAX, dequantize_int8, from_storage, quantize_int8, stored_dtype, to_storage
 from models import build_t5_encoder, build_toy
-from partitioners import partition
+from blockrt.partitioners import partition
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -22,7 +22,7 @@ import blockrt.loader
 import blockrt.store
 from blockrt import LoadError, PartitionError, Plan, RunConfig, StoreError
 from models import build_toy
-from partitioners import partition
+from blockrt.partitioners import partition
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import blockrt
 from blockrt import RunConfig
-from pipelines.opensora.stdit3 import STDiT3, STDiT3Config
-from pipelines.opensora.tdtm import check_x_mask, merge, merge_tokens, merged_frames, unmerge, unmerge_tokens
+from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config
+from blockrt.pipelines.opensora.tdtm import check_x_mask, merge, merge_tokens, merged_frames, unmerge, unmerge_tokens
 
 L, C, NUM_HEADS = 12, 64, 4  # tiny config: caption tokens, hidden size
 FPS, HEIGHT, WIDTH = 24.0, 240, 426

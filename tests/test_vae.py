@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.opensora.vae import (
+from blockrt.pipelines.opensora.vae import (
     SPATIAL_SCALING_FACTOR,
     SpatialVAE,
     SpatialVAEConfig,
     VAEConfig,
     VideoAutoencoderPipeline,
 )
-from pipelines.opensora.vae_temporal import CausalConv3d, TemporalVAE, TemporalVAEConfig, depth_to_time
+from blockrt.pipelines.opensora.vae_temporal import CausalConv3d, TemporalVAE, TemporalVAEConfig, depth_to_time
 
 KEYS = Path(__file__).parent / "fixtures" / "opensora_keys"
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..plan import Block, Plan
+from ..partitioners.plan import Block, Plan
 from .replay import CONST, SLOT, ReplayModule, Step
 from .spec import ExportError
 
@@ -184,7 +184,7 @@ def capture_blocks(model: nn.Module, example_args: tuple, example_kwargs: dict |
     Args:
         model: the model (in memory), the model a ``runtime`` streams, or that ``blockrt.Runtime`` itself.
         example_args / example_kwargs: one pass's inputs, as for ``model(*args, **kwargs)``.
-        plan: the blocks (default: ``runtime.plan``, else ``partitioners.partition(model)``).
+        plan: the blocks (default: ``runtime.plan``, else ``blockrt.partitioners.partition(model)``).
         runtime: a ``blockrt.Runtime`` streaming ``model``: the pass runs through it (its hooks load each
             block), and the replays bypass its hooks. Replaying then needs the block's weights bound.
 
@@ -200,7 +200,7 @@ def capture_blocks(model: nn.Module, example_args: tuple, example_kwargs: dict |
         if runtime is not None:
             plan = runtime.plan
         else:
-            from partitioners import partition
+            from blockrt.partitioners import partition
 
             plan = partition(model)
     call = runtime if runtime is not None else model

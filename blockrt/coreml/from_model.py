@@ -25,7 +25,7 @@ from torch import nn
 
 from ..binding import Binder
 from ..errors import BlockrtError
-from ..plan import Block, Plan
+from ..partitioners.plan import Block, Plan
 from .capture import CapturedBlock, capture_blocks
 from .export import Progress, export_blocks
 from .manifest import ExportManifest
@@ -48,7 +48,7 @@ def export_model(model: nn.Module, example_args: tuple, example_kwargs: dict | N
         example_args / example_kwargs: one pass's inputs; each block is traced with what reaches it.
         out_dir: the export directory (see ``export_blocks`` for the overwrite rules).
         options: precision, quantization and checks.
-        plan: the blocks (default: the runtime's plan, else ``partitioners.partition(model)``).
+        plan: the blocks (default: the runtime's plan, else ``blockrt.partitioners.partition(model)``).
         budget: the streaming runtime's budget for the capture pass (default: unlimited accounting).
         weights: a checkpoint or blockrt store to stream a skeleton's weights from.
         overwrite: replace a previous export in ``out_dir``.
@@ -121,7 +121,7 @@ class _Session:
             if budget is not None:
                 raise ValueError("budget= only applies when weights are streamed (weights= or a Runtime)")
             if plan is None:
-                from partitioners import partition
+                from blockrt.partitioners import partition
 
                 plan = partition(model)
             self.model, self.plan = model, plan

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from pipelines.opensora.tensor_files import write_safetensors, write_torch_bin
+from blockrt.pipelines.opensora.tensor_files import write_safetensors, write_torch_bin
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +443,7 @@ def t5_spec(size: str = "full", fmt: str = "bin", **overrides: Any) -> Checkpoin
     sizes scale the limit by the same ratio, so they split at about the same relative place. ``overrides``:
     config.json fields (e.g. ``num_layers=24``).
     """
-    from pipelines.opensora.t5 import TINY_SIZES, _config, t5_config_json
+    from blockrt.pipelines.opensora.t5 import TINY_SIZES, _config, t5_config_json
 
     _check_size(size)
     if fmt not in T5_FORMATS:
@@ -700,7 +700,7 @@ def write_random_checkpoints(root: str | Path, which: Sequence[str] = COMPONENTS
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m pipelines.opensora.checkpoints ROOT [--which stdit3,vae,t5] [--seed 0] [--size full]``."""
+    """``python -m blockrt.pipelines.opensora.checkpoints ROOT [--which stdit3,vae,t5] [--seed 0] [--size full]``."""
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

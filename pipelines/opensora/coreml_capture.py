@@ -23,10 +23,10 @@ from torch import nn
 
 import blockrt
 from blockrt import RunConfig
-from pipelines.opensora import loading
-from pipelines.opensora.pipeline import DIRS
-from pipelines.opensora.resolution import latent_size, num_frames, resolve
-from pipelines.opensora.sampler import initial_noise, timesteps
+from blockrt.pipelines.opensora import loading
+from blockrt.pipelines.opensora.pipeline import DIRS
+from blockrt.pipelines.opensora.resolution import latent_size, num_frames, resolve
+from blockrt.pipelines.opensora.sampler import initial_noise, timesteps
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ def _run(model: nn.Module, weights: Path, budget: int | str, prefix: str = "") -
 
 def capture_t5(directory: Path, prompt: str, budget: int | str) -> Captured:
     """The prompt through the T5 encoder: token ids, mask, every block's input and output, the final norm."""
-    from pipelines.opensora.prompt import preprocess
-    from pipelines.opensora.t5 import MAX_LENGTH, load_tokenizer, tokenize
+    from blockrt.pipelines.opensora.prompt import preprocess
+    from blockrt.pipelines.opensora.t5 import MAX_LENGTH, load_tokenizer, tokenize
 
     t5 = loading.load_t5(directory)
     model = t5.model

@@ -35,10 +35,10 @@ from blockrt.coreml.manifest import MANIFEST
 from blockrt.coreml.outdir import StagedDir
 from blockrt.profile import write_atomic
 from blockrt.sources import CheckpointSource
-from pipelines.opensora import coreml_stdit3 as cs
-from pipelines.opensora import coreml_t5 as ct5
-from pipelines.opensora import coreml_vae as cv
-from pipelines.opensora.coreml_capture import Captured, Shapes, capture_stdit3, capture_t5, capture_vae, model_dirs
+from blockrt.pipelines.opensora import coreml_stdit3 as cs
+from blockrt.pipelines.opensora import coreml_t5 as ct5
+from blockrt.pipelines.opensora import coreml_vae as cv
+from blockrt.pipelines.opensora.coreml_capture import Captured, Shapes, capture_stdit3, capture_t5, capture_vae, model_dirs
 
 log = logging.getLogger(__name__)
 
@@ -396,8 +396,8 @@ def merge_tdtm_functions(build: Path, manifest: ExportManifest) -> ExportManifes
 def tiny_random_weights(cache: str | Path) -> Path:
     """Tiny random checkpoints of the three models in the real layout (with a small trained tokenizer),
     written once into ``cache`` and reused: what ``blockrt export coreml`` exports without ``--weights``."""
-    from pipelines.opensora.checkpoints import write_random_checkpoints
-    from pipelines.opensora.t5 import train_tiny_tokenizer
+    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     cache = Path(cache)
     tok = cache / "tokenizer"

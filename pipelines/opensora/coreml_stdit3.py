@@ -29,9 +29,9 @@ import math
 import torch
 from torch import nn
 
-from pipelines.opensora.coreml_t5 import MASK_MIN
-from pipelines.opensora.layers import pos_embed_2d
-from pipelines.opensora.stdit3 import STDiT3, STDiT3Block
+from blockrt.pipelines.opensora.coreml_t5 import MASK_MIN
+from blockrt.pipelines.opensora.layers import pos_embed_2d
+from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Block
 
 
 def patch_grid(model: STDiT3, latent: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -148,7 +148,7 @@ class STDiT3Final(nn.Module):
         self.reference = reference
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        from pipelines.opensora.stdit3 import unpatchify
+        from blockrt.pipelines.opensora.stdit3 import unpatchify
 
         T, H, W = self.grid
         x = self.final_layer(x, t, T, H * W)  # (B, T*S, prod(patch)*C_out)

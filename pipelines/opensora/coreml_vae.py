@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.opensora.vae import VideoAutoencoderPipeline
-from pipelines.opensora.vae_temporal import CausalConv3d, ResBlock, time_padding
+from blockrt.pipelines.opensora.vae import VideoAutoencoderPipeline
+from blockrt.pipelines.opensora.vae_temporal import CausalConv3d, ResBlock, time_padding
 
 
 def group_norm_4d(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class ResBlocks(nn.Module):
         self.reference = reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from pipelines.opensora.vae_temporal import depth_to_time
+        from blockrt.pipelines.opensora.vae_temporal import depth_to_time
 
         for b in self.blocks:
             x = b(x)

@@ -148,7 +148,7 @@ def _reusable(cache: Path, stamp: list[list[Any]]) -> bool:
 def _convert_shard(shard: Path, out: Path) -> tuple[list[str], int, int]:
     """One .bin shard -> one safetensors file: (keys written, file size, data bytes). A tensor saved under
     two names (a tied weight: one storage) is written once, under its first name. Returning drops the mapping."""
-    from pipelines.opensora.tensor_files import write_safetensors
+    from blockrt.pipelines.opensora.tensor_files import write_safetensors
 
     sd = load_bin(shard)
     seen: dict[tuple, str] = {}
@@ -397,7 +397,7 @@ def load_t5(directory: str | Path, *, meta: bool = True, cache_dir: str | Path |
 def load_stdit3(directory: str | Path, *, meta: bool = True, cache_dir: str | Path | None = None) -> Loaded:
     """STDiT3 from a local OpenSora-STDiT-v3 directory (config.json with model_type "STDiT3" + weights)."""
     cfg, weights = _open(directory, "STDiT3", ("STDiT3",), cache_dir)
-    from pipelines.opensora.stdit3 import STDiT3, STDiT3Config
+    from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config
 
     with meta_weights():
         model = STDiT3(STDiT3Config.from_dict(cfg))
@@ -412,9 +412,9 @@ def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 def vae_config_from_json(cfg: dict[str, Any]) -> Any:
     """``VAEConfig`` from OpenSora-VAE-v1.2's config.json: shift, scale, micro sizes from the file; the
     architecture is the real one unless the file records another under ``blockrt_architecture``."""
-    from pipelines.opensora.checkpoints import VAE_ARCH_KEY
-    from pipelines.opensora.vae import SpatialVAEConfig, VAEConfig
-    from pipelines.opensora.vae_temporal import TemporalVAEConfig
+    from blockrt.pipelines.opensora.checkpoints import VAE_ARCH_KEY
+    from blockrt.pipelines.opensora.vae import SpatialVAEConfig, VAEConfig
+    from blockrt.pipelines.opensora.vae_temporal import TemporalVAEConfig
 
     arch = cfg.get(VAE_ARCH_KEY) or {}
     spatial = _known(SpatialVAEConfig, arch.get("spatial", {}))
@@ -430,7 +430,7 @@ def vae_config_from_json(cfg: dict[str, Any]) -> Any:
 def load_vae(directory: str | Path, *, meta: bool = True, cache_dir: str | Path | None = None) -> Loaded:
     """The VAE pipeline from a local OpenSora-VAE-v1.2 directory (model_type "VideoAutoencoderPipeline")."""
     cfg, weights = _open(directory, "the VAE", ("VideoAutoencoderPipeline",), cache_dir)
-    from pipelines.opensora.vae import VideoAutoencoderPipeline
+    from blockrt.pipelines.opensora.vae import VideoAutoencoderPipeline
 
     config = vae_config_from_json(cfg)
     with meta_weights():

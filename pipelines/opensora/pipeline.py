@@ -28,12 +28,12 @@ from blockrt.device import resolve_budget
 from blockrt.memory import RssSampler
 from blockrt.profile import Profile
 from blockrt.sources import CheckpointSource
-from pipelines.opensora import loading
-from pipelines.opensora.lpl import DynamicLeap, FixedLeap, LeapPolicy, NoLeap
-from pipelines.opensora.prompt import preprocess
-from pipelines.opensora.resolution import latent_size, num_frames, resolve
-from pipelines.opensora.sampler import initial_noise, sample, timesteps
-from pipelines.opensora.video import save_video
+from blockrt.pipelines.opensora import loading
+from blockrt.pipelines.opensora.lpl import DynamicLeap, FixedLeap, LeapPolicy, NoLeap
+from blockrt.pipelines.opensora.prompt import preprocess
+from blockrt.pipelines.opensora.resolution import latent_size, num_frames, resolve
+from blockrt.pipelines.opensora.sampler import initial_noise, sample, timesteps
+from blockrt.pipelines.opensora.video import save_video
 
 DIRS = {"t5": "t5-v1_1-xxl", "stdit3": "OpenSora-STDiT-v3", "vae": "OpenSora-VAE-v1.2"}
 
@@ -160,7 +160,7 @@ class OpenSoraPipeline:
         whole.absorb(rt.profile, prefix=f"{name}/")
 
     def _encode(self, cfg: GenerateConfig, whole: Profile, stages: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        from pipelines.opensora.t5 import encode_prompts, load_tokenizer
+        from blockrt.pipelines.opensora.t5 import encode_prompts, load_tokenizer
 
         t5 = loading.load_t5(self.root / DIRS["t5"])
         tokenizer = load_tokenizer(self.root / DIRS["t5"])
@@ -229,9 +229,9 @@ def _import_models() -> None:
     import diffusers.models.autoencoders.vae  # noqa: F401
     import transformers.models.t5.modeling_t5  # noqa: F401
 
-    import pipelines.opensora.stdit3  # noqa: F401
-    import pipelines.opensora.t5  # noqa: F401
-    import pipelines.opensora.vae  # noqa: F401
+    import blockrt.pipelines.opensora.stdit3  # noqa: F401
+    import blockrt.pipelines.opensora.t5  # noqa: F401
+    import blockrt.pipelines.opensora.vae  # noqa: F401
 
 
 class _Whole:

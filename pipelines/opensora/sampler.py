@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipelines.opensora.lpl import LeapPolicy, NoLeap, latent_cosine
+from blockrt.pipelines.opensora.lpl import LeapPolicy, NoLeap, latent_cosine
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines.opensora.layers import (
+from blockrt.pipelines.opensora.layers import (
     LN_EPS,
     CaptionEmbedder,
     CrossAttention,
@@ -40,7 +40,7 @@ from pipelines.opensora.layers import (
     select_frames,
     t2i_modulate,
 )
-from pipelines.opensora.tdtm import check_x_mask, merge_tokens, merged_frames, unmerge_tokens
+from blockrt.pipelines.opensora.tdtm import check_x_mask, merge_tokens, merged_frames, unmerge_tokens
 
 
 @dataclass

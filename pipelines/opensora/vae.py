@@ -24,7 +24,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from pipelines.opensora.vae_temporal import TemporalVAE, TemporalVAEConfig
+from blockrt.pipelines.opensora.vae_temporal import TemporalVAE, TemporalVAEConfig
 
 # Open-Sora multiplies SDXL-VAE latents by SD1's 0.18215 and ignores the config's 0.13025 (spec §8.8).
 SPATIAL_SCALING_FACTOR = 0.18215

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.opensora import loading
-from pipelines.opensora.pipeline import DIRS, GenerateConfig
-from pipelines.opensora.prompt import preprocess
-from pipelines.opensora.resolution import latent_size, num_frames, resolve
-from pipelines.opensora.sampler import initial_noise, sample, timesteps
-from pipelines.opensora.video import to_uint8_frames
+from blockrt.pipelines.opensora import loading
+from blockrt.pipelines.opensora.pipeline import DIRS, GenerateConfig
+from blockrt.pipelines.opensora.prompt import preprocess
+from blockrt.pipelines.opensora.resolution import latent_size, num_frames, resolve
+from blockrt.pipelines.opensora.sampler import initial_noise, sample, timesteps
+from blockrt.pipelines.opensora.video import to_uint8_frames
 
 
 @dataclass
@@ -50,8 +50,8 @@ class ShapesGenerator:
     """
 
     def __init__(self, weights: str | Path | None = None) -> None:
-        from pipelines.opensora.t5 import load_tokenizer
-        from pipelines.shapes.layout import WEIGHTS_DIR
+        from blockrt.pipelines.opensora.t5 import load_tokenizer
+        from blockrt.pipelines.shapes.layout import WEIGHTS_DIR
 
         self.root = Path(weights) if weights is not None else WEIGHTS_DIR
         self.t5 = loading.load_t5(self.root / DIRS["t5"], meta=False).model.eval()
@@ -62,7 +62,7 @@ class ShapesGenerator:
 
     def encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 features ``(1, 1, 300, d)`` and mask ``(1, 300)`` of a prompt (cached)."""
-        from pipelines.opensora.t5 import encode_prompts
+        from blockrt.pipelines.opensora.t5 import encode_prompts
 
         text = preprocess(prompt)
         if text not in self._text:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.shapes.dataset import BACKGROUNDS, PALETTE, SHAPE_COLOURS, parse_caption
+from blockrt.pipelines.shapes.dataset import BACKGROUNDS, PALETTE, SHAPE_COLOURS, parse_caption
 
 MAX_COLOUR_DISTANCE = 90.0  # RGB distance beyond which a pixel has no palette colour
 MIN_SHAPE_PIXELS = 12.0  # mean pixels per frame for a shape to be seen at all (the smallest is ~100)

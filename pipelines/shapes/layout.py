@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines.opensora.checkpoints import DIRECTORIES, stdit3_config_json, t5_spec, vae_config_json, write_checkpoint
-from pipelines.opensora.tensor_files import write_safetensors
+from blockrt.pipelines.opensora.checkpoints import DIRECTORIES, stdit3_config_json, t5_spec, vae_config_json, write_checkpoint
+from blockrt.pipelines.opensora.tensor_files import write_safetensors
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 RECORD = "training.json"  # what produced the weights: command, seed, steps, losses, times
@@ -41,15 +41,15 @@ TEMPORAL_SIZES: dict[str, Any] = dict(filters=12, num_res_blocks=1, num_groups=4
 
 def vae_config() -> Any:
     """``VAEConfig`` of the shapes VAE (all frames through the spatial VAE at once when training)."""
-    from pipelines.opensora.vae import SpatialVAEConfig, VAEConfig
-    from pipelines.opensora.vae_temporal import TemporalVAEConfig
+    from blockrt.pipelines.opensora.vae import SpatialVAEConfig, VAEConfig
+    from blockrt.pipelines.opensora.vae_temporal import TemporalVAEConfig
 
     return VAEConfig(spatial=SpatialVAEConfig(**SPATIAL_SIZES, micro_batch_size=None),
                      temporal=TemporalVAEConfig(**TEMPORAL_SIZES))
 
 
 def stdit3_config() -> Any:
-    from pipelines.opensora.stdit3 import STDiT3Config
+    from blockrt.pipelines.opensora.stdit3 import STDiT3Config
 
     return STDiT3Config.from_dict(stdit3_config_json("full", **STDIT3_SIZES))
 

@@ -1,4 +1,4 @@
-"""Train the shapes model on CPU: ``python -m pipelines.shapes.train --out DIR --seed S``.
+"""Train the shapes model on CPU: ``python -m blockrt.pipelines.shapes.train --out DIR --seed S``.
 
 Stages (each resumable: its result is kept under ``--work`` and reused by a rerun with the same settings):
 
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.shapes import layout
-from pipelines.shapes.dataset import FPS, SIZE, all_captions
-from pipelines.shapes.train_vae import encode_spatial, finish_vae, reconstruction_psnr, train_spatial, train_temporal
+from blockrt.pipelines.shapes import layout
+from blockrt.pipelines.shapes.dataset import FPS, SIZE, all_captions
+from blockrt.pipelines.shapes.train_vae import encode_spatial, finish_vae, reconstruction_psnr, train_spatial, train_temporal
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ def check_whole_words(tokenizer_dir: Path) -> None:
     one token. A word cut into characters reaches STDiT3 only through the frozen random T5's mixing of its
     pieces: with a tokenizer trained on the captions alone ("left" -> "le" "f" "t", "down" -> "d" "o" "w" "n")
     the model learnt colour but not direction."""
-    from pipelines.opensora.t5 import load_tokenizer
-    from pipelines.shapes.dataset import BACKGROUNDS, DIRECTIONS, SHAPE_COLOURS, SHAPES
+    from blockrt.pipelines.opensora.t5 import load_tokenizer
+    from blockrt.pipelines.shapes.dataset import BACKGROUNDS, DIRECTIONS, SHAPE_COLOURS, SHAPES
 
     tok = load_tokenizer(tokenizer_dir)
     split = {w: tok.tokenize(w) for w in (*SHAPES, *SHAPE_COLOURS, *DIRECTIONS, *BACKGROUNDS)}
@@ -100,7 +100,7 @@ def tokenizer_corpus() -> list[str]:
 
 def pipeline_texts() -> list[str]:
     """Every caption as the pipeline hands it to T5 (cleaned, aesthetic score appended)."""
-    from pipelines.opensora.prompt import preprocess
+    from blockrt.pipelines.opensora.prompt import preprocess
 
     return [preprocess(c) for c in all_captions()]
 
@@ -111,8 +111,8 @@ def caption_features(t5_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
     Cutting the padding is exact for STDiT3: padded caption tokens are masked out of every cross-attention.
     """
-    from pipelines.opensora import loading
-    from pipelines.opensora.t5 import encode_prompts, load_tokenizer
+    from blockrt.pipelines.opensora import loading
+    from blockrt.pipelines.opensora.t5 import encode_prompts, load_tokenizer
 
     t5 = loading.load_t5(t5_dir, meta=False).model
     y, mask = encode_prompts(load_tokenizer(t5_dir), t5, pipeline_texts())  # (n, 1, 300, d), (n, 300)
@@ -175,7 +175,7 @@ def train_stdit3(model, latents: torch.Tensor, cap_idx: torch.Tensor, y_all: tor
     """
     import copy
 
-    from pipelines.opensora.sampler import timestep_ratio
+    from blockrt.pipelines.opensora.sampler import timestep_ratio
 
     ratio = timestep_ratio(SIZE, SIZE, latents_frames_to_pixels(latents.shape[2]))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -237,7 +237,7 @@ def _sha256(path: Path) -> str:
 
 def _caption_index(seed: int, n: int) -> torch.Tensor:
     """Index into ``all_captions()`` of clips ``0..n-1``."""
-    from pipelines.shapes.dataset import make_clip
+    from blockrt.pipelines.shapes.dataset import make_clip
 
     order = {c: i for i, c in enumerate(all_captions())}
     return torch.tensor([order[make_clip(seed, i).spec.caption] for i in range(n)])
@@ -246,9 +246,9 @@ def _caption_index(seed: int, n: int) -> torch.Tensor:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from safetensors.torch import load_file, save_file
 
-    from pipelines.opensora.stdit3 import STDiT3
-    from pipelines.opensora.t5 import train_tiny_tokenizer
-    from pipelines.opensora.vae import VideoAutoencoderPipeline
+    from blockrt.pipelines.opensora.stdit3 import STDiT3
+    from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
+    from blockrt.pipelines.opensora.vae import VideoAutoencoderPipeline
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     rec = Recorder()
     times: dict[str, float] = {}
-    record: dict[str, Any] = {"command": " ".join(["python -m pipelines.shapes.train", *sys.argv[1:]]),
+    record: dict[str, Any] = {"command": " ".join(["python -m blockrt.pipelines.shapes.train", *sys.argv[1:]]),
                               "args": vars(args), "torch": torch.__version__, "threads": args.threads,
                               "sizes": {"t5": layout.T5_SIZES, "stdit3": layout.STDIT3_SIZES,
                                         "spatial_vae": layout.SPATIAL_SIZES, "temporal_vae": layout.TEMPORAL_SIZES},

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pipelines.shapes.dataset import FRAMES, make_batch, make_clip, to_video_tensor
+from blockrt.pipelines.shapes.dataset import FRAMES, make_batch, make_clip, to_video_tensor
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def finish_vae(vae, spatial_latents: torch.Tensor) -> torch.Tensor:
 def reconstruction_psnr(vae, seed: int, start: int, n: int) -> tuple[float, np.ndarray, np.ndarray]:
     """PSNR (dB, uint8 frames) of clips ``start..start+n-1`` through the whole VAE (encode means, decode), with
     the originals and reconstructions as uint8 ``(n, T, H, W, 3)``."""
-    from pipelines.opensora.video import to_uint8_frames
+    from blockrt.pipelines.opensora.video import to_uint8_frames
 
     frames, _ = make_batch(seed, start, n)
     x = to_video_tensor(frames)

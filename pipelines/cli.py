@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .budget import format_bytes, parse_budget
-from .config import RunConfig
-from .runtime import run
+from blockrt.budget import format_bytes, parse_budget
+from blockrt.config import RunConfig
+from blockrt.runtime import run
 
 IPHONE15PRO_READ_BPS = 1.45e9  # sequential flash read of the phone class the paper targets
 
@@ -21,10 +21,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     from safetensors.torch import save_file
 
-    from partitioners import partition
-    from pipelines.toy import ToyConfig, ToyTransformer
+    from blockrt.partitioners import partition
+    from blockrt.pipelines.toy import ToyConfig, ToyTransformer
 
-    from .skeleton import meta_weights
+    from blockrt.skeleton import meta_weights
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -67,12 +67,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from partitioners import partition
-    from pipelines.toy import ToyConfig, ToyTransformer
+    from blockrt.partitioners import partition
+    from blockrt.pipelines.toy import ToyConfig, ToyTransformer
 
-    from .device import get_profile
-    from .planning import block_flops, flop_timings, plan_sweep
-    from .skeleton import meta_weights
+    from blockrt.device import get_profile
+    from blockrt.planning import block_flops, flop_timings, plan_sweep
+    from blockrt.skeleton import meta_weights
 
     profile = get_profile(args.profile)
     with meta_weights():
@@ -103,8 +103,8 @@ DEMO_CAPTIONS = ["a red circle moving left on a blue background", "a green squar
 
 def _demo_weights(cache: Path) -> Path:
     """Tiny random weights for T5, STDiT3 and the VAE in the real layout, written once into ``cache``."""
-    from pipelines.opensora.checkpoints import write_random_checkpoints
-    from pipelines.opensora.t5 import train_tiny_tokenizer
+    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     tok = cache / "tokenizer"
     if not (tok / "spiece.model").exists():
@@ -115,8 +115,8 @@ def _demo_weights(cache: Path) -> Path:
 
 def _print_judge(video: torch.Tensor, prompt: str) -> None:
     """What the shapes judge sees in the video (colour masks, centroid track), and whether the prompt says so."""
-    from pipelines.opensora.video import to_uint8_frames
-    from pipelines.shapes.judge import judge, matches
+    from blockrt.pipelines.opensora.video import to_uint8_frames
+    from blockrt.pipelines.shapes.judge import judge, matches
 
     v = judge(to_uint8_frames(video))
     try:
@@ -127,7 +127,7 @@ def _print_judge(video: torch.Tensor, prompt: str) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pipelines.opensora.pipeline import GenerateConfig, OpenSoraPipeline, tqdm_progress
+    from blockrt.pipelines.opensora.pipeline import GenerateConfig, OpenSoraPipeline, tqdm_progress
 
     lpl = None if args.lpl is None else ("dynamic" if args.lpl == "dynamic" else int(args.lpl))
     if args.random_weights and args.weights is not None:
@@ -140,7 +140,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.prompt is None:
         args.prompt = SHAPES_PROMPT if shapes else DEMO_CAPTIONS[0]
     if args.cfg is None:
-        from pipelines.shapes.layout import CFG_SCALE
+        from blockrt.pipelines.shapes.layout import CFG_SCALE
 
         args.cfg = CFG_SCALE if shapes else 7.0
     cfg = GenerateConfig(prompt=args.prompt, resolution=args.resolution, aspect=args.aspect, frames=args.frames,
@@ -152,7 +152,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"--random-weights: tiny RANDOM weights of the three models in the real layout ({weights}); "
               "the video is noise by construction.")
     elif args.weights is None:
-        from pipelines.shapes.layout import WEIGHTS_DIR
+        from blockrt.pipelines.shapes.layout import WEIGHTS_DIR
 
         weights = WEIGHTS_DIR
         print(f"no --weights given: the small Open-Sora-architecture model trained here on synthetic shapes "
@@ -190,9 +190,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipelines.opensora.coreml_export import MODELS, export_opensora, tiny_random_weights
+    from blockrt.pipelines.opensora.coreml_export import MODELS, export_opensora, tiny_random_weights
 
-    from .coreml import ExportError, ExportOptions
+    from blockrt.coreml import ExportError, ExportOptions
 
     if args.weights is None:
         weights = tiny_random_weights(Path(args.cache))

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = stage_sizes(root)
     gen = GenerateConfig(args.prompt, resolution=args.resolution, aspect=args.aspect, frames=args.frames,
                          steps=args.steps, lpl=args.lpl, merge_steps=args.merge_steps, seed=args.seed)
-    config = RunConfig(device_profile=args.profile)
+    config = RunConfig(device_profile=args.profile, exact_rss=True)  # RSS is measured: the process follows the ledger
     pipe = OpenSoraPipeline(root, budget=args.budget, config=config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,7 @@ def time_streamed(mcfg: ToyConfig, ids: torch.Tensor, depth: int, budget: int, b
     """Stream a skeleton (weights on meta, never materialised) from the store: one warm-up pass (blockrt's
     working-set measuring pass), ``passes`` timed passes, summary over the timed ones. Retention is off:
     every block streams every pass, which is what this benchmark measures."""
-    cfg = RunConfig(prefetch_depth=depth, read_bytes_per_s=bandwidth, retention=False)
+    cfg = RunConfig(prefetch_depth=depth, read_bytes_per_s=bandwidth, retention=False, exact_rss=True)
     with blockrt.meta_weights():
         skeleton = ToyTransformer(mcfg).eval()
     outs = []

@@ -155,7 +155,7 @@ def setup(job: dict[str, Any]) -> Contender:
         cfg = RunConfig(prefetch_depth=0 if seq else 1, retention=not seq, read_bytes_per_s=job["read_bytes_per_s"],
                         cold_reads=job["regime"] == "cold", rss_interval_s=None)
         rt = blockrt.run(loaded.model, budget=budget, weights=loaded.weights, config=cfg)
-        return Contender(rt, [Path(f) for f in rt.source.files()], rt.plan.block_bytes, runtime=rt,
+        return Contender(rt, [Path(f) for f in rt.weight_files], rt.plan.block_bytes, runtime=rt,
                          notes={"blocks": len(rt.plan.blocks), "pinned_bytes": rt.plan.pinned_bytes,
                                 "largest_block_bytes": rt.plan.largest_block().nbytes})
     raise ValueError(f"unknown contender {name!r}; expected one of {CONTENDERS}")
@@ -187,7 +187,7 @@ def blockrt_figures(rt: Any, passes: int) -> dict[str, Any]:
     return {"roofline_ratio": s.roofline_ratio, "load_s": s.load_s / s.passes, "compute_s": s.compute_s / s.passes,
             "stall_s": s.stall_s / s.passes, "bytes_loaded_per_pass": s.bytes_loaded // s.passes,
             "bytes_reused_per_pass": s.bytes_reused // s.passes, "peak_ledger_bytes": rt.ledger.peak,
-            "budget": rt.budget, "working_set_bytes": rt.working_set_bytes,
+            "budget": rt.budget, "working_set_bytes": rt.retention.working_set_bytes,
             "retained_blocks": len(rt.retention.retained) if rt.retention else 0,
             "read_bytes_per_s": rt.read_bytes_per_s}
 

@@ -220,13 +220,13 @@ def probe(cfg: ToyConfig, ids: torch.Tensor, store: Path, bandwidth: float) -> d
     """Warm-up and sizing run at a roomy budget, no retention: the working set and the smallest feasible
     budget with this input, and load / compute per pass averaged over passes 1..PROBE_PASSES-1 (one pass
     alone moves by up to ~10 % on a 2-core machine)."""
-    conf = RunConfig(read_bytes_per_s=bandwidth, retention=False)
+    conf = RunConfig(read_bytes_per_s=bandwidth, retention=False, exact_rss=True)
     roomy = 10 * sum(BlockLayout.of(b).nbytes for b in partition(skeleton(cfg)).blocks)
     with blockrt.run(skeleton(cfg), budget=roomy, weights=store, config=conf) as rt:
         for _ in range(PROBE_PASSES):
             rt(ids)
         s = rt.profile.summary(passes=range(1, PROBE_PASSES))
-        return {"working_set_bytes": rt.working_set_bytes, "min_budget": rt.minimum_budget(),
+        return {"working_set_bytes": rt.retention.working_set_bytes, "min_budget": rt.minimum_budget(),
                 "block_bytes": [BlockLayout.of(b).nbytes for b in rt.plan.blocks], "load_s": s.load_s / s.passes,
                 "compute_s": s.compute_s / s.passes}
 
@@ -234,7 +234,7 @@ def probe(cfg: ToyConfig, ids: torch.Tensor, store: Path, bandwidth: float) -> d
 def run_one(cfg: ToyConfig, ids: torch.Tensor, store: Path, *, budget: int, retention: bool, bandwidth: float,
             passes: int, trace: Path | None) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """One runtime, ``passes`` passes; the §4 measures over the steady passes and the run's own prediction."""
-    conf = RunConfig(read_bytes_per_s=bandwidth, retention=retention)
+    conf = RunConfig(read_bytes_per_s=bandwidth, retention=retention, exact_rss=True)
     outs = []
     release_freed_memory()  # so that this run's RSS baseline holds nothing of the runs before it
     with blockrt.run(skeleton(cfg), budget=budget, weights=store, config=conf) as rt:
@@ -243,7 +243,7 @@ def run_one(cfg: ToyConfig, ids: torch.Tensor, store: Path, *, budget: int, rete
         steady = range(STEADY_FROM, passes)
         s = rt.profile.summary(passes=steady)
         pred = rt.predict()  # forward: planned from pass 1's timings, before any block was retained
-        kept = tuple(rt.retention.retained) if rt.retention is not None else ()
+        kept = rt.retention.retained
         # re-based: the same schedule model fed with the last pass's own per-block times (no contention error)
         t_last, head_last = rt.timings(passes - 1)
         rebased = simulate(t_last, prefetch_depth=rt.config.prefetch_depth, retained=kept, passes=3,

@@ -48,7 +48,7 @@ def run(weights: Path, cfg: STDiT3Config, feed: dict, *, budget: str, retention:
         out: Path | None) -> tuple[list[dict], torch.Tensor]:
     with blockrt.meta_weights():
         skeleton = STDiT3(cfg).eval()
-    conf = RunConfig(retention=retention, device_profile="iphone15pro")
+    conf = RunConfig(retention=retention, device_profile="iphone15pro", exact_rss=True)
     rows = []
     with blockrt.run(skeleton, budget=budget, weights=weights, config=conf) as rt:
         null = skeleton.null_caption(1)
@@ -66,7 +66,7 @@ def run(weights: Path, cfg: STDiT3Config, feed: dict, *, budget: str, retention:
         for r in rows:
             r.update({"peak_ledger_bytes": total.peak_ledger_bytes, "budget": rt.budget,
                       "peak_rss_delta": total.peak_rss_delta, "peak_anon_delta": total.peak_anon_delta,
-                      "peak_file_delta": total.peak_file_delta, "working_set_bytes": rt.working_set_bytes,
+                      "peak_file_delta": total.peak_file_delta, "working_set_bytes": rt.retention.working_set_bytes,
                       "block_bytes": rt.plan.largest_block().nbytes, "blocks": len(rt.plan.blocks),
                       "pinned_bytes": rt.plan.pinned_bytes})
     if total.peak_ledger_bytes > rt.budget:

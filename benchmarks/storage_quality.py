@@ -98,9 +98,9 @@ def save_checkpoint(model: torch.nn.Module, directory: Path) -> Path:
 
 def store_bytes(rt: blockrt.Runtime) -> int:
     """Bytes of the block files the runtime streams from."""
-    return sum(Path(p).stat().st_size for p in rt.source.files() if "pinned" not in Path(p).name) \
-        if isinstance(rt.source, blockrt.store.StoreSource) else \
-        sum(seg.nbytes for b in rt.plan.blocks for seg in (rt.source.segment(k) for k in b.keys))
+    return sum(Path(p).stat().st_size for p in rt.weight_files if "pinned" not in Path(p).name) \
+        if isinstance(rt._source, blockrt.store.StoreSource) else \
+        sum(seg.nbytes for b in rt.plan.blocks for seg in (rt._source.segment(k) for k in b.keys))
 
 
 def stream(build, weights: Path, dtype: str, call, passes: int, throttled: bool) -> tuple[Any, dict[str, Any]]:
@@ -125,7 +125,8 @@ def stream(build, weights: Path, dtype: str, call, passes: int, throttled: bool)
         raise blockrt.BudgetError(f"peak ledger {total.peak_ledger_bytes} passed the budget {rt.budget}")
     del skeleton
     release_freed_memory()
-    fig["load_alone_s_per_pass"] = loads_alone(rt.source, rt.plan, conf.read_bytes_per_s)
+    fig["load_alone_s_per_pass"] = loads_alone(rt._source, rt.plan,  # the runtime's own source, read by a bare loader
+                                           conf.read_bytes_per_s)
     release_freed_memory()
     return first, fig
 

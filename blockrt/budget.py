@@ -1,10 +1,14 @@
-"""Memory budgets: parsing ``"3.3GB"``-style strings into bytes, and formatting bytes for people."""
+"""Memory budgets: parsing ``"3.3GB"``-style strings into bytes, the smallest budget a run can work in
+(``Floor``: the one formula the runtime and the predictions share), and formatting bytes for people."""
 
 from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass
 from fractions import Fraction
+
+from .errors import BudgetError
 
 _UNITS: dict[str, int] = {
     "b": 1,
@@ -67,3 +71,40 @@ def format_bytes(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class Floor:
+    """What a run holds before it retains anything; its total is the smallest budget that can work.
+
+    ``pinned + slots x the largest block + the loader's staging + the working set``. The working set is 0
+    until a pass has measured it, so before the first pass this is a lower bound (activations come on top).
+    ``Runtime.minimum_budget``, the ``BudgetError`` of ``blockrt.run`` and ``blockrt.predict`` all use it.
+    """
+
+    pinned_bytes: int
+    slot_bytes: int  # the largest block's slot bytes
+    slots: int  # min(prefetch_depth + 1, number of blocks)
+    staging_bytes: int = 0  # the loader's buffers for blocks stored narrower than computed
+    working_set_bytes: int = 0  # measured activations (0 before the first pass)
+    largest_block: str = ""
+    prefetch_depth: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.pinned_bytes + self.slots * self.slot_bytes + self.staging_bytes + self.working_set_bytes
+
+    def check(self, budget: int) -> None:
+        """Raise ``BudgetError`` naming each part and the fix when ``budget`` is below ``nbytes``."""
+        need = self.nbytes
+        if need <= budget:
+            return
+        ws = (f" and {format_bytes(self.working_set_bytes)} of measured working set" if self.working_set_bytes
+              else ", before any activations")
+        raise BudgetError(
+            f"budget {format_bytes(budget)} is below the smallest feasible {format_bytes(need)} ({need} bytes): "
+            f"block {self.largest_block!r} needs {format_bytes(self.slot_bytes)} in each of {self.slots} slot(s) "
+            f"(prefetch_depth={self.prefetch_depth}) plus {format_bytes(self.pinned_bytes)} pinned and "
+            f"{format_bytes(self.staging_bytes)} of loader staging (storage dtypes narrower than computed){ws}; "
+            f"fix: raise the budget to at least {need} bytes, lower prefetch_depth, or split the model into "
+            "smaller blocks")

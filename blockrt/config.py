@@ -34,8 +34,12 @@ class RunConfig:
         retention: after the measuring passes, keep as many blocks resident as the free budget holds.
         cold_reads: drop the weight files from the page cache (``posix_fadvise(DONTNEED)``) before the run.
         rss_interval_s: sample the process RSS this often into the profile; None = do not sample.
-        pin_malloc_threshold: on glibc, fix malloc's mmap threshold at 128 KiB (process-wide) so freed
-            activations return to the OS instead of staying in RSS unseen by the ledger.
+        exact_rss: make the process RSS follow the ledger, for measuring (off by default: a library leaves
+            the host process alone). On glibc it fixes malloc's mmap and trim thresholds at 128 KiB and trims
+            the heap after each pass, so freed activations return to the OS instead of staying in RSS unseen
+            by the ledger; on Linux the RSS sampler resets the kernel's high-water mark at start. All three
+            are process-wide. The environment ``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072``
+            (as ``make test`` and the benchmarks set) gets the same allocator behaviour from process start.
         verify: check each block's crc32 on its ``"first"`` load (default), on ``"always"``, or ``"never"``.
         strict_keys: with ``weights=``, a checkpoint key the model does not have is an error.
         weights_prefix: with ``weights=``, stream a submodule out of a whole model's checkpoint: the model's
@@ -68,7 +72,7 @@ class RunConfig:
     retention: bool = True
     cold_reads: bool = False
     rss_interval_s: float | None = 0.005
-    pin_malloc_threshold: bool = True
+    exact_rss: bool = False
     verify: str = "first"
     strict_keys: bool = True
     weights_prefix: str = ""

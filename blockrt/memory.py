@@ -37,6 +37,7 @@ Cold reads: :func:`drop_page_cache` evicts files from the page cache with
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 import os
@@ -374,38 +375,39 @@ _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
 _M_MMAP_THRESHOLD = -3
 
 
+@functools.lru_cache(maxsize=1)
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, looked up once (``find_library`` forks ``ldconfig``: milliseconds); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
     """Fix glibc's mmap threshold (its documented default, 128 KiB) so freed large buffers go back to the OS.
 
+    Process-wide and never undone: call it only where that is wanted (``RunConfig.exact_rss``, benchmarks).
     glibc raises the threshold each time a large mmap'd chunk is freed (up to 32 MiB), after which
     activations of up to that size come from the heap and stay in RSS after they are freed: tens of MB
     that no ledger sees. Setting it explicitly turns that adjustment off. The trim threshold (raised to
     twice the mmap threshold by the same adjustment, so up to 64 MiB of freed heap top stays mapped) is
     set back to the same default. Returns False where there is no glibc (macOS, musl): nothing changes.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes))) and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(nbytes)))
-    except (OSError, AttributeError):
-        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes))) and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(nbytes)))
 
 
 def trim_malloc() -> bool:
     """Return the free memory at the top and inside glibc's heap to the OS (``malloc_trim(0)``), so RSS
     shows what is in use rather than what glibc keeps for later. False where there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL(name).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False

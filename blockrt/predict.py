@@ -29,7 +29,7 @@ from bisect import bisect_right
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
-from .budget import format_bytes
+from .budget import Floor, format_bytes
 
 _REL_TOL = 1e-9  # pass times this close are ties (sums in different orders differ in the last bits)
 
@@ -264,7 +264,7 @@ class Prediction:
     """Steady per-pass wall time of the paper's three configurations at one budget."""
 
     budget: int
-    min_budget: int  # pinned + slots x the largest block + working set
+    min_budget: int  # pinned + slots x the largest block + staging + working set (budget.Floor)
     prefetch_depth: int
     sequential_s: float  # prefetch 0, nothing retained (Eq. 10)
     concurrent_s: float  # prefetch_depth, nothing retained (Eq. 11)
@@ -283,33 +283,39 @@ class Prediction:
                           for name, s, extra in rows])
 
 
-def minimum_budget(timings: Sequence[BlockTiming], *, pinned_bytes: int, working_set_bytes: int,
-                   prefetch_depth: int = 1) -> int:
-    """pinned + ``min(d + 1, n)`` slots of the largest block + the working set (as the runtime reserves)."""
+def budget_floor(timings: Sequence[BlockTiming], *, pinned_bytes: int, working_set_bytes: int,
+                 prefetch_depth: int = 1, staging_bytes: int = 0) -> Floor:
+    """The runtime's smallest budget (``blockrt.budget.Floor``) for these blocks: pinned + ``min(d + 1, n)``
+    slots of the largest block + the loader's staging + the working set."""
     _check(timings, prefetch_depth)
-    slots = min(prefetch_depth + 1, len(timings))
-    return pinned_bytes + slots * max(b.nbytes for b in timings) + working_set_bytes
+    big = max(timings, key=lambda b: b.nbytes)
+    return Floor(pinned_bytes, big.nbytes, min(prefetch_depth + 1, len(timings)), staging_bytes, working_set_bytes,
+                 big.name, prefetch_depth)
+
+
+def minimum_budget(timings: Sequence[BlockTiming], *, pinned_bytes: int, working_set_bytes: int,
+                   prefetch_depth: int = 1, staging_bytes: int = 0) -> int:
+    """The smallest feasible budget in bytes: ``budget_floor(...).nbytes``, the formula the runtime uses."""
+    return budget_floor(timings, pinned_bytes=pinned_bytes, working_set_bytes=working_set_bytes,
+                        prefetch_depth=prefetch_depth, staging_bytes=staging_bytes).nbytes
 
 
 def predict(timings: Sequence[BlockTiming], *, budget: int, pinned_bytes: int, working_set_bytes: int,
-            prefetch_depth: int = 1, head_s: float = 0.0, reserve_bytes: int = 0) -> Prediction:
+            prefetch_depth: int = 1, head_s: float = 0.0, reserve_bytes: int = 0, staging_bytes: int = 0) -> Prediction:
     """Predict sequential, concurrent and concurrent + retention pass times under ``budget`` bytes, of which
     ``reserve_bytes`` stay out of retention (``RunConfig.reserve_bytes``).
 
     Raises:
-        ValueError: when the budget cannot hold pinned + the slots + the working set (names the smallest).
+        BudgetError: when the budget cannot hold pinned + the slots + the staging + the working set (names the
+            smallest, as ``blockrt.run`` does).
 
     Example:
         >>> print(predict(timings, budget=3_300_000_000, pinned_bytes=200_000_000, working_set_bytes=300_000_000))
     """
-    need = minimum_budget(timings, pinned_bytes=pinned_bytes, working_set_bytes=working_set_bytes,
-                          prefetch_depth=prefetch_depth)
-    if budget < need:
-        slots = min(prefetch_depth + 1, len(timings))
-        raise ValueError(
-            f"budget {format_bytes(budget)} ({budget} bytes) is below the smallest feasible {format_bytes(need)} "
-            f"({need} bytes): {pinned_bytes} pinned + {slots} slot(s) x {max(b.nbytes for b in timings)} bytes "
-            f"(the largest block, prefetch_depth={prefetch_depth}) + {working_set_bytes} working set")
+    floor = budget_floor(timings, pinned_bytes=pinned_bytes, working_set_bytes=working_set_bytes,
+                         prefetch_depth=prefetch_depth, staging_bytes=staging_bytes)
+    floor.check(budget)
+    need = floor.nbytes
     free = max(0, budget - need - reserve_bytes)
     decision = choose_retained(timings, prefetch_depth=prefetch_depth, free_bytes=free, head_s=head_s)
     return Prediction(budget, need, prefetch_depth, sequential_closed_form(timings, head_s=head_s),
@@ -318,7 +324,7 @@ def predict(timings: Sequence[BlockTiming], *, budget: int, pinned_bytes: int, w
 
 
 def sweep(timings: Sequence[BlockTiming], *, budgets: Sequence[int], pinned_bytes: int, working_set_bytes: int,
-          prefetch_depth: int = 1, head_s: float = 0.0) -> list[Prediction]:
+          prefetch_depth: int = 1, head_s: float = 0.0, staging_bytes: int = 0) -> list[Prediction]:
     """``predict`` at each feasible budget, in increasing order (infeasible budgets are left out).
 
     The greedy is not monotone in the budget (a large block that fits only later can crowd out a better pair
@@ -326,10 +332,10 @@ def sweep(timings: Sequence[BlockTiming], *, budgets: Sequence[int], pinned_byte
     """
     out: list[Prediction] = []
     need = minimum_budget(timings, pinned_bytes=pinned_bytes, working_set_bytes=working_set_bytes,
-                          prefetch_depth=prefetch_depth)
+                          prefetch_depth=prefetch_depth, staging_bytes=staging_bytes)
     for budget in sorted(b for b in budgets if b >= need):
         p = predict(timings, budget=budget, pinned_bytes=pinned_bytes, working_set_bytes=working_set_bytes,
-                    prefetch_depth=prefetch_depth, head_s=head_s)
+                    prefetch_depth=prefetch_depth, head_s=head_s, staging_bytes=staging_bytes)
         if out and out[-1].retention_s < p.retention_s and not _close(out[-1].retention_s, p.retention_s):
             prev = out[-1].retention
             grown = choose_retained(timings, prefetch_depth=prefetch_depth, free_bytes=budget - need,

@@ -1,6 +1,7 @@
 """Residency: which block's weights sit where, and what the loader fetches next.
 
-Streamed blocks rotate through ``prefetch_depth + 1`` reusable slots. Retained blocks (the paper's Dynamic
+Residency owns the slots: it creates them (reserving their bytes and the loader's staging in the ledger),
+hands them to loads, and frees them at ``close``. Streamed blocks rotate through ``prefetch_depth + 1`` slots. Retained blocks (the paper's Dynamic
 Loading) get a buffer of their own, are loaded once and reused every pass. The prefetch window after block
 i is the next ``prefetch_depth`` blocks in cyclic order that still need loading (retained blocks already
 loaded are skipped), so while retained blocks compute the loader is already on the next streamed one.
@@ -23,19 +24,24 @@ from .partitioners.plan import Plan
 class Residency:
     """Slots, retained buffers and load requests of one runtime; used from the compute thread only."""
 
-    def __init__(self, plan: Plan, layouts: list[BlockLayout], slots: list[Slot], loader: Loader, ledger: Ledger,
-                 binder: Binder, profile, config: RunConfig, device: torch.device) -> None:
-        self.plan, self.layouts, self.slots = plan, layouts, slots
+    def __init__(self, plan: Plan, layouts: list[BlockLayout], loader: Loader, ledger: Ledger, binder: Binder,
+                 profile, config: RunConfig, device: torch.device, *, n_slots: int, staging_bytes: int) -> None:
+        self.plan, self.layouts = plan, layouts
         self.loader, self.ledger, self.binder, self.profile = loader, ledger, binder, profile
         self.config, self.device = config, device
+        slot_bytes = max(lay.nbytes for lay in layouts)
+        self.slots: list[Slot] = []
+        for s in range(n_slots):
+            ledger.reserve("slots", slot_bytes, f"slot {s}")
+            self.slots.append(Slot(s, slot_bytes, device))
+        self._staging_bytes = staging_bytes
+        ledger.reserve("slots", staging_bytes, "the loader's staging buffer (scales, widening)")
         self.slot_of: dict[int, Slot] = {}  # streamed block -> the slot it is in (loading, loaded or active)
         self.retained: dict[int, Slot] = {}  # retained block -> its own buffer
         self.verified: set[int] = set()
         self.active: int | None = None
         self.pass_idx = -1
         self.wrap = True  # prefetch past the last block into the next pass (off for a pass known to be last)
-        self.on_acquire = None  # callbacks the runtime sets for measuring: f(i) / f(i)
-        self.on_release = None
         self._compute_start = 0.0
         self._in_flight: dict[int, tuple[str, int]] = {}  # id(request) -> (ledger kind of its buffer, bytes)
 
@@ -66,8 +72,6 @@ class Residency:
         self.verified.add(i)
         self.binder.materialize(self.layouts[i].views(slot.buf))
         self.active = i
-        if self.on_acquire:
-            self.on_acquire(i)
         self._compute_start = self.profile.now()
         self.prefetch(i)
 
@@ -76,8 +80,6 @@ class Residency:
         end = self.profile.now()
         block = self.plan.blocks[i]
         self.profile.record("compute", block.name, self.pass_idx, self._compute_start, end, 0, "compute")
-        if self.on_release:
-            self.on_release(i)
         self.binder.evict(block.tensors)
         self.active = None
         if i not in self.retained:
@@ -191,8 +193,16 @@ class Residency:
         self._forget(victim.block, victim)
         return victim
 
-    def settle_all(self) -> None:
-        """Return every in-flight buffer to its kind (the runtime is closing; the loader has stopped)."""
+    def close(self) -> None:
+        """Return every buffer's bytes to the ledger and drop the buffers (the loader has stopped)."""
         for kind, n in self._in_flight.values():
             self.ledger.move("in_flight", kind, n)
         self._in_flight.clear()
+        self.unretain_all()
+        for s in self.slots:
+            s.request = None
+            self.ledger.release("slots", s.buf.numel())
+        self.ledger.release("slots", self._staging_bytes)
+        self._staging_bytes = 0
+        self.slots.clear()
+        self.slot_of.clear()

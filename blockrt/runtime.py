@@ -1,22 +1,16 @@
 """The runtime: ``blockrt.run(model, budget)`` and the ``Runtime`` handle it returns.
 
-Removable forward hooks on the user's own modules drive everything; ``forward`` is never rewritten.
-A block's pre-hook makes it resident (``residency.py``); the post-hook of its last module (also when
-forward raises) releases it. Hooks on the root module mark the passes and run the measuring cycle:
-
-1. the first pass (and the first after the inputs' shapes change) tracks the working set live against the
-   budget, with no retention, so it stays inside the budget while measuring;
-2. the next pass measures each block's load and compute time at full speed;
-3. then the free budget (budget - pinned - slots - working set) is filled with retained blocks, chosen by
-   simulating the schedule (``predict.choose_retained``); later passes load only the rest.
+A thin facade over its private collaborators: removable forward hooks on the user's own modules drive
+everything (``forward`` is never rewritten). A block's pre-hook makes it resident (``residency.py``); the
+post-hook of its last module (also when forward raises) releases it. Hooks on the root module mark the
+passes, which drive the measuring cycle and the retained set (``retention.py``). The ledger (``ledger.py``)
+holds every byte against the budget, which lives there and nowhere else.
 """
 
 from __future__ import annotations
 
-import logging
 import shutil
 import weakref
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +19,23 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .binding import Binder, meta_leftovers
-from .budget import format_bytes
+from .budget import Floor
 from .config import RunConfig
-from .device import DeviceProfile, resolve_budget
+from .device import DeviceProfile, get_profile, resolve_budget
 from .embedding_rows import EmbeddingRows, row_streamed_tables
-from .errors import BlockrtError, BudgetError, PartitionError
+from .errors import BlockrtError, PartitionError
 from .ledger import Ledger
-from .loader import BlockLayout, Loader, Slot, Staging
+from .loader import BlockLayout, Loader, Staging
 from .memory import RssSampler, drop_page_cache, pin_malloc_mmap_threshold, trim_malloc
+from .partitioners import partition
 from .partitioners.plan import Plan, dtype_from_name
-from .predict import BlockTiming, RetentionDecision, choose_retained
+from .predict import BlockTiming, Prediction, predict
 from .profile import Profile
-from .residency import Residency
 from .quantize import stored_dtypes
+from .residency import Residency
+from .retention import Phase, Retention, RetentionState
 from .weights import open_weights
-from .working_set import LiveBytes, warm_up
-
-log = logging.getLogger(__name__)
+from .working_set import warm_up
 
 
 def run(model: nn.Module, budget: int | str | DeviceProfile, *, weights: str | Path | None = None,
@@ -71,60 +65,66 @@ def run(model: nn.Module, budget: int | str | DeviceProfile, *, weights: str | P
 
 
 class Runtime:
-    """A model streamed block by block; see ``blockrt.run``."""
+    """A model streamed block by block; see ``blockrt.run``.
+
+    The public surface: call it like the model; ``profile``, ``plan``, ``config``, ``budget``,
+    ``set_budget``, ``minimum_budget``, ``expect_last_pass``, ``retention`` (a read-only snapshot),
+    ``ledger`` (bytes held by kind; read it, never reserve from it), ``timings``, ``predict``,
+    ``read_bytes_per_s``, ``weight_files``, and ``close`` (or ``with``).
+    """
 
     def __init__(self, model: nn.Module, budget: int | str | DeviceProfile, *, weights: str | Path | None = None,
                  store: str | Path | None = None, partitioner: Any = None, config: RunConfig | None = None) -> None:
-        from blockrt.partitioners import partition
-
         self.config = config = config or RunConfig()
-        self.budget, budget_profile = resolve_budget(budget)
-        self.device_profile = config.resolved_profile() or budget_profile
-        self.read_bytes_per_s = config.read_bytes_per_s or (self.device_profile.read_bytes_per_s if self.device_profile else None)
+        budget_bytes, budget_profile = resolve_budget(budget)
+        profile = config.resolved_profile() or budget_profile
+        self.read_bytes_per_s = config.read_bytes_per_s or (profile.read_bytes_per_s if profile else None)
         self.model = model
-        self.device = torch.device(config.device)
-        self.profile = Profile(budget=self.budget, device=str(self.device))
+        self._device = torch.device(config.device)
+        self.profile = Profile(budget=budget_bytes, device=str(self._device))
         self._closed = True
         self._hooks: list[Any] = []
         self._tmpdir: str | None = None
-        self.loader: Loader | None = None
-        if config.pin_malloc_threshold:
+        self._loader: Loader | None = None
+        if config.exact_rss:
             pin_malloc_mmap_threshold()
             trim_malloc()  # what glibc kept from before the runtime goes back to the OS: an honest baseline
-        self._rss = RssSampler(self.profile, interval_s=config.rss_interval_s) if config.rss_interval_s else None
+        self._rss = (RssSampler(self.profile, interval_s=config.rss_interval_s, reset_hwm=config.exact_rss)
+                     if config.rss_interval_s else None)
         if self._rss:
             self._rss.start()  # baseline: the process before the runtime allocates anything
         try:
-            self._setup(model, weights, store, partitioner, partition)
+            self._setup(model, budget_bytes, weights, store, partitioner)
         except BaseException:
-            if getattr(self, "loader", None) is not None:
-                self.loader.close()
-            if self._rss:
-                self._rss.stop()
-            if getattr(self, "_tmpdir", None):
-                shutil.rmtree(self._tmpdir, ignore_errors=True)
+            _shutdown(self._loader, self._rss, self._tmpdir)
             raise
 
-    def _setup(self, model: nn.Module, weights: Any, store: Any, partitioner: Any, partition: Any) -> None:
+    def _setup(self, model: nn.Module, budget: int, weights: Any, store: Any, partitioner: Any) -> None:
         config = self.config
         self.plan: Plan = partition(model, target_bytes=config.target_block_bytes, partitioner=partitioner)
         if not self.plan.blocks:
             raise PartitionError(f"the plan for {type(model).__name__} has no blocks to stream")
-        self._layouts = [BlockLayout.of(b) for b in self.plan.blocks]
-        self._storage = {b.name: config.storage_for(b.name) for b in self.plan.blocks}
-        self._staging = Staging.of(self._layouts, stored_dtypes(self.plan, self._storage))  # before any spilling
+        layouts = [BlockLayout.of(b) for b in self.plan.blocks]
+        storage = {b.name: config.storage_for(b.name) for b in self.plan.blocks}
         self._rows = row_streamed_tables(model, self.plan, config.row_stream_min_bytes)  # tables read by rows
-        self._pinned_bytes = sum(s.nbytes for s in self.plan.pinned if s.key not in self._rows)
-        self._check_budget()
-        self.source, self._tmpdir = open_weights(self.model, self.plan, self.config, self._storage, weights, store)
-        held = {k: self.source.segment(k).dtype for b in self.plan.blocks for k in b.keys}
-        self._staging = Staging.of(self._layouts, held)
-        self._check_budget()  # a checkpoint stored narrower than computed needs staging too
+        n_slots = min(config.prefetch_depth + 1, len(self.plan.blocks))
+        big = max(layouts, key=lambda lay: lay.nbytes)
+        floor = Floor(sum(s.nbytes for s in self.plan.pinned if s.key not in self._rows), big.nbytes, n_slots,
+                      Staging.of(layouts, stored_dtypes(self.plan, storage)).nbytes, 0, big.block.name,
+                      config.prefetch_depth)
+        floor.check(budget)  # before any spilling
+        source, self._tmpdir = open_weights(model, self.plan, config, storage, weights, store)
+        staging = Staging.of(layouts, {k: source.segment(k).dtype for b in self.plan.blocks for k in b.keys})
+        floor = Floor(floor.pinned_bytes, floor.slot_bytes, n_slots, staging.nbytes, 0, floor.largest_block,
+                      config.prefetch_depth)
+        floor.check(budget)  # a checkpoint stored narrower than computed needs staging too
+        self._source = source
         if config.cold_reads:
-            drop_page_cache(self.source.files())
-        self.ledger = Ledger(self.budget, on_change=lambda total: self.profile.counter("ledger_bytes", self.profile.now(), total))
+            drop_page_cache(source.files())
+        self.ledger = ledger = Ledger(budget, on_change=lambda total: self.profile.counter(
+            "ledger_bytes", self.profile.now(), total))
         binder = Binder(model)
-        self._bind_pinned(binder, from_source=weights is not None)
+        self._bind_pinned(binder, floor.pinned_bytes, from_source=weights is not None)
         streamed = {k for b in self.plan.blocks for k in b.keys} | set(self.plan.aliases) | set(self._rows)
         leftovers = meta_leftovers(model, streamed)
         if leftovers:
@@ -135,72 +135,30 @@ class Runtime:
                 "or materialise those tensors before blockrt.run")
         for block in self.plan.blocks:
             binder.evict(block.tensors)
-        slot_bytes = max(lay.nbytes for lay in self._layouts)
-        slots = []
-        for s in range(self._n_slots):
-            self.ledger.reserve("slots", slot_bytes, f"slot {s}")
-            slots.append(Slot(s, slot_bytes, self.device))
-        self.ledger.reserve("slots", self._staging.nbytes, "the loader's staging buffer (scales, widening)")
-        self.loader = Loader(self.source, self.profile, self.device, read_bytes_per_s=self.read_bytes_per_s,
-                             slot_bytes=slot_bytes, max_queue=len(self.plan.blocks) + self._n_slots,
-                             staging=self._staging)
-        self.residency = Residency(self.plan, self._layouts, slots, self.loader, self.ledger, binder, self.profile,
-                                   config, self.device)
-        self.embedding_rows = EmbeddingRows(model, self.plan, self._rows, self.source, binder, self.ledger, self.profile,
-                                            self.device, lambda: self.residency.pass_idx)
-        self.residency.on_acquire = self._block_started
-        self.residency.on_release = self._block_finished
-        self.retention: RetentionDecision | None = None
-        self.working_set: dict[str, int] = {}  # block name -> peak live activation bytes while it ran
-        self.working_set_bytes = 0  # the pass's peak, held in the ledger once measured
-        self._phase = "measure_memory"
-        self._signature: tuple | None = None
-        self._seen: dict[tuple, int] = {}  # input kind -> its measured working set (peak live bytes)
-        self._block_ws: dict[str, int] = {}
-        self._tracker: LiveBytes | None = None
-        self._timing_pass = -1
+        self._loader = Loader(source, self.profile, self._device, read_bytes_per_s=self.read_bytes_per_s,
+                              slot_bytes=floor.slot_bytes, max_queue=len(self.plan.blocks) + n_slots, staging=staging)
+        self._residency = Residency(self.plan, layouts, self._loader, ledger, binder, self.profile, config,
+                                    self._device, n_slots=n_slots, staging_bytes=staging.nbytes)
+        self._retention = Retention(self.plan, layouts, self._residency, ledger, self.profile, config, floor,
+                                    self.read_bytes_per_s)
+        self._rows_reader = EmbeddingRows(model, self.plan, self._rows, source, binder, ledger, self.profile,
+                                          self._device, lambda: self._residency.pass_idx)
         self._running = 0
         self._in_pass = False
         self._pass_ok = False
         self._closed = False
-        self._finalizer = weakref.finalize(self, _shutdown, self.loader, self._rss, self._tmpdir)
+        self._finalizer = weakref.finalize(self, _shutdown, self._loader, self._rss, self._tmpdir)
         warm_up()
         self._install_hooks()
-        self.residency.prefetch(-1)  # block 0 (and beyond) start loading now, before the first call
+        self._residency.prefetch(-1)  # block 0 (and beyond) start loading now, before the first call
 
-    # -- set-up ---------------------------------------------------------------------------------------------
-
-    @property
-    def _n_slots(self) -> int:
-        return min(self.config.prefetch_depth + 1, len(self.plan.blocks))
-
-    def minimum_budget(self) -> int:
-        """The smallest budget for this plan and prefetch depth: pinned (less the tables read by rows) + slots x
-        the largest block + the loader's staging (for blocks stored narrower than computed), plus the measured
-        working set (which holds the rows read) once the first pass has run."""
-        ws = getattr(self, "working_set_bytes", 0)
-        staging = self._staging.nbytes
-        return self._pinned_bytes + self._n_slots * max(lay.nbytes for lay in self._layouts) + staging + ws
-
-    def _check_budget(self) -> None:
-        need = self.minimum_budget()
-        if need > self.budget:
-            big = max(self._layouts, key=lambda lay: lay.nbytes)
-            raise BudgetError(
-                f"budget {format_bytes(self.budget)} is below the smallest feasible {format_bytes(need)} "
-                f"({need} bytes): block {big.block.name!r} needs {format_bytes(big.nbytes)} in each of "
-                f"{self._n_slots} slot(s) (prefetch_depth={self.config.prefetch_depth}) plus "
-                f"{format_bytes(self._pinned_bytes)} pinned and {format_bytes(self._staging.nbytes)} of loader "
-                "staging (storage dtypes narrower than computed), before any activations; fix: raise the budget "
-                f"to at least {need} bytes, lower prefetch_depth, or split the model into smaller blocks")
-
-    def _bind_pinned(self, binder: Binder, from_source: bool) -> None:
-        self.ledger.reserve("pinned", self._pinned_bytes, "the pinned part")
+    def _bind_pinned(self, binder: Binder, pinned_bytes: int, from_source: bool) -> None:
+        self.ledger.reserve("pinned", pinned_bytes, "the pinned part")
         pinned = [s for s in self.plan.pinned if s.key not in self._rows]
         if from_source:
-            pairs = [(s, self.source.read_tensor(s.key, self.device, dtype_from_name(s.dtype))) for s in pinned]
+            pairs = [(s, self._source.read_tensor(s.key, self._device, dtype_from_name(s.dtype))) for s in pinned]
         else:
-            pairs = [(s, binder.tensor(s.key).detach().to(self.device)) for s in pinned]
+            pairs = [(s, binder.tensor(s.key).detach().to(self._device)) for s in pinned]
         binder.materialize(pairs)
         binder.evict([s for s in self.plan.pinned if s.key in self._rows])  # read by rows on each call
 
@@ -210,7 +168,7 @@ class Runtime:
                                                        with_kwargs=True))
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: setattr(self, "_pass_ok", True)))
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: self._end_pass(), always_call=True))
-        self._hooks += self.embedding_rows.install()
+        self._hooks += self._rows_reader.install()
         for i, block in enumerate(self.plan.blocks):
             for path in block.modules:
                 sub = m.get_submodule(path)
@@ -228,184 +186,56 @@ class Runtime:
         with torch.no_grad():
             return self.model(*args, **kwargs)
 
+    @property
+    def budget(self) -> int:
+        """The memory budget in bytes (held by the ledger; change it with ``set_budget``)."""
+        return self.ledger.budget
+
+    @property
+    def retention(self) -> RetentionState:
+        """A read-only snapshot: measuring phase, the retained blocks and why, the measured working set."""
+        return self._retention.state()
+
+    @property
+    def weight_files(self) -> list[str]:
+        """The files the blocks and the pinned part are read from (e.g. for ``drop_page_cache``)."""
+        return self._source.files()
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        """Read one of the plan's tensors from the weights this runtime streams, into fresh memory (outside the
+        ledger; for tools such as the CoreML exporter that take weights one block at a time between passes)."""
+        if self._in_pass:
+            raise BlockrtError("the runtime is in the middle of a pass; read its weights between passes")
+        return self._source.read_tensor(key)
+
+    def minimum_budget(self) -> int:
+        """The smallest budget for this plan and prefetch depth (``blockrt.budget.Floor``): pinned (less the
+        tables read by rows) + slots x the largest block + the loader's staging, plus the measured working set
+        (which holds the rows read) once the first pass has run."""
+        return self._retention.floor().nbytes
+
     def expect_last_pass(self) -> None:
         """Say that the next call is the last one: its final blocks do not prefetch the start of a pass that
         never comes (a whole block's read saved, e.g. 771 MB for T5-XXL). Applies to one call; a further call
         still works, loading its first blocks on demand."""
-        self.residency.wrap = False
+        self._residency.wrap = False
 
     def set_budget(self, budget: int | str | DeviceProfile) -> None:
         """Change the budget between passes; retention is planned again for the new budget."""
         if self._in_pass:
             raise BlockrtError("set_budget must be called between passes, not during one")
         new, _ = resolve_budget(budget)
-        old = self.budget
-        self.budget = new
-        try:
-            self._check_budget()
-        except BudgetError:
-            self.budget = old
-            raise
-        self.residency.unretain_all()
-        self.retention = None
-        self.ledger.budget = self.profile.budget = new
-        if self._phase == "steady":
-            self._plan_retention()
-
-    def close(self) -> None:
-        """Remove the hooks, stop the loader, free the slots and any temporary store. Idempotent.
-
-        Streamed weights stay ``meta`` placeholders in the model afterwards (it never held them all).
-        """
-        if self._closed:
-            return
-        self._closed = True
-        if self._tracker is not None:
-            self._stop_tracking()
-        if self.residency.active is not None:
-            self.residency.release(self.residency.active)
-        self.embedding_rows.release_all()
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        self._finalizer()
-        self.residency.settle_all()
-        self.residency.unretain_all()
-        for s in self.residency.slots:
-            s.request = None
-            self.ledger.release("slots", s.buf.numel())
-        self.ledger.release("slots", self._staging.nbytes)
-        self.residency.slots.clear()
-        self.residency.slot_of.clear()
-
-    def __enter__(self) -> "Runtime":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- passes and measurement -----------------------------------------------------------------------------
-
-    def _begin_pass(self, args: tuple, kwargs: dict) -> None:
-        if torch.is_grad_enabled():
-            raise BlockrtError("blockrt streams weights for inference only: call the model under torch.no_grad() "
-                               "(Runtime.__call__ does this for you)")
-        signature = _signature(args, kwargs)
-        measure = False
-        if signature not in self._seen:
-            # an unseen input kind (shapes, dtypes, flags such as merge_frames): measure its working set.
-            # Kinds seen before keep their measurement (the ledger holds the largest of them).
-            self._signature = signature
-            if self.working_set_bytes:
-                self.ledger.release("working_set", self.working_set_bytes)
-                self.working_set_bytes = 0
-            if self._phase == "steady":
-                # keep the retained blocks and measure live against the budget; blocks are shed from
-                # retention if the new kind's activations need their room (see _working_set_changed)
-                log.info("new input shapes or flags: measuring their working set with retention in place")
-            else:
-                self.residency.unretain_all()
-                self.retention = None
-                self._phase = "measure_memory"
-            measure = True
-        self.residency.pass_idx += 1
-        self._running = 0
-        self._in_pass = True
-        self._pass_ok = False
-        self.profile.begin_pass(self.residency.pass_idx, self.profile.now())
-        if measure or self._phase == "measure_memory":
-            self._tracker = LiveBytes(on_change=self._working_set_changed)
-            self._tracker.__enter__()
-
-    def _end_pass(self) -> None:
-        if not self._in_pass:  # begin_pass refused the call
-            return
-        self._in_pass = False
-        self.residency.wrap = True
-        if self.residency.active is not None:
-            self.residency.release(self.residency.active)
-        self._running = 0
-        if self.config.pin_malloc_threshold:
-            trim_malloc()  # freed activations that glibc served from old heap chunks leave RSS again
-        self.profile.end_pass(self.residency.pass_idx, self.profile.now())
-        if self._tracker is not None:
-            peak = self._tracker.peak
-            self._stop_tracking()
-            if not self._pass_ok:  # forward raised: the measurement is partial; measure again next pass
-                return
-            self._seen[self._signature] = peak
-            self.working_set.update(self._block_ws)
-            need = max(self._seen.values())
-            self.ledger.reserve("working_set", need, "the measured working set")
-            self.working_set_bytes = need
-            if self._phase == "measure_memory":
-                self._phase = "measure_time"
-                self._timing_pass = self.residency.pass_idx + 1
-        elif self._phase == "measure_time" and not self._pass_ok:
-            self._timing_pass = self.residency.pass_idx + 1
-        elif self._phase == "measure_time" and self.residency.pass_idx == self._timing_pass:
-            self._phase = "steady"
-            if self.config.retention:
-                self._plan_retention()
-
-    def _stop_tracking(self) -> None:
-        tracker, self._tracker = self._tracker, None
-        assert tracker is not None
-        tracker.__exit__(None, None, None)
-        tracker.detach()
-        self.ledger.release("working_set", self.ledger.held()["working_set"])
-
-    def _working_set_changed(self, delta: int) -> None:
-        if delta < 0:
-            self.ledger.release("working_set", min(-delta, self.ledger.held()["working_set"]))
-            return
-        active = self.residency.active
-        where = f"block {self.plan.blocks[active].name!r}" if active is not None else "the pinned modules"
-        while True:
-            try:
-                self.ledger.reserve("working_set", delta, f"activations of {where}")
-                return
-            except BudgetError as e:
-                if self._shed_one():  # retained blocks make room before anything fails
-                    continue
-                need = self.minimum_budget() + self.ledger.held()["working_set"] + delta
-                raise BudgetError(
-                    f"the measured working set passed the budget while running {where}: {e}; this run needs at "
-                    f"least {format_bytes(need)} ({need} bytes) with these input shapes; fix: raise the budget, use "
-                    "smaller inputs, or lower prefetch_depth") from None
-
-    def _shed_one(self) -> bool:
-        """Give up one retained block (not the running one) to make room for activations; False if none."""
-        candidates = [i for i in self.residency.retained if i != self.residency.active]
-        if not candidates:
-            return False
-        victim = max(candidates)
-        self.residency.unretain(victim)
-        if self.retention is not None:
-            kept = tuple(i for i in self.retention.retained if i != victim)
-            self.retention = replace(self.retention, retained=kept, nbytes=sum(self._layouts[i].nbytes for i in kept))
-        log.info("shed retained block %s to make room for activations", self.plan.blocks[victim].name)
-        return True
-
-    def _block_started(self, i: int) -> None:
-        if self._tracker is not None:
-            self._tracker.start_window()
-
-    def _block_finished(self, i: int) -> None:
-        if self._tracker is not None:
-            name = self.plan.blocks[i].name
-            self._block_ws[name] = max(self._block_ws.get(name, 0), self._tracker.window_peak)
+        self._retention.floor().check(new)
+        self.ledger.budget = self.profile.budget = new  # the profile records what the ledger holds
+        self._retention.budget_changed()
 
     def timings(self, pass_idx: int | None = None) -> tuple[list[BlockTiming], float]:
         """Per-block load/compute/gap seconds measured in one pass (default: the timing pass), and ``head_s``;
-        see ``planning.measured_timings``."""
-        from .planning import measured_timings
-
-        p = self._timing_pass if pass_idx is None else pass_idx
-        return measured_timings(self.profile, self.plan, self._layouts, p, self.read_bytes_per_s)
+        see ``retention.measured_timings``."""
+        return self._retention.timings(pass_idx)
 
     def predict(self, budget: int | str | None = None, device_profile: str | DeviceProfile | None = None,
-                pass_idx: int | None = None):
+                pass_idx: int | None = None) -> Prediction:
         """Predict this model's steady pass (sequential / concurrent / concurrent + retention) at ``budget``
         from per-block timings measured in ``pass_idx`` (default: the timing pass, as the runtime's own plan),
         with loads rescaled to ``device_profile``'s flash if given.
@@ -415,39 +245,91 @@ class Runtime:
         pessimistic; timings from a later pass re-base the prediction on that pass's conditions.
         Returns a ``blockrt.Prediction``; needs the measuring passes.
         """
-        from .device import get_profile
-        from .planning import runtime_prediction
-
-        if self._phase != "steady":
+        if self._retention.phase is not Phase.STEADY:
             raise BlockrtError("predict() needs the measuring passes: call the runtime at least twice first")
         profile = get_profile(device_profile) if isinstance(device_profile, str) else device_profile
-        p = self._timing_pass if pass_idx is None else pass_idx
-        return runtime_prediction(self, resolve_budget(budget)[0] if budget is not None else None, profile, p)
+        timings, head = self.timings(pass_idx)
+        if profile is not None:
+            timings = [BlockTiming(t.name, t.nbytes, t.nbytes / profile.read_bytes_per_s, t.compute_s, t.gap_s)
+                       for t in timings]
+        at = resolve_budget(budget)[0] if budget is not None else self.budget
+        floor = self._retention.floor()
+        return predict(timings, budget=at, pinned_bytes=floor.pinned_bytes, working_set_bytes=floor.working_set_bytes,
+                       prefetch_depth=self.config.prefetch_depth, head_s=head, reserve_bytes=self.config.reserve_for(at),
+                       staging_bytes=floor.staging_bytes)
 
-    def _plan_retention(self) -> None:
-        free = max(0, self.budget - self.ledger.total - self.config.reserve_for(self.budget))
-        timings, head = self.timings()
-        self.retention = choose_retained(timings, prefetch_depth=self.config.prefetch_depth, free_bytes=free,
-                                         head_s=head)
-        self.residency.retain(self.retention.retained)
+    def close(self) -> None:
+        """Remove the hooks, stop the loader, free the slots and any temporary store. Idempotent.
+
+        Streamed weights stay ``meta`` placeholders in the model afterwards (it never held them all).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._retention.stop_tracking()
+        if self._residency.active is not None:
+            self._residency.release(self._residency.active)
+        self._rows_reader.release_all()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._finalizer()
+        self._residency.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- passes ---------------------------------------------------------------------------------------------
+
+    def _begin_pass(self, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled():
+            raise BlockrtError("blockrt streams weights for inference only: call the model under torch.no_grad() "
+                               "(Runtime.__call__ does this for you)")
+        self._retention.begin_pass(_signature(args, kwargs))
+        self._residency.pass_idx += 1
+        self._running = 0
+        self._in_pass = True
+        self._pass_ok = False
+        self.profile.begin_pass(self._residency.pass_idx, self.profile.now())
+
+    def _end_pass(self) -> None:
+        if not self._in_pass:  # begin_pass refused the call
+            return
+        self._in_pass = False
+        self._residency.wrap = True
+        if self._residency.active is not None:
+            self._release(self._residency.active)
+        self._running = 0
+        if self.config.exact_rss:
+            trim_malloc()  # freed activations that glibc served from old heap chunks leave RSS again
+        self.profile.end_pass(self._residency.pass_idx, self.profile.now())
+        self._retention.end_pass(self._residency.pass_idx, self._pass_ok)
 
     # -- block hooks ----------------------------------------------------------------------------------------
 
     def _pre(self, i: int) -> None:
-        active = self.residency.active
+        active = self._residency.active
         if active is not None and active != i:
             if self._running:
                 raise BlockrtError(f"block {self.plan.blocks[i].name!r} was called from inside block "
                                    f"{self.plan.blocks[active].name!r}; nested blocks are not supported")
-            self.residency.release(active)
+            self._release(active)
         self._running += 1
-        if self.residency.active is None:
-            self.residency.acquire(i)
+        if self._residency.active is None:
+            self._residency.acquire(i)
+            self._retention.block_started(i)
 
     def _post(self, i: int, last: bool) -> None:
         self._running = max(0, self._running - 1)
-        if last and not self._running and self.residency.active == i:
-            self.residency.release(i)
+        if last and not self._running and self._residency.active == i:
+            self._release(i)
+
+    def _release(self, i: int) -> None:
+        self._retention.block_finished(i)
+        self._residency.release(i)
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:
@@ -460,8 +342,9 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
                  for x in leaves)
 
 
-def _shutdown(loader: Loader, rss: RssSampler | None, tmpdir: str | None) -> None:
-    loader.close()
+def _shutdown(loader: Loader | None, rss: RssSampler | None, tmpdir: str | None) -> None:
+    if loader is not None:
+        loader.close()
     if rss is not None:
         rss.stop()
     if tmpdir:

@@ -47,16 +47,16 @@ def _demo(args: argparse.Namespace) -> int:
     with meta_weights():  # the streamed model is never materialised: its weights come from the checkpoint
         skeleton = ToyTransformer(cfg).eval()
     bps = None if args.read_gbps <= 0 else args.read_gbps * 1e9
-    config = RunConfig(prefetch_depth=args.prefetch, read_bytes_per_s=bps)
+    config = RunConfig(prefetch_depth=args.prefetch, read_bytes_per_s=bps, exact_rss=True)  # the CLI owns its process
     print(f"toy transformer: {cfg.n_layers} layers x dim {cfg.dim}, {format_bytes(model_bytes)} of fp32 weights "
           f"in {weights / 'model.safetensors'}; budget {format_bytes(parse_budget(args.budget))}; loader throttled to "
           f"{'disk speed' if bps is None else f'{bps / 1e9:.2f} GB/s (iPhone 15 Pro flash)'}")
     with run(skeleton, budget=args.budget, weights=weights, config=config) as rt:
         same = all(torch.equal(rt(ids), ref) for _ in range(args.passes))
         print(rt.profile)
-        print(f"working set (measured, pass 0): {format_bytes(rt.working_set_bytes)}; "
+        print(f"working set (measured, pass 0): {format_bytes(rt.retention.working_set_bytes)}; "
               f"ledger by kind: {', '.join(f'{k} {format_bytes(v)}' for k, v in rt.ledger.held().items() if v)}")
-        if rt.retention is not None:
+        if rt.retention.decision is not None:
             print(rt.retention)
         print(f"  resident (plain model)   {resident_s * 1e3:.1f} ms per pass, whole model in memory")
         print(f"outputs identical to the plain model (torch.equal): {'yes' if same else 'NO'}")
@@ -162,7 +162,7 @@ def _generate(args: argparse.Namespace) -> int:
               "--budget 3.3GB --resolution 240p.")
     else:
         weights = Path(args.weights)
-    config = RunConfig(device_profile=args.device_profile)
+    config = RunConfig(device_profile=args.device_profile, exact_rss=True)  # the CLI owns its process
     pipe = OpenSoraPipeline(weights, budget=args.budget, config=config)
     t0 = time.perf_counter()
     result = pipe.generate(cfg, out=out_dir / "video.mp4", progress=tqdm_progress(cfg.steps))

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blockrt.errors import BudgetError
 from blockrt.predict import (BlockTiming, choose_retained, concurrent_closed_form, minimum_budget, predict,
                              sequential_closed_form, simulate, sweep)
 
@@ -177,7 +178,7 @@ def test_predict_names_the_smallest_feasible_budget():
     timings = [BlockTiming("a", 300, 0.1, 0.1), BlockTiming("b", 500, 0.1, 0.1)]
     need = minimum_budget(timings, pinned_bytes=100, working_set_bytes=50, prefetch_depth=1)
     assert need == 100 + 2 * 500 + 50
-    with pytest.raises(ValueError, match=f"smallest feasible .*\\({need} bytes\\)"):
+    with pytest.raises(BudgetError, match=f"smallest feasible .*\\({need} bytes\\)"):
         predict(timings, budget=need - 1, pinned_bytes=100, working_set_bytes=50)
     assert predict(timings, budget=need, pinned_bytes=100, working_set_bytes=50).retention.retained == ()
     assert [p.budget for p in sweep(timings, budgets=[need + 300, 10, need], pinned_bytes=100,

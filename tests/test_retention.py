@@ -37,7 +37,7 @@ def test_budget_sweep_retains_what_fits_and_stays_identical(extra_blocks):
         assert rt.profile.summary().peak_ledger_bytes <= budget
         retained = rt.retention.retained
         kept = sum(BlockLayout.of(plan.blocks[i]).nbytes for i in retained)
-        free = budget - plan.pinned_bytes - 2 * blk - rt.working_set_bytes - rt.config.reserve_for(budget)
+        free = budget - plan.pinned_bytes - 2 * blk - rt.retention.working_set_bytes - rt.config.reserve_for(budget)
         assert kept <= free
         assert free - kept < blk or len(retained) == len(plan.blocks)  # within one block of the maximum
         streamed = sum(b.nbytes for i, b in enumerate(plan.blocks) if i not in retained)
@@ -52,11 +52,11 @@ def test_working_set_is_measured_per_block_and_reserved():
     model, inputs = BUILDERS["toy"](n_layers=4)
     with blockrt.run(model, budget="64MB") as rt:
         rt(**inputs)
-        assert rt.working_set_bytes > 0
-        assert set(rt.working_set) == {b.name for b in rt.plan.blocks}
-        assert all(v > 0 for v in rt.working_set.values())
-        assert max(rt.working_set.values()) <= rt.working_set_bytes
-        assert rt.ledger.held()["working_set"] == rt.working_set_bytes
+        assert rt.retention.working_set_bytes > 0
+        assert set(rt.retention.working_set) == {b.name for b in rt.plan.blocks}
+        assert all(v > 0 for v in rt.retention.working_set.values())
+        assert max(rt.retention.working_set.values()) <= rt.retention.working_set_bytes
+        assert rt.ledger.held()["working_set"] == rt.retention.working_set_bytes
 
 
 def test_working_set_over_budget_is_a_clear_error_not_an_overshoot():
@@ -78,18 +78,18 @@ def test_changed_shapes_replan_and_stay_identical():
     with blockrt.run(model, budget=budget) as rt:
         for _ in range(3):
             assert torch.equal(rt(**inputs), ref_short)
-        short_ws = rt.working_set_bytes
-        assert rt.retention is not None and rt.retention.retained
+        short_ws = rt.retention.working_set_bytes
+        assert rt.retention.decision is not None and rt.retention.retained
         before = len(rt.retention.retained)
         assert torch.equal(rt(ids=long_ids), ref_long)  # measured live, shedding retained blocks for room
-        assert rt.working_set_bytes > short_ws
-        assert rt.retention is not None and len(rt.retention.retained) <= before
+        assert rt.retention.working_set_bytes > short_ws
+        assert rt.retention.decision is not None and len(rt.retention.retained) <= before
         for _ in range(2):
             assert torch.equal(rt(ids=long_ids), ref_long)
-        assert rt.retention is not None
+        assert rt.retention.decision is not None
         kept = rt.retention
         assert torch.equal(rt(**inputs), ref_short)  # a kind seen before: no re-measuring, retention stays
-        assert rt.retention is kept and rt.working_set_bytes >= short_ws
+        assert rt.retention.decision is kept.decision and rt.retention.working_set_bytes >= short_ws
         assert rt.ledger.peak <= budget
 
 
@@ -187,7 +187,7 @@ def test_ledger_shows_loads_in_flight_and_settles():
         held = rt.ledger.held()
         assert held["in_flight"] + held["slots"] == 2 * slot_bytes(plan)
         assert rt.ledger.total <= rt.budget
-    assert rt.ledger.held()["in_flight"] == 0 and rt.ledger.total == rt.plan.pinned_bytes + rt.working_set_bytes
+    assert rt.ledger.held()["in_flight"] == 0 and rt.ledger.total == rt.plan.pinned_bytes + rt.retention.working_set_bytes
 
 
 def test_cold_reads_drop_the_block_files_from_the_page_cache():
@@ -196,7 +196,7 @@ def test_cold_reads_drop_the_block_files_from_the_page_cache():
     model, inputs = BUILDERS["toy"](n_layers=4)
     rt = blockrt.run(model, budget="64MB", config=RunConfig(cold_reads=True, prefetch_depth=0))
     try:
-        files = [f for f in rt.source.files() if "blocks/" in f]
+        files = [f for f in rt.weight_files if "blocks/" in f]
         assert max(cached_fraction(f) for f in files) < 0.5
         rt(**inputs)
     finally:
@@ -223,9 +223,9 @@ def test_a_flag_that_changes_memory_is_measured_too():
     ref_narrow, ref_wide = reference(model, {"x": x}), reference(model, {"x": x, "wide": True})
     with blockrt.run(model, budget="16MB") as rt:
         assert torch.equal(rt(x), ref_narrow)
-        narrow = rt.working_set_bytes
+        narrow = rt.retention.working_set_bytes
         assert torch.equal(rt(x, wide=True), ref_wide)
-        assert rt.working_set_bytes > narrow  # measured again for the new flag value
+        assert rt.retention.working_set_bytes > narrow  # measured again for the new flag value
         assert rt.ledger.peak <= rt.budget
 
 
@@ -241,7 +241,7 @@ def test_a_new_input_kind_sheds_retained_blocks_instead_of_failing():
             rt(**inputs)
         held = len(rt.retention.retained)
         assert torch.equal(rt(ids=long_ids), ref_long)  # its activations need more than the free budget
-        assert len(rt.retention.retained) < held and len(rt.residency.retained) == len(rt.retention.retained)
+        assert len(rt.retention.retained) < held and len(rt._residency.retained) == len(rt.retention.retained)
         assert rt.ledger.peak <= budget
         assert torch.equal(rt(ids=long_ids), ref_long)
 

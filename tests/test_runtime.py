@@ -194,7 +194,7 @@ def test_close_stops_the_thread_and_leaks_no_files():
     model, inputs = BUILDERS["toy"]()
     rt = blockrt.run(model, budget=roomy(model))
     rt(**inputs)
-    thread = rt.loader._thread
+    thread = rt._loader._thread
     rt.close()
     rt.close()  # idempotent
     assert not thread.is_alive()
@@ -236,7 +236,7 @@ def test_expect_last_pass_reads_no_block_for_a_pass_that_never_comes(depth):
             if hint:
                 rt.expect_last_pass()
             assert torch.equal(output(rt(**inputs)), ref)
-            rt.loader.close()  # waits for in-flight reads, so every load is recorded
+            rt._loader.close()  # waits for in-flight reads, so every load is recorded
             loads[hint] = [e.pass_idx for e in rt.profile.events if e.kind == "load"]
     n = len(partition(BUILDERS["toy"](n_layers=4)[0]).blocks)
     assert sorted(loads[True]) == [0] * n + [1] * n

@@ -281,8 +281,8 @@ def test_crc_detects_corruption_in_an_int8_file(tmp_path):
 def test_the_ledger_holds_the_staging_and_stays_under_the_budget(tmp_path):
     model, inputs = build_toy(0)
     probe = blockrt.run(model, budget=BUDGET, config=RunConfig(storage_dtype="int8", retention=False))
-    staging = probe._staging.nbytes
-    slots = probe._n_slots * max(lay.nbytes for lay in probe._layouts)
+    parts = probe._retention.floor()
+    staging, slots = parts.staging_bytes, parts.slots * parts.slot_bytes
     floor = probe.minimum_budget()
     held = probe.ledger.held()
     probe.close()

@@ -167,7 +167,7 @@ def test_a_checksum_mismatch_is_a_load_error_and_the_runtime_still_closes(tmp_pa
     path = _flip_a_data_byte(store)
     model, inputs = build_toy()
     rt = blockrt.run(model, budget=BUDGET, store=store)  # default RunConfig(verify="first")
-    thread = rt.loader._thread
+    thread = rt._loader._thread
     for _ in range(2):  # a failed block is verified again next time, never used
         t0 = time.monotonic()
         with pytest.raises(LoadError, match="crc32") as e:
@@ -309,7 +309,7 @@ def test_a_loader_failure_surfaces_in_the_callers_thread(tmp_path, monkeypatch, 
             return real(fd, views, offset, p)
 
         monkeypatch.setattr(blockrt.loader, "read_exactly", read_exactly)
-    thread = rt.loader._thread
+    thread = rt._loader._thread
     t0 = time.monotonic()
     with pytest.raises(LoadError) as e:
         rt(**inputs)

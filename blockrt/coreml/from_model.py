@@ -24,7 +24,6 @@ from typing import Any
 from torch import nn
 
 from ..binding import Binder
-from ..errors import BlockrtError
 from ..partitioners.plan import Block, Plan
 from .capture import CapturedBlock, capture_blocks
 from .export import Progress, export_blocks
@@ -129,7 +128,6 @@ class _Session:
             if on_meta:
                 raise ExportError(f"{type(model).__name__} has weights on the meta device ({on_meta[:3]}...) and no "
                                   "weights= was given; fix: pass weights=<checkpoint or blockrt store> to stream them")
-        self.source = self.runtime.source if self.runtime is not None else None
         self.binder = Binder(self.model)
 
     def finish_pass(self) -> None:
@@ -140,13 +138,11 @@ class _Session:
     @contextlib.contextmanager
     def bound(self, block: Block) -> Iterator[None]:
         """Bind ``block``'s tensors for the duration (read from the source when streaming), then evict them."""
-        if self.source is None:
+        if self.runtime is None:
             yield
             return
-        if self.runtime is not None and self.runtime.residency.active is not None:
-            raise BlockrtError("the runtime is in the middle of a pass; export between passes")
         try:
-            self.binder.materialize((s, self.source.read_tensor(s.key)) for s in block.tensors)
+            self.binder.materialize((s, self.runtime.read_tensor(s.key)) for s in block.tensors)
             yield
         finally:
             self.binder.evict(block.tensors)

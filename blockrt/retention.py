@@ -1,0 +1,248 @@
+"""Retention (the paper's Dynamic Loading): measure a model's passes, then keep what fits resident.
+
+The measuring cycle, per kind of input (shapes, dtypes and flags of the call):
+
+1. ``Phase.MEASURE_MEMORY``: the first pass tracks the working set (live activation bytes, ``working_set.py``)
+   against the budget, with nothing retained, so it stays inside the budget while measuring;
+2. ``Phase.MEASURE_TIME``: the next pass measures each block's load and compute time at full speed;
+3. ``Phase.STEADY``: the free budget (budget - what the ledger holds - the reserve) is filled with retained
+   blocks, chosen on the schedule simulator (``predict.choose_retained``); later passes load only the rest.
+
+A new input kind in the steady phase is measured with the retained blocks in place; if its activations
+need their room, retained blocks are shed one by one before anything fails. Used from the compute thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from enum import Enum
+
+from .budget import Floor, format_bytes
+from .config import RunConfig
+from .errors import BudgetError
+from .ledger import Ledger
+from .loader import BlockLayout
+from .partitioners.plan import Plan
+from .predict import BlockTiming, RetentionDecision, choose_retained
+from .profile import Profile
+from .residency import Residency
+from .working_set import LiveBytes
+
+log = logging.getLogger(__name__)
+
+
+class Phase(Enum):
+    """Where a runtime is in its measuring cycle (see the module docstring)."""
+
+    MEASURE_MEMORY = "measure_memory"
+    MEASURE_TIME = "measure_time"
+    STEADY = "steady"
+
+
+@dataclass(frozen=True)
+class RetentionState:
+    """What ``Runtime.retention`` shows: a read-only snapshot of the measuring cycle and the retained set."""
+
+    phase: Phase
+    decision: RetentionDecision | None  # the planned set and why (None before the steady phase)
+    retained: tuple[int, ...]  # block indices resident now (the decision less any shed for activations)
+    working_set: dict[str, int]  # block name -> peak live activation bytes while it ran
+    working_set_bytes: int  # the largest pass peak over the input kinds seen, held in the ledger
+    timing_pass: int  # the pass whose per-block timings planned the retention (-1 before)
+
+    def __str__(self) -> str:
+        return str(self.decision) if self.decision is not None else f"retention: {self.phase.value}, nothing retained"
+
+
+class Retention:
+    """The measuring cycle, the measured working set and the retained blocks of one runtime."""
+
+    def __init__(self, plan: Plan, layouts: Sequence[BlockLayout], residency: Residency, ledger: Ledger,
+                 profile: Profile, config: RunConfig, floor: Floor, read_bytes_per_s: float | None) -> None:
+        self._plan, self._layouts, self._residency, self._ledger = plan, layouts, residency, ledger
+        self._profile, self._config, self._floor, self._read_bytes_per_s = profile, config, floor, read_bytes_per_s
+        self.phase = Phase.MEASURE_MEMORY
+        self.decision: RetentionDecision | None = None
+        self.working_set: dict[str, int] = {}
+        self.working_set_bytes = 0
+        self.timing_pass = -1  # the pass whose per-block timings plan the retention
+        self._seen: dict[tuple, int] = {}  # input kind -> its measured working set (peak live bytes)
+        self._signature: tuple | None = None
+        self._block_ws: dict[str, int] = {}
+        self._tracker: LiveBytes | None = None
+
+    @property
+    def retained(self) -> tuple[int, ...]:
+        """Indices of the blocks kept resident now (empty before the steady phase)."""
+        return tuple(sorted(self._residency.retained))
+
+    def floor(self) -> Floor:
+        """The smallest budget now: the set-up's floor plus the measured working set."""
+        return replace(self._floor, working_set_bytes=self.working_set_bytes)
+
+    def state(self) -> RetentionState:
+        return RetentionState(self.phase, self.decision, self.retained, dict(self.working_set), self.working_set_bytes,
+                              self.timing_pass)
+
+    # -- passes ---------------------------------------------------------------------------------------------
+
+    def begin_pass(self, signature: tuple) -> None:
+        """A pass starts with inputs of kind ``signature``; track its working set if that kind is new."""
+        measure = False
+        if signature not in self._seen:
+            # an unseen input kind (shapes, dtypes, flags such as merge_frames): measure its working set.
+            # Kinds seen before keep their measurement (the ledger holds the largest of them).
+            self._signature = signature
+            if self.working_set_bytes:
+                self._ledger.release("working_set", self.working_set_bytes)
+                self.working_set_bytes = 0
+            if self.phase is Phase.STEADY:
+                log.info("new input shapes or flags: measuring their working set with retention in place")
+            else:
+                self._drop_retained()
+                self.phase = Phase.MEASURE_MEMORY
+            measure = True
+        if measure or self.phase is Phase.MEASURE_MEMORY:
+            self._tracker = LiveBytes(on_change=self._working_set_changed)
+            self._tracker.__enter__()
+
+    def end_pass(self, pass_idx: int, ok: bool) -> None:
+        """Pass ``pass_idx`` ended (``ok``: it returned normally); advance the measuring cycle."""
+        if self._tracker is not None:
+            peak = self._tracker.peak
+            self.stop_tracking()
+            if not ok:  # forward raised: the measurement is partial; measure again next pass
+                return
+            self._seen[self._signature] = peak
+            self.working_set.update(self._block_ws)
+            need = max(self._seen.values())
+            self._ledger.reserve("working_set", need, "the measured working set")
+            self.working_set_bytes = need
+            if self.phase is Phase.MEASURE_MEMORY:
+                self.phase = Phase.MEASURE_TIME
+                self.timing_pass = pass_idx + 1
+        elif self.phase is Phase.MEASURE_TIME and not ok:
+            self.timing_pass = pass_idx + 1
+        elif self.phase is Phase.MEASURE_TIME and pass_idx == self.timing_pass:
+            self.phase = Phase.STEADY
+            if self._config.retention:
+                self.plan_retention()
+
+    def stop_tracking(self) -> None:
+        """Remove the working-set tracker if one runs (pass end, or the runtime closing)."""
+        tracker, self._tracker = self._tracker, None
+        if tracker is None:
+            return
+        tracker.__exit__(None, None, None)
+        tracker.detach()
+        self._ledger.release("working_set", self._ledger.held()["working_set"])
+
+    def block_started(self, i: int) -> None:
+        if self._tracker is not None:
+            self._tracker.start_window()
+
+    def block_finished(self, i: int) -> None:
+        if self._tracker is not None:
+            name = self._plan.blocks[i].name
+            self._block_ws[name] = max(self._block_ws.get(name, 0), self._tracker.window_peak)
+
+    # -- the retained set -----------------------------------------------------------------------------------
+
+    def plan_retention(self) -> None:
+        """Fill the free budget with retained blocks, chosen on the simulated schedule of the timing pass."""
+        budget = self._ledger.budget
+        free = max(0, budget - self._ledger.total - self._config.reserve_for(budget))
+        timings, head = self.timings()
+        self.decision = choose_retained(timings, prefetch_depth=self._config.prefetch_depth, free_bytes=free,
+                                        head_s=head)
+        self._residency.retain(self.decision.retained)
+
+    def budget_changed(self) -> None:
+        """The budget changed between passes: drop the retained set and, once measured, plan it again."""
+        self._drop_retained()
+        if self.phase is Phase.STEADY and self._config.retention:
+            self.plan_retention()
+
+    def _drop_retained(self) -> None:
+        self._residency.unretain_all()
+        self.decision = None
+
+    def _working_set_changed(self, delta: int) -> None:
+        if delta < 0:
+            self._ledger.release("working_set", min(-delta, self._ledger.held()["working_set"]))
+            return
+        active = self._residency.active
+        where = f"block {self._plan.blocks[active].name!r}" if active is not None else "the pinned modules"
+        while True:
+            try:
+                self._ledger.reserve("working_set", delta, f"activations of {where}")
+                return
+            except BudgetError as e:
+                if self._shed_one():  # retained blocks make room before anything fails
+                    continue
+                need = self.floor().nbytes + self._ledger.held()["working_set"] + delta
+                raise BudgetError(
+                    f"the measured working set passed the budget while running {where}: {e}; this run needs at "
+                    f"least {format_bytes(need)} ({need} bytes) with these input shapes; fix: raise the budget, use "
+                    "smaller inputs, or lower prefetch_depth") from None
+
+    def _shed_one(self) -> bool:
+        """Give up one retained block (not the running one) to make room for activations; False if none."""
+        candidates = [i for i in self._residency.retained if i != self._residency.active]
+        if not candidates:
+            return False
+        victim = max(candidates)
+        self._residency.unretain(victim)
+        if self.decision is not None:
+            kept = tuple(i for i in self.decision.retained if i != victim)
+            self.decision = replace(self.decision, retained=kept, nbytes=sum(self._layouts[i].nbytes for i in kept))
+        log.info("shed retained block %s to make room for activations", self._plan.blocks[victim].name)
+        return True
+
+    # -- measured timings -----------------------------------------------------------------------------------
+
+    def timings(self, pass_idx: int | None = None) -> tuple[list[BlockTiming], float]:
+        """Per-block load/compute/gap seconds measured in pass ``pass_idx`` (default: the timing pass), and
+        ``head_s``; see ``measured_timings``."""
+        p = self.timing_pass if pass_idx is None else pass_idx
+        return measured_timings(self._profile, self._plan, self._layouts, p, self._read_bytes_per_s)
+
+
+def measured_timings(profile: Profile, plan: Plan, layouts: Sequence[BlockLayout], p: int,
+                     read_bytes_per_s: float | None) -> tuple[list[BlockTiming], float]:
+    """Per-block load/compute/gap seconds measured in pass ``p`` of ``profile``, and ``head_s``.
+
+    A block that pass did not load (retained) gets its latest earlier load time.
+
+    ``gap_s`` is the pinned compute after a block: until the next block starts, less that block's wait;
+    the last block's gap runs to the end of the pass. ``head_s`` is the pinned compute before block 0.
+    """
+    events = [e for e in profile.events if e.pass_idx == p]
+    span = next(((s, e) for q, s, e in profile.passes if q == p), None)
+    if span is None:
+        raise ValueError(f"pass {p} has not completed; completed passes: {[q for q, _, _ in profile.passes]}")
+    # a block retained in pass p was not loaded then: take its latest load from an earlier pass
+    loads = {e.block: e.end - e.start for e in sorted(profile.events, key=lambda e: e.pass_idx)
+             if e.kind == "load" and e.pass_idx <= p}
+    waits = {e.block: (e.start, e.end) for e in events if e.kind == "wait"}
+    computes = {e.block: e for e in events if e.kind == "compute"}
+    blocks = plan.blocks
+
+    def began(name: str) -> float:  # when the block was entered: its wait's start, else its compute's
+        return waits[name][0] if name in waits else computes[name].start
+
+    head = began(blocks[0].name) - span[0] if blocks[0].name in computes else 0.0
+    out = []
+    for k, b in enumerate(blocks):
+        c = computes.get(b.name)
+        if c is None:
+            compute, gap = 0.0, 0.0
+        else:
+            compute = c.end - c.start
+            nxt = blocks[k + 1].name if k + 1 < len(blocks) else None
+            gap = (began(nxt) if nxt in computes else span[1]) - c.end if nxt else span[1] - c.end
+        default = b.nbytes / read_bytes_per_s if read_bytes_per_s else 0.0
+        out.append(BlockTiming(b.name, layouts[k].nbytes, loads.get(b.name, default), compute, max(gap, 0.0)))
+    return out, max(head, 0.0)

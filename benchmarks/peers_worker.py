@@ -163,7 +163,7 @@ def setup(job: dict[str, Any]) -> Contender:
 
 def read_files(files: list[Path], cold: bool) -> tuple[int, float]:
     """Read ``files`` whole, as the load-only yardstick: (bytes, seconds). Cold: dropped from the cache first."""
-    from blockrt.memory import drop_page_cache
+    from blockrt.page_cache import drop_page_cache
 
     if not files:
         return 0, 0.0
@@ -195,7 +195,7 @@ def blockrt_figures(rt: Any, passes: int) -> dict[str, Any]:
 def _cached_share(files: list[Path]) -> float:
     """Bytes of ``files`` in the page cache / their size (``mincore``): pages a process keeps mapped survive
     ``posix_fadvise(DONTNEED)``, so a contender that maps its weights is not really read cold."""
-    from blockrt.memory import cached_fraction
+    from blockrt.page_cache import cached_fraction
 
     sizes = [os.stat(p).st_size for p in files]
     total = sum(sizes)
@@ -213,7 +213,9 @@ def run_job(job: dict[str, Any], import_stages: dict[str, int] | None = None) ->
     from safetensors.torch import save_file
 
     import peers_workloads as wl
-    from blockrt.memory import RssSampler, drop_page_cache, read_rss, trim_malloc
+    from blockrt.malloc import trim_malloc
+    from blockrt.memory import RssSampler, read_rss
+    from blockrt.page_cache import drop_page_cache
 
     torch.set_num_threads(job["threads"])
     cold = job["regime"] == "cold"

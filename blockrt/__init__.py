@@ -6,12 +6,13 @@
         print(rt.profile)
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .budget import parse_budget  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .device import PROFILES, DeviceProfile, get_profile, register_profile  # noqa: E402
-from .memory import drop_page_cache, read_rss  # noqa: E402
+from .memory import read_rss  # noqa: E402
+from .page_cache import drop_page_cache  # noqa: E402
 from .predict import BlockTiming, Prediction, predict, simulate  # noqa: E402
 from .errors import BlockrtError, BudgetError, LoadError, PartitionError, StoreError  # noqa: E402
 from .partitioners.plan import Block, Plan, TensorSpec  # noqa: E402

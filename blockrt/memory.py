@@ -29,29 +29,22 @@ Where ``/proc`` is not there (macOS, Windows) ``read_rss`` falls back to ``psuti
 :class:`RssSampler` then records only ``rss_bytes`` (``peak_anon_delta`` and ``peak_file_delta`` are None)
 rather than pass mmap'd pages off as anonymous memory.
 
-Cold reads: :func:`drop_page_cache` evicts files from the page cache with
-``posix_fadvise(POSIX_FADV_DONTNEED)`` (no root, unlike ``/proc/sys/vm/drop_caches``), and
-:func:`cached_fraction` tells how much of a file is in the page cache (``mincore``).
+Cold reads are in ``page_cache.py``; glibc's allocator tuning (opt-in, process-wide) in ``malloc.py``.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
-import mmap
-import os
-import sys
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .malloc import pin_malloc_mmap_threshold, trim_malloc
 
 if TYPE_CHECKING:
     from .profile import Profile
 
-__all__ = ["COUNTERS", "RssSample", "RssSampler", "cached_fraction", "drop_page_cache", "read_rss"]
+__all__ = ["COUNTERS", "RssSample", "RssSampler", "read_rss"]
 
 logger = logging.getLogger(__name__)
 
@@ -277,137 +270,11 @@ class RssSampler:
         return self.peak_file - self.baseline.file
 
 
-# ---- the page cache ----
-def _files(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[Path]:
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file())
-        elif p.is_file():
-            out.append(p)
-        elif p.exists():
-            raise ValueError(f"drop_page_cache: {str(p)!r} is neither a regular file nor a directory")
-        else:
-            raise FileNotFoundError(f"drop_page_cache: no such file or directory: {str(p)!r}")
-    return out
-
-
-def drop_page_cache(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> int:
-    """Evict files from the OS page cache, so the next read comes from the disk. Returns the bytes covered.
-
-    Each file is ``fdatasync``-ed first (dirty pages cannot be dropped) and then advised
-    ``POSIX_FADV_DONTNEED`` over its whole length. No root is needed. Pages that some process has mapped
-    (a live ``safetensors`` mmap tensor, for one) stay cached. A directory stands for every file under it.
-
-    Raises:
-        FileNotFoundError: naming the first missing path (before anything is dropped).
-        NotImplementedError: where the OS has no ``posix_fadvise`` (macOS: ``sudo purge`` drops all caches).
-
-    Example:
-        >>> drop_page_cache(["store/block_000.safetensors"])
-        134217728
-    """
-    files = _files(paths)
-    if not hasattr(os, "posix_fadvise"):
-        raise NotImplementedError(f"drop_page_cache needs os.posix_fadvise, which {sys.platform} lacks; "
-                                  f"on macOS 'sudo purge' drops the whole page cache")
-    total = 0
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            try:
-                os.fdatasync(fd)
-            except OSError as e:  # e.g. EINVAL on a file system without sync support: nothing dirty to write
-                logger.debug("fdatasync(%s) failed: %s", path, e)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            total += os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-    return total
-
-
-def cached_fraction(path: str | os.PathLike[str]) -> float:
-    """The fraction (0..1) of a file's pages that are in the page cache, read without touching the file.
-
-    Uses ``mincore`` on a fresh mapping (Linux, macOS). Linux reports page cache residency only for files
-    the caller owns or may write (otherwise it claims every page resident), so other files raise.
-
-    Raises:
-        FileNotFoundError: for a missing file.
-        PermissionError: for a file this process neither owns nor may write (the answer would be wrong).
-        NotImplementedError: where there is no ``mincore`` (Windows).
-    """
-    path = Path(path)
-    st = path.stat()
-    if sys.platform.startswith("linux") and not (st.st_uid == os.geteuid() or os.geteuid() == 0
-                                                  or os.access(path, os.W_OK)):
-        raise PermissionError(f"cached_fraction({str(path)!r}): Linux's mincore reports page cache residency "
-                              f"only for files the caller owns or may write")
-    if st.st_size == 0:
-        return 1.0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        mincore = libc.mincore
-    except (OSError, AttributeError):
-        raise NotImplementedError(f"cached_fraction needs mincore, which {sys.platform} lacks") from None
-    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    mincore.restype = ctypes.c_int
-    npages = (st.st_size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    vec = (ctypes.c_ubyte * npages)()
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
-        # ACCESS_COPY (MAP_PRIVATE) makes the mapping's buffer exportable to ctypes; nothing is read or
-        # written, so no page is faulted in or copied.
-        anchor = ctypes.c_char.from_buffer(mm)
-        try:
-            if mincore(ctypes.addressof(anchor), st.st_size, vec) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mincore on {str(path)!r}: {os.strerror(err)}")
-        finally:
-            del anchor  # release the buffer export so the mapping can close
-    data = bytes(vec)
-    resident = len(data) - len(data.translate(None, bytes(range(1, 256, 2))))  # bit 0 = in core
-    return resident / npages
-
-
-_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
-_M_MMAP_THRESHOLD = -3
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc() -> ctypes.CDLL | None:
-    """glibc, looked up once (``find_library`` forks ``ldconfig``: milliseconds); None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
-    """Fix glibc's mmap threshold (its documented default, 128 KiB) so freed large buffers go back to the OS.
-
-    Process-wide and never undone: call it only where that is wanted (``RunConfig.exact_rss``, benchmarks).
-    glibc raises the threshold each time a large mmap'd chunk is freed (up to 32 MiB), after which
-    activations of up to that size come from the heap and stay in RSS after they are freed: tens of MB
-    that no ledger sees. Setting it explicitly turns that adjustment off. The trim threshold (raised to
-    twice the mmap threshold by the same adjustment, so up to 64 MiB of freed heap top stays mapped) is
-    set back to the same default. Returns False where there is no glibc (macOS, musl): nothing changes.
-    """
-    libc = _glibc()
-    if libc is None:
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes))) and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(nbytes)))
-
-
-def trim_malloc() -> bool:
-    """Return the free memory at the top and inside glibc's heap to the OS (``malloc_trim(0)``), so RSS
-    shows what is in use rather than what glibc keeps for later. False where there is no glibc."""
-    libc = _glibc()
-    return bool(libc.malloc_trim(0)) if libc is not None else False
+def start_rss(profile: Profile, interval_s: float | None, *, exact: bool = False) -> RssSampler | None:
+    """A runtime's sampler, started now so its baseline is the process before the runtime allocates (None
+    without ``interval_s``). ``exact`` (``RunConfig.exact_rss``, process-wide) first pins glibc's thresholds and
+    trims its heap, for an honest baseline, and resets the kernel's high-water mark."""
+    if exact:
+        pin_malloc_mmap_threshold()
+        trim_malloc()
+    return RssSampler(profile, interval_s=interval_s, reset_hwm=exact).start() if interval_s else None

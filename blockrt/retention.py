@@ -19,13 +19,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
+import torch
+from torch.utils._pytree import tree_leaves
+
 from .budget import Floor, format_bytes
 from .config import RunConfig
-from .errors import BudgetError
+from .device import DeviceProfile
+from .errors import BlockrtError, BudgetError
 from .ledger import Ledger
 from .loader import BlockLayout
 from .partitioners.plan import Plan
-from .predict import BlockTiming, RetentionDecision, choose_retained
+from .predict import BlockTiming, Prediction, RetentionDecision, choose_retained, predict
 from .profile import Profile
 from .residency import Residency
 from .working_set import LiveBytes
@@ -88,8 +92,9 @@ class Retention:
 
     # -- passes ---------------------------------------------------------------------------------------------
 
-    def begin_pass(self, signature: tuple) -> None:
-        """A pass starts with inputs of kind ``signature``; track its working set if that kind is new."""
+    def begin_pass(self, args: tuple, kwargs: dict) -> None:
+        """A pass starts with these inputs; track its working set if their kind (``signature``) is new."""
+        signature = signature_of(args, kwargs)
         measure = False
         if signature not in self._seen:
             # an unseen input kind (shapes, dtypes, flags such as merge_frames): measure its working set.
@@ -203,11 +208,33 @@ class Retention:
 
     # -- measured timings -----------------------------------------------------------------------------------
 
+    def predict(self, budget: int, device_profile: DeviceProfile | None, pass_idx: int | None) -> Prediction:
+        """``Runtime.predict``: the three configurations at ``budget`` from timings measured in ``pass_idx``."""
+        if self.phase is not Phase.STEADY:
+            raise BlockrtError("predict() needs the measuring passes: call the runtime at least twice first")
+        timings, head = self.timings(pass_idx)
+        if device_profile is not None:
+            timings = [replace(t, load_s=t.nbytes / device_profile.read_bytes_per_s) for t in timings]
+        floor = self.floor()
+        return predict(timings, budget=budget, pinned_bytes=floor.pinned_bytes, working_set_bytes=floor.working_set_bytes,
+                       prefetch_depth=self._config.prefetch_depth, head_s=head, reserve_bytes=self._config.reserve_for(budget),
+                       staging_bytes=floor.staging_bytes)
+
     def timings(self, pass_idx: int | None = None) -> tuple[list[BlockTiming], float]:
         """Per-block load/compute/gap seconds measured in pass ``pass_idx`` (default: the timing pass), and
         ``head_s``; see ``measured_timings``."""
         p = self.timing_pass if pass_idx is None else pass_idx
         return measured_timings(self._profile, self._plan, self._layouts, p, self._read_bytes_per_s)
+
+
+def signature_of(args: tuple, kwargs: dict) -> tuple:
+    """What makes two calls need the same memory: each tensor's shape, dtype and device, and the flags
+    (bools, ints, strings, Nones) among the arguments. Floats are left out: a timestep passed as a float
+    changes every call without changing what a pass allocates."""
+    leaves = tree_leaves((args, kwargs))
+    return tuple((tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else
+                 (type(x).__name__, x) if isinstance(x, (bool, int, str)) or x is None else type(x).__name__
+                 for x in leaves)
 
 
 def measured_timings(profile: Profile, plan: Plan, layouts: Sequence[BlockLayout], p: int,

@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
-from .binding import Binder, meta_leftovers
+from .binding import Binder
 from .budget import Floor
 from .config import RunConfig
 from .device import DeviceProfile, get_profile, resolve_budget
@@ -26,15 +25,17 @@ from .embedding_rows import EmbeddingRows, row_streamed_tables
 from .errors import BlockrtError, PartitionError
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, Staging
-from .memory import RssSampler, drop_page_cache, pin_malloc_mmap_threshold, trim_malloc
+from .malloc import trim_malloc
+from .memory import RssSampler, start_rss
+from .page_cache import drop_page_cache
 from .partitioners import partition
-from .partitioners.plan import Plan, dtype_from_name
-from .predict import BlockTiming, Prediction, predict
+from .partitioners.plan import Plan
+from .predict import BlockTiming, Prediction
 from .profile import Profile
 from .quantize import stored_dtypes
 from .residency import Residency
-from .retention import Phase, Retention, RetentionState
-from .weights import open_weights
+from .retention import Retention, RetentionState
+from .weights import bind_pinned, open_weights
 from .working_set import warm_up
 
 
@@ -86,13 +87,7 @@ class Runtime:
         self._hooks: list[Any] = []
         self._tmpdir: str | None = None
         self._loader: Loader | None = None
-        if config.exact_rss:
-            pin_malloc_mmap_threshold()
-            trim_malloc()  # what glibc kept from before the runtime goes back to the OS: an honest baseline
-        self._rss = (RssSampler(self.profile, interval_s=config.rss_interval_s, reset_hwm=config.exact_rss)
-                     if config.rss_interval_s else None)
-        if self._rss:
-            self._rss.start()  # baseline: the process before the runtime allocates anything
+        self._rss = start_rss(self.profile, config.rss_interval_s, exact=config.exact_rss)  # before allocating
         try:
             self._setup(model, budget_bytes, weights, store, partitioner)
         except BaseException:
@@ -109,32 +104,24 @@ class Runtime:
         self._rows = row_streamed_tables(model, self.plan, config.row_stream_min_bytes)  # tables read by rows
         n_slots = min(config.prefetch_depth + 1, len(self.plan.blocks))
         big = max(layouts, key=lambda lay: lay.nbytes)
-        floor = Floor(sum(s.nbytes for s in self.plan.pinned if s.key not in self._rows), big.nbytes, n_slots,
-                      Staging.of(layouts, stored_dtypes(self.plan, storage)).nbytes, 0, big.block.name,
-                      config.prefetch_depth)
-        floor.check(budget)  # before any spilling
+        pinned_bytes = sum(s.nbytes for s in self.plan.pinned if s.key not in self._rows)
+
+        def floor_for(staging: Staging) -> Floor:
+            return Floor(pinned_bytes, big.nbytes, n_slots, staging.nbytes, 0, big.block.name, config.prefetch_depth)
+
+        floor_for(Staging.of(layouts, stored_dtypes(self.plan, storage))).check(budget)  # before any spilling
         source, self._tmpdir = open_weights(model, self.plan, config, storage, weights, store)
-        staging = Staging.of(layouts, {k: source.segment(k).dtype for b in self.plan.blocks for k in b.keys})
-        floor = Floor(floor.pinned_bytes, floor.slot_bytes, n_slots, staging.nbytes, 0, floor.largest_block,
-                      config.prefetch_depth)
-        floor.check(budget)  # a checkpoint stored narrower than computed needs staging too
         self._source = source
+        staging = Staging.of(layouts, {k: source.segment(k).dtype for b in self.plan.blocks for k in b.keys})
+        floor = floor_for(staging)
+        floor.check(budget)  # a checkpoint stored narrower than computed needs staging too
         if config.cold_reads:
             drop_page_cache(source.files())
         self.ledger = ledger = Ledger(budget, on_change=lambda total: self.profile.counter(
             "ledger_bytes", self.profile.now(), total))
         binder = Binder(model)
-        self._bind_pinned(binder, floor.pinned_bytes, from_source=weights is not None)
-        streamed = {k for b in self.plan.blocks for k in b.keys} | set(self.plan.aliases) | set(self._rows)
-        leftovers = meta_leftovers(model, streamed)
-        if leftovers:
-            raise BlockrtError(
-                f"{type(model).__name__} has tensors on the meta device that no weight file provides: {leftovers[:10]}; "
-                "these are non-persistent buffers (computed, not stored) or weights missing from the plan; "
-                "fix: build the skeleton inside `with blockrt.meta_weights():` (computed buffers stay real), "
-                "or materialise those tensors before blockrt.run")
-        for block in self.plan.blocks:
-            binder.evict(block.tensors)
+        ledger.reserve("pinned", pinned_bytes, "the pinned part")
+        bind_pinned(model, self.plan, self._rows, binder, source if weights is not None else None, self._device)
         self._loader = Loader(source, self.profile, self._device, read_bytes_per_s=self.read_bytes_per_s,
                               slot_bytes=floor.slot_bytes, max_queue=len(self.plan.blocks) + n_slots, staging=staging)
         self._residency = Residency(self.plan, layouts, self._loader, ledger, binder, self.profile, config,
@@ -152,16 +139,6 @@ class Runtime:
         self._install_hooks()
         self._residency.prefetch(-1)  # block 0 (and beyond) start loading now, before the first call
 
-    def _bind_pinned(self, binder: Binder, pinned_bytes: int, from_source: bool) -> None:
-        self.ledger.reserve("pinned", pinned_bytes, "the pinned part")
-        pinned = [s for s in self.plan.pinned if s.key not in self._rows]
-        if from_source:
-            pairs = [(s, self._source.read_tensor(s.key, self._device, dtype_from_name(s.dtype))) for s in pinned]
-        else:
-            pairs = [(s, binder.tensor(s.key).detach().to(self._device)) for s in pinned]
-        binder.materialize(pairs)
-        binder.evict([s for s in self.plan.pinned if s.key in self._rows])  # read by rows on each call
-
     def _install_hooks(self) -> None:
         m = self.model
         self._hooks.append(m.register_forward_pre_hook(lambda mod, args, kwargs: self._begin_pass(args, kwargs),
@@ -176,8 +153,6 @@ class Runtime:
                 self._hooks.append(sub.register_forward_pre_hook(lambda mod, args, i=i: self._pre(i)))
                 self._hooks.append(sub.register_forward_hook(lambda mod, args, out, i=i, last=last: self._post(i, last),
                                                              always_call=True))
-
-    # -- the handle -----------------------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model (one pass) under ``torch.no_grad()``; same call and result as ``model(...)``."""
@@ -245,18 +220,9 @@ class Runtime:
         pessimistic; timings from a later pass re-base the prediction on that pass's conditions.
         Returns a ``blockrt.Prediction``; needs the measuring passes.
         """
-        if self._retention.phase is not Phase.STEADY:
-            raise BlockrtError("predict() needs the measuring passes: call the runtime at least twice first")
-        profile = get_profile(device_profile) if isinstance(device_profile, str) else device_profile
-        timings, head = self.timings(pass_idx)
-        if profile is not None:
-            timings = [BlockTiming(t.name, t.nbytes, t.nbytes / profile.read_bytes_per_s, t.compute_s, t.gap_s)
-                       for t in timings]
         at = resolve_budget(budget)[0] if budget is not None else self.budget
-        floor = self._retention.floor()
-        return predict(timings, budget=at, pinned_bytes=floor.pinned_bytes, working_set_bytes=floor.working_set_bytes,
-                       prefetch_depth=self.config.prefetch_depth, head_s=head, reserve_bytes=self.config.reserve_for(at),
-                       staging_bytes=floor.staging_bytes)
+        return self._retention.predict(at, get_profile(device_profile) if isinstance(device_profile, str)
+                                       else device_profile, pass_idx)
 
     def close(self) -> None:
         """Remove the hooks, stop the loader, free the slots and any temporary store. Idempotent.
@@ -282,13 +248,11 @@ class Runtime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- passes ---------------------------------------------------------------------------------------------
-
     def _begin_pass(self, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled():
             raise BlockrtError("blockrt streams weights for inference only: call the model under torch.no_grad() "
                                "(Runtime.__call__ does this for you)")
-        self._retention.begin_pass(_signature(args, kwargs))
+        self._retention.begin_pass(args, kwargs)
         self._residency.pass_idx += 1
         self._running = 0
         self._in_pass = True
@@ -307,8 +271,6 @@ class Runtime:
             trim_malloc()  # freed activations that glibc served from old heap chunks leave RSS again
         self.profile.end_pass(self._residency.pass_idx, self.profile.now())
         self._retention.end_pass(self._residency.pass_idx, self._pass_ok)
-
-    # -- block hooks ----------------------------------------------------------------------------------------
 
     def _pre(self, i: int) -> None:
         active = self._residency.active
@@ -330,16 +292,6 @@ class Runtime:
     def _release(self, i: int) -> None:
         self._retention.block_finished(i)
         self._residency.release(i)
-
-
-def _signature(args: tuple, kwargs: dict) -> tuple:
-    """What makes two calls need the same memory: each tensor's shape, dtype and device, and the flags
-    (bools, ints, strings, Nones) among the arguments. Floats are left out: a timestep passed as a float
-    changes every call without changing what a pass allocates."""
-    leaves = tree_leaves((args, kwargs))
-    return tuple((tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else
-                 (type(x).__name__, x) if isinstance(x, (bool, int, str)) or x is None else type(x).__name__
-                 for x in leaves)
 
 
 def _shutdown(loader: Loader | None, rss: RssSampler | None, tmpdir: str | None) -> None:

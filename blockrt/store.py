@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .errors import StoreError
 from .partitioners.plan import Plan, dtype_from_name
 from .profile import current_umask

@@ -1,5 +1,6 @@
 """Where a Runtime's block weights come from: a checkpoint read in place, a blockrt store, a store converted
-once from a checkpoint (storage dtypes it does not hold), or the in-memory model spilled into a store."""
+once from a checkpoint (storage dtypes it does not hold), or the in-memory model spilled into a store; and
+binding the pinned part, which stays resident, once at set-up."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from .binding import Binder
+from .binding import Binder, meta_leftovers
 from .config import RunConfig
 from .errors import BlockrtError
-from .partitioners.plan import Plan
+from .partitioners.plan import Plan, dtype_from_name
 from .quantize import stored_dtypes
 from .sources import CheckpointSource, WeightSource
 from .store import converted_store, fingerprint, needs_conversion, open_store, require_storage, write_store
@@ -57,3 +59,27 @@ def open_weights(model: nn.Module, plan: Plan, config: RunConfig, storage: Any, 
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
         raise
+
+
+def bind_pinned(model: nn.Module, plan: Plan, rows: dict[str, Any], binder: Binder, source: WeightSource | None,
+                device: torch.device) -> None:
+    """Bind the pinned tensors on ``device`` (read from ``source``, or the model's own), leave the tables read by
+    rows (``rows``) and every block's tensors as ``meta`` placeholders, and refuse a model whose remaining
+    ``meta`` tensors no weight file provides."""
+    pinned = [s for s in plan.pinned if s.key not in rows]
+    if source is not None:
+        pairs = [(s, source.read_tensor(s.key, device, dtype_from_name(s.dtype))) for s in pinned]
+    else:
+        pairs = [(s, binder.tensor(s.key).detach().to(device)) for s in pinned]
+    binder.materialize(pairs)
+    binder.evict([s for s in plan.pinned if s.key in rows])  # read by rows on each call
+    streamed = {k for b in plan.blocks for k in b.keys} | set(plan.aliases) | set(rows)
+    leftovers = meta_leftovers(model, streamed)
+    if leftovers:
+        raise BlockrtError(
+            f"{type(model).__name__} has tensors on the meta device that no weight file provides: {leftovers[:10]}; "
+            "these are non-persistent buffers (computed, not stored) or weights missing from the plan; "
+            "fix: build the skeleton inside `with blockrt.meta_weights():` (computed buffers stay real), "
+            "or materialise those tensors before blockrt.run")
+    for block in plan.blocks:
+        binder.evict(block.tensors)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from blockrt import memory
-from blockrt.memory import RssSample, RssSampler, cached_fraction, drop_page_cache, read_rss
+from blockrt.memory import RssSample, RssSampler, read_rss
+from blockrt.page_cache import cached_fraction, drop_page_cache
 from blockrt.profile import Profile
 
 MB = 10**6

@@ -501,7 +501,7 @@ def test_full_width_t5_is_written_and_converted_in_bounded_memory_and_stays_orde
     """XXL widths (d_model 4096, 64 heads, d_ff 10240), 2 of the 24 layers: 2.1 GB of .bin shards. Writing holds
     about one tensor (the 526 MB embedding) of anonymous memory, converting almost none (the shards are
     mapped), and the random weights keep activations O(1) at the real width."""
-    from blockrt.memory import pin_malloc_mmap_threshold, trim_malloc
+    from blockrt.malloc import pin_malloc_mmap_threshold, trim_malloc
 
     pin_malloc_mmap_threshold()  # freed tensors leave RSS at once, so the peak is what is really held
     trim_malloc()

@@ -191,7 +191,7 @@ def test_ledger_shows_loads_in_flight_and_settles():
 
 
 def test_cold_reads_drop_the_block_files_from_the_page_cache():
-    from blockrt.memory import cached_fraction
+    from blockrt.page_cache import cached_fraction
 
     model, inputs = BUILDERS["toy"](n_layers=4)
     rt = blockrt.run(model, budget="64MB", config=RunConfig(cold_reads=True, prefetch_depth=0))

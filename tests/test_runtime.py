@@ -215,7 +215,7 @@ def test_failed_setup_leaves_no_temporary_store_and_keeps_the_weights(monkeypatc
     def fail(*args, **kwargs):
         raise OSError("simulated failure while binding the pinned part")
 
-    monkeypatch.setattr(blockrt.runtime.Runtime, "_bind_pinned", fail)
+    monkeypatch.setattr(blockrt.runtime, "bind_pinned", fail)
     with pytest.raises(OSError, match="simulated"):
         blockrt.run(model, budget=roomy(model))
     assert set(glob.glob(pattern)) == before

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from .convert import convert_block
 from .inspect import WEIGHTS_DIR, dir_bytes
 from .manifest import MANIFEST, ExportManifest, PackageEntry, check_wiring

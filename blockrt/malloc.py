@@ -1,0 +1,55 @@
+"""glibc's allocator, tuned so the process RSS follows what is in use (opt-in: ``RunConfig.exact_rss``).
+
+Both calls act on the whole process and are never undone, so the runtime makes them only when asked; the
+benchmarks and ``make test`` get the same thresholds from process start through the environment
+(``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072``). Elsewhere (macOS, musl) nothing happens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+
+__all__ = ["pin_malloc_mmap_threshold", "trim_malloc"]
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
+_M_MMAP_THRESHOLD = -3
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, looked up once (``find_library`` forks ``ldconfig``: milliseconds); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """Fix glibc's mmap threshold (its documented default, 128 KiB) so freed large buffers go back to the OS.
+
+    Process-wide and never undone: call it only where that is wanted (``RunConfig.exact_rss``, benchmarks).
+    glibc raises the threshold each time a large mmap'd chunk is freed (up to 32 MiB), after which
+    activations of up to that size come from the heap and stay in RSS after they are freed: tens of MB
+    that no ledger sees. Setting it explicitly turns that adjustment off. The trim threshold (raised to
+    twice the mmap threshold by the same adjustment, so up to 64 MiB of freed heap top stays mapped) is
+    set back to the same default. Returns False where there is no glibc (macOS, musl): nothing changes.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes))) and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(nbytes)))
+
+
+def trim_malloc() -> bool:
+    """Return the free memory at the top and inside glibc's heap to the OS (``malloc_trim(0)``), so RSS
+    shows what is in use rather than what glibc keeps for later. False where there is no glibc."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False

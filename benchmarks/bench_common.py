@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from blockrt.memory import trim_malloc
-from blockrt.profile import write_atomic
+from blockrt.files import write_atomic
 
 BUSY_CORES = 0.2  # other processes using more CPU than this (in cores) disturb the timings: warn
 OTHER_CPU_PROBE_S = 0.5

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import blockrt  # noqa: E402
 from blockrt import RunConfig  # noqa: E402
-from blockrt.profile import write_atomic  # noqa: E402
+from blockrt.files import write_atomic  # noqa: E402
 from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints  # noqa: E402
 from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config  # noqa: E402
 

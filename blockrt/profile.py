@@ -11,16 +11,16 @@ PNG timeline (``blockrt.timeline``; matplotlib is imported only when a plot is a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import IO, Any
+from typing import Any
+
+from .files import write_atomic
 
 EVENT_KINDS = ("load", "compute", "wait", "evict")
 
@@ -126,40 +126,6 @@ def _peak_delta(series: Sequence[float], also: Sequence[float] = ()) -> int | No
     if not series:
         return None
     return int(max(max(series), max(also, default=series[0])) - series[0])
-
-
-def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file through ``write(fileobj)`` into a temporary name in the same directory, then rename.
-
-    The file is flushed and fsynced before ``os.replace``, so ``path`` is either the old file or the whole
-    new one; on any error the temporary file is removed and the error propagates.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it (Linux); else the usual 022."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
 
 
 class Profile:

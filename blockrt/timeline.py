@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from .profile import _fmt_bytes, write_atomic
+from .files import write_atomic
+from .profile import _fmt_bytes
 
 if TYPE_CHECKING:
     from .profile import Profile

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from .budget import format_bytes
 from .files import write_atomic
-from .profile import _fmt_bytes
 
 if TYPE_CHECKING:
     from .profile import Profile
@@ -110,7 +110,7 @@ def plot_timeline(profile: Profile, path: str | os.PathLike[str], title: str | N
             drawn = True
     if profile.budget:
         mem.axhline(profile.budget / 1e9, color=COLORS["wait"], linestyle="--", linewidth=1.0,
-                    label=f"budget {_fmt_bytes(profile.budget)}")
+                    label=f"budget {format_bytes(profile.budget)}")
         drawn = True
     if drawn:
         mem.legend(loc="lower right", fontsize=LABEL_FONT, ncol=3)

@@ -6,7 +6,8 @@ counters (``ledger_bytes``, ``rss_bytes``) into one :class:`Profile`; passes are
 ``stall_s``, ``stall_fraction``, ``roofline_ratio``, ``bytes_loaded``, ``bytes_reused``,
 ``reload_fraction``, ``peak_ledger_bytes``, and from the ``rss_*`` counters of ``blockrt.memory.RssSampler``
 ``peak_rss_delta``, ``peak_anon_delta``, ``peak_file_delta``), a Chrome trace event JSON for Perfetto, and a
-PNG timeline (``blockrt.timeline``; matplotlib is imported only when a plot is asked for).
+PNG timeline (``blockrt.timeline``, which imports nothing from here; matplotlib is imported only when a plot is
+asked for).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from .budget import format_bytes
 from .files import write_atomic
+from .timeline import plot_timeline
 
 EVENT_KINDS = ("load", "compute", "wait", "evict")
 
@@ -321,8 +323,6 @@ class Profile:
 
     def plot(self, path: str | os.PathLike[str], title: str | None = None) -> None:
         """Write a PNG timeline: loader and compute lanes, memory under the budget (needs matplotlib)."""
-        from .timeline import plot_timeline
-
         plot_timeline(self, path, title=title)
 
     def reset(self) -> None:

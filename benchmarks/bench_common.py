@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from blockrt.files import write_atomic
 from blockrt.malloc import trim_malloc
-from blockrt.profile import write_atomic
 
 BUSY_CORES = 0.2  # other processes using more CPU than this (in cores) disturb the timings: warn
 OTHER_CPU_PROBE_S = 0.5

@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
 
 import blockrt  # noqa: E402
 from blockrt import RunConfig  # noqa: E402
+from blockrt.device import IPHONE15PRO  # noqa: E402
 from blockrt.loader import BlockLayout  # noqa: E402
 from blockrt.working_set import LiveBytes  # noqa: E402
 from blockrt.partitioners import partition  # noqa: E402
@@ -51,7 +52,6 @@ from bench_common import BUSY_CORES, begin_run, write_results  # noqa: E402
 # Targets from the issue: printed next to the measurements as PASS/MISS, never asserted.
 TARGET_ROOFLINE_PREFETCH = 1.10  # roofline_ratio of the prefetch run must be <= this
 TARGET_SPEEDUP_PREFETCH = 1.6  # sequential wall / prefetch wall must be >= this
-IPHONE15PRO_READ_BPS = 1.45e9  # published sequential flash read, for comparison
 BUDGET_SLACK_BYTES = 1 << 20  # "a budget just big enough": pinned + slots + working set, plus 1 MiB
 
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         why = f"= block bytes / resident per-block compute {block_compute_s * 1e3:.1f} ms, so load ~= compute"
     print(f"resident: {resident['wall_s_per_pass'] * 1e3:.1f} ms per pass", flush=True)
     print(f"loader throttled to {bandwidth / 1e9:.3f} GB/s ({why}); it stands for slow flash "
-          f"(iPhone 15 Pro reads ~{IPHONE15PRO_READ_BPS / 1e9:.2f} GB/s)", flush=True)
+          f"(iPhone 15 Pro reads ~{IPHONE15PRO.read_bytes_per_s / 1e9:.2f} GB/s)", flush=True)
 
     modes: dict[str, dict] = {"resident": resident}
     outputs: dict[str, list[torch.Tensor]] = {}

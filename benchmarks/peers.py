@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target {t['name']:<58} {t['value_text']:>24}  {t['verdict']}")
     write_results(out_dir, results, rows(results), CSV_FIELDS)
     text = markdown(results).encode()
-    from blockrt.profile import write_atomic
+    from blockrt.files import write_atomic
     write_atomic(out_dir / "peers.md", lambda f: f.write(text))
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.csv'}, {out_dir / 'peers.md'}, logs in {log_dir}")
     ours = [f"{model}/{regime}/{name}: {r['error']}" for model, m in results["models"].items()

@@ -280,9 +280,10 @@ def main(argv: list[str]) -> int:
     stages = import_all()
     job = json.loads(Path(argv[0]).read_text())
     result = run_job(job, stages)
-    tmp = Path(argv[1] + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, argv[1])
+    from blockrt.files import write_atomic  # imported with blockrt by import_all, after the RSS readings
+
+    data = json.dumps(result, indent=1).encode()
+    write_atomic(argv[1], lambda f: f.write(data))
     return 0
 
 

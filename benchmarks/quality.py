@@ -42,7 +42,7 @@ for _p in (ROOT, ROOT / "benchmarks"):  # run as a script from a checkout withou
         sys.path.insert(0, str(_p))
 
 from bench_common import BUSY_CORES, begin_run, write_results  # noqa: E402
-from blockrt.profile import write_atomic  # noqa: E402
+from blockrt.files import write_atomic  # noqa: E402
 from blockrt.pipelines.opensora.pipeline import GenerateConfig  # noqa: E402
 from blockrt.pipelines.shapes.generate import ShapesGenerator  # noqa: E402
 from blockrt.pipelines.shapes.judge import flicker, judge, matches, psnr, ssim  # noqa: E402

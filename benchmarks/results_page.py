@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from blockrt.profile import write_atomic  # noqa: E402
+from blockrt.files import write_atomic  # noqa: E402
 
 MAX_PNG_BYTES = 200_000
 PY = ".venv/bin/python"

@@ -55,7 +55,7 @@ import blockrt  # noqa: E402
 from blockrt import RunConfig, get_profile  # noqa: E402
 from blockrt.loader import BlockLayout  # noqa: E402
 from blockrt.predict import simulate  # noqa: E402
-from blockrt.profile import write_atomic  # noqa: E402
+from blockrt.files import write_atomic  # noqa: E402
 from bench_common import BUSY_CORES, begin_run, release_freed_memory, write_results  # noqa: E402
 from blockrt.partitioners import partition  # noqa: E402
 from blockrt.pipelines.toy import Layer, ToyConfig, ToyTransformer  # noqa: E402

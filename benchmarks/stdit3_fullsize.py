@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 import blockrt  # noqa: E402
 from blockrt import RunConfig  # noqa: E402
-from blockrt.profile import write_atomic  # noqa: E402
+from blockrt.device import IPHONE15PRO  # noqa: E402
+from blockrt.files import write_atomic  # noqa: E402
 from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints  # noqa: E402
 from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config  # noqa: E402
 
@@ -103,7 +104,8 @@ def main() -> int:
     rows = rows_none + rows_ret
     print(f"STDiT3-{'XL/2' if not args.quick else 'tiny'}: {rows[0]['blocks']} blocks of "
           f"{rows[0]['block_bytes'] / 1e6:.0f} MB, pinned {rows[0]['pinned_bytes'] / 1e6:.0f} MB, checkpoint "
-          f"{weights} (ready in {write_s:.0f} s); budget {args.budget}; loads throttled to 1.45 GB/s (iphone15pro); "
+          f"{weights} (ready in {write_s:.0f} s); budget {args.budget}; loads throttled to "
+          f"{IPHONE15PRO.read_bytes_per_s / 1e9:.2f} GB/s (iphone15pro); "
           f"{torch.get_num_threads()} torch threads; working set {rows[0]['working_set_bytes'] / 1e6:.0f} MB")
     print(f"{'retention':>9} {'pass':>4} {'wall_s':>7} {'load_s':>7} {'compute_s':>9} {'stall_s':>7} {'roofline':>8} "
           f"{'loaded MB':>9} {'reused MB':>9} {'held':>4}")

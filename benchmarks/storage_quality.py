@@ -18,7 +18,7 @@ that dtype by blockrt (``RunConfig(storage_dtype=...)``; the conversion time is 
   random weights in the real checkpoint layout (``pipelines/opensora/checkpoints.py``). Measured on the
   velocity (the first 4 output channels): cosine similarity, max abs error, SNR.
 
-Loads are throttled to the iPhone 15 Pro's flash (``read_bytes_per_s=1.45e9``, budget ``iphone15pro``,
+Loads are throttled to the iPhone 15 Pro's flash (``IPHONE15PRO``: 1.45 GB/s, budget ``iphone15pro``,
 retention off so every pass streams every block); per pass: ``bytes_loaded`` (as stored) and ``load_s``,
 and their ratio to float32, while the model computes and with the loader alone (every block loaded once more
 after the run, nothing computing: on a small shared machine compute and other processes slow the loader's
@@ -51,10 +51,10 @@ sys.path.insert(0, str(ROOT))
 import blockrt  # noqa: E402
 from benchmarks.bench_common import OtherCpu, hardware, release_freed_memory, write_results  # noqa: E402
 from blockrt import RunConfig  # noqa: E402
+from blockrt.device import IPHONE15PRO  # noqa: E402
 from blockrt.partitioners import partition  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
-IPHONE_READ_BYTES_PER_S = 1.45e9
 PROMPTS = (
     "a red fox running through fresh snow in a pine forest, morning light",
     "aerial view of waves breaking on a rocky coastline at sunset",
@@ -108,7 +108,7 @@ def stream(build, weights: Path, dtype: str, call, passes: int, throttled: bool)
     with blockrt.meta_weights():
         skeleton = build()
     conf = RunConfig(storage_dtype=None if dtype == "float32" else dtype, retention=False,
-                     read_bytes_per_s=IPHONE_READ_BYTES_PER_S if throttled else None)
+                     read_bytes_per_s=IPHONE15PRO.read_bytes_per_s if throttled else None)
     t0 = time.perf_counter()
     with blockrt.run(skeleton, budget="iphone15pro", weights=weights, config=conf) as rt:
         convert_s = time.perf_counter() - t0
@@ -276,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
           f"used {other:.2f} cores on average (timings are noisy above 0.2); {time.perf_counter() - t0:.0f} s")
     print(f"  {t5_what}; {len(PROMPTS)} prompts of {args.tokens} tokens")
     print(f"  {st_what}; one CFG forward at t={TIMESTEP:g} on a latent {STDIT3_LATENT if not args.quick else 'tiny'}")
-    print(f"  iphone = budget iphone15pro, loads throttled to {IPHONE_READ_BYTES_PER_S / 1e9:.2f} GB/s; warm = page "
-          "cache, unthrottled; retention off; per-pass figures from the last of each run's passes; 'load' and "
-          "'alone' = load_s per pass / float32's, while computing and with the loader alone")
+    print(f"  iphone = budget iphone15pro, loads throttled to {IPHONE15PRO.read_bytes_per_s / 1e9:.2f} GB/s; "
+          "warm = page cache, unthrottled; retention off; per-pass figures from the last of each run's passes; "
+          "'load' and 'alone' = load_s per pass / float32's, while computing and with the loader alone")
     print(f"{'model':<7} {'dtype':<9} {'regime':<7} {'cos mean':>9} {'cos min':>9} {'max abs':>9} {'(ref max)':>9} "
           f"{'SNR dB':>7} {'MB/pass':>8} {'bytes':>6} {'load s':>7} {'load':>6} {'alone s':>7} {'alone':>6} "
           f"{'wall s':>7} {'convert s':>9}")
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['load_ratio']:6.3f} {r['load_alone_s_per_pass']:7.3f} {r['load_alone_ratio']:6.3f} "
               f"{r['wall_s_per_pass']:7.3f} {r['convert_s']:9.1f}")
     results = {"hardware": hw, "other_cpu_cores": other, "t5": t5_what, "stdit3": st_what, "prompts": list(PROMPTS),
-               "tokens": args.tokens, "read_bytes_per_s": IPHONE_READ_BYTES_PER_S, "rows": rows}
+               "tokens": args.tokens, "read_bytes_per_s": IPHONE15PRO.read_bytes_per_s, "rows": rows}
     write_results(out, results, rows, FIELDS)
     print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
     return 0

@@ -66,11 +66,15 @@ def parse_budget(budget: int | str) -> int:
 
 
 def format_bytes(n: float) -> str:
-    """Bytes in decimal units for reports: ``1_500_000`` -> ``"1.50 MB"``."""
+    """Bytes (or bytes per second) in decimal units for people: ``1_500_000`` -> ``"1.50 MB"``.
+
+    The one byte formatter of blockrt: errors, the profile summary, the timeline and the CLI all print through
+    it. Below 1 kB a float is rounded to whole bytes (``999.6`` -> ``"1000 B"``).
+    """
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
+    return f"{n:.0f} B"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .budget import ACCEPTED, parse_budget
 
-__all__ = ["PROFILES", "DeviceProfile", "get_profile", "register_profile", "resolve_budget"]
+__all__ = ["IPHONE15PRO", "PROFILES", "DeviceProfile", "get_profile", "register_profile", "resolve_budget"]
 
 
 @dataclass(frozen=True)
@@ -84,15 +84,17 @@ def _parses_as_budget(text: str) -> bool:
 
 
 _GB = 10**9
+IPHONE15PRO = DeviceProfile(
+    "iphone15pro", memory_bytes=3_300_000_000, read_bytes_per_s=1.45e9, flops_per_s=2.15e12,
+    description=(
+        "iPhone 15 Pro (A17 Pro, 8 GB RAM). memory: the 3.3 GB one app may use, as measured in the "
+        "On-device Sora paper (no increased-memory-limit entitlement). read: 1.45 GB/s, the published "
+        "sequential flash read figure for that phone class. compute: 2.15 TFLOP/s fp32, the A17 Pro "
+        "GPU's peak (the paper runs its CoreML blocks in fp32 on CPU+GPU)."),
+)
+"""The phone the On-device Sora paper targets: import its numbers from here (``IPHONE15PRO.read_bytes_per_s``)."""
 _BUILTIN = (
-    DeviceProfile(
-        "iphone15pro", memory_bytes=3_300_000_000, read_bytes_per_s=1.45e9, flops_per_s=2.15e12,
-        description=(
-            "iPhone 15 Pro (A17 Pro, 8 GB RAM). memory: the 3.3 GB one app may use, as measured in the "
-            "On-device Sora paper (no increased-memory-limit entitlement). read: 1.45 GB/s, the published "
-            "sequential flash read figure for that phone class. compute: 2.15 TFLOP/s fp32, the A17 Pro "
-            "GPU's peak (the paper runs its CoreML blocks in fp32 on CPU+GPU)."),
-    ),
+    IPHONE15PRO,
     DeviceProfile(
         "laptop-nvme", memory_bytes=16 * _GB, read_bytes_per_s=3.0e9, flops_per_s=1.0e12,
         description=(

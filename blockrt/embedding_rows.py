@@ -31,12 +31,10 @@ from torch import nn
 
 from .binding import Binder
 from .ledger import Ledger
-from .partitioners.plan import Plan, TensorSpec, dtype_from_name
+from .partitioners.plan import FLOAT_DTYPES, Plan, TensorSpec, dtype_from_name
 from .profile import Profile
 from .safetensors_format import Segment
 from .sources import WeightSource, read_exactly
-
-FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
 def row_streamed_tables(model: nn.Module, plan: Plan, min_bytes: int | None) -> dict[str, tuple[str, ...]]:

@@ -6,21 +6,24 @@ counters (``ledger_bytes``, ``rss_bytes``) into one :class:`Profile`; passes are
 ``stall_s``, ``stall_fraction``, ``roofline_ratio``, ``bytes_loaded``, ``bytes_reused``,
 ``reload_fraction``, ``peak_ledger_bytes``, and from the ``rss_*`` counters of ``blockrt.memory.RssSampler``
 ``peak_rss_delta``, ``peak_anon_delta``, ``peak_file_delta``), a Chrome trace event JSON for Perfetto, and a
-PNG timeline (``blockrt.timeline``; matplotlib is imported only when a plot is asked for).
+PNG timeline (``blockrt.timeline``, which imports nothing from here; matplotlib is imported only when a plot is
+asked for).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import IO, Any
+from typing import Any
+
+from .budget import format_bytes
+from .files import write_atomic
+from .timeline import plot_timeline
 
 EVENT_KINDS = ("load", "compute", "wait", "evict")
 
@@ -45,13 +48,6 @@ class Event:
 
 def _fmt_s(s: float) -> str:
     return f"{s:.3f} s" if abs(s) >= 1.0 else f"{s * 1e3:.1f} ms"
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 @dataclass(frozen=True)
@@ -93,29 +89,29 @@ class Summary:
         per_pass = f"{_fmt_s(self.wall_s / self.passes)} per pass" if self.passes else ""
         if self.budget:
             pct = 100.0 * self.peak_ledger_bytes / self.budget
-            ledger_note = f"of budget {_fmt_bytes(self.budget)} ({pct:.1f}%)"
+            ledger_note = f"of budget {format_bytes(self.budget)} ({pct:.1f}%)"
         else:
             ledger_note = "(no budget set)"
         rows = [
             ("wall_s", _fmt_s(self.wall_s), per_pass),
-            ("load_s", _fmt_s(self.load_s), "" if math.isnan(bw) else f"at {_fmt_bytes(bw)}/s"),
+            ("load_s", _fmt_s(self.load_s), "" if math.isnan(bw) else f"at {format_bytes(bw)}/s"),
             ("compute_s", _fmt_s(self.compute_s), ""),
             ("stall_s", _fmt_s(self.stall_s), "compute waiting for loads"),
             ("stall_fraction", f"{self.stall_fraction:.3f}", "stall_s / wall_s"),
             ("roofline_ratio", f"{self.roofline_ratio:.2f}", "(1.00 = perfect overlap, 2.00 = sequential)"),
-            ("bytes_loaded", _fmt_bytes(self.bytes_loaded), ""),
-            *([("bytes_materialised", _fmt_bytes(self.bytes_materialised), "loaded, in the compute dtype")]
+            ("bytes_loaded", format_bytes(self.bytes_loaded), ""),
+            *([("bytes_materialised", format_bytes(self.bytes_materialised), "loaded, in the compute dtype")]
               if self.bytes_materialised not in (None, self.bytes_loaded) else []),
-            ("bytes_reused", _fmt_bytes(self.bytes_reused), "served by retained blocks"),
+            ("bytes_reused", format_bytes(self.bytes_reused), "served by retained blocks"),
             ("reload_fraction", f"{self.reload_fraction:.3f}", "loaded / (loaded + reused)"),
-            ("peak_ledger_bytes", _fmt_bytes(self.peak_ledger_bytes), ledger_note),
+            ("peak_ledger_bytes", format_bytes(self.peak_ledger_bytes), ledger_note),
         ]
         for name, note in (("peak_rss_delta", "peak RSS minus RSS at start"),
                            ("peak_anon_delta", "anon (counts on iOS)"),
                            ("peak_file_delta", "file-backed (clean, droppable)")):
             value = getattr(self, name)
             if value is not None:
-                rows.append((name, _fmt_bytes(value), note))
+                rows.append((name, format_bytes(value), note))
         lines = [f"blockrt profile: {self.passes} pass{'' if self.passes == 1 else 'es'}"]
         lines += [f"  {name:<18} {value:>10}  {note}".rstrip() for name, value, note in rows]
         return "\n".join(lines)
@@ -126,40 +122,6 @@ def _peak_delta(series: Sequence[float], also: Sequence[float] = ()) -> int | No
     if not series:
         return None
     return int(max(max(series), max(also, default=series[0])) - series[0])
-
-
-def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file through ``write(fileobj)`` into a temporary name in the same directory, then rename.
-
-    The file is flushed and fsynced before ``os.replace``, so ``path`` is either the old file or the whole
-    new one; on any error the temporary file is removed and the error propagates.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it (Linux); else the usual 022."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
 
 
 class Profile:
@@ -361,8 +323,6 @@ class Profile:
 
     def plot(self, path: str | os.PathLike[str], title: str | None = None) -> None:
         """Write a PNG timeline: loader and compute lanes, memory under the budget (needs matplotlib)."""
-        from .timeline import plot_timeline
-
         plot_timeline(self, path, title=title)
 
     def reset(self) -> None:

@@ -18,10 +18,9 @@ import torch
 
 from .config import STORAGE_DTYPES
 from .errors import StoreError
-from .partitioners.plan import Plan, TensorSpec, dtype_from_name
+from .partitioners.plan import FLOAT_DTYPES, Plan, TensorSpec, dtype_from_name
 from .safetensors_format import Segment
 
-FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 INT8_MIN_ELEMENTS = 1024  # smaller tensors are not worth a scale vector: they stay in the compute dtype
 INT8_MAX = 127
 SCALE_SUFFIX = ".scale"

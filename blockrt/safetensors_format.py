@@ -17,7 +17,6 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -137,11 +136,3 @@ def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metada
         os.fsync(f.fileno())
     return 8 + len(blob) + offset, crc
 
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory so a rename inside it is durable."""
-    fd = os.open(Path(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

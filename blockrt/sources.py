@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import StoreError
-from .partitioners.plan import Plan, dtype_from_name
+from .partitioners.plan import FLOAT_DTYPES, Plan, dtype_from_name
 from .safetensors_format import Segment, read_header
 
 
@@ -170,11 +170,8 @@ class CheckpointSource(WeightSource):
         self.segments = resolved
 
 
-_FLOATS = ("float64", "float32", "float16", "bfloat16")
-
-
 def _widens(stored: str, compute: str) -> bool:
     """A checkpoint tensor stored as ``stored`` can feed a ``compute`` one: the same dtype, or a float that the
     loader widens exactly (a bfloat16 checkpoint streams into a float32 model)."""
-    return stored == compute or (stored in _FLOATS and compute in _FLOATS
+    return stored == compute or (stored in FLOAT_DTYPES and compute in FLOAT_DTYPES
                                  and dtype_from_name(stored).itemsize <= dtype_from_name(compute).itemsize)

@@ -31,9 +31,9 @@ import torch
 from .version import __version__
 from .errors import StoreError
 from .partitioners.plan import Plan, dtype_from_name
-from .profile import current_umask
+from .files import current_umask, fsync_dir
 from .quantize import check_stored, stored_dtype, to_storage
-from .safetensors_format import fsync_dir, read_header, write_file
+from .safetensors_format import read_header, write_file
 from .sources import CheckpointSource, WeightSource
 
 FORMAT = "blockrt-store"

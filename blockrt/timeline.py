@@ -13,12 +13,10 @@ nothing left open after the call.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from .profile import _fmt_bytes, write_atomic
-
-if TYPE_CHECKING:
-    from .profile import Profile
+from .budget import format_bytes
+from .files import write_atomic
 
 COLORS = {"compute": "#4C72B0", "load": "#DD8452", "wait": "#D62728", "evict": "#333333"}
 FIG_SIZE = (12.0, 5.0)  # inches
@@ -27,13 +25,31 @@ LABEL_FONT = 7  # points
 CHAR_PX = LABEL_FONT * 0.65 * DPI / 72  # rough width of one label character in pixels
 
 
+class Recorded(Protocol):
+    """What the timeline reads of a :class:`blockrt.profile.Profile`. Typed by shape so that imports run one
+    way: ``Profile.plot`` imports this module, this module imports nothing from ``profile.py``."""
+
+    budget: int | None
+
+    @property
+    def events(self) -> list[Any]: ...  # Events: kind, block, start, end, lane
+
+    @property
+    def passes(self) -> list[tuple[int, float, float]]: ...
+
+    @property
+    def counters(self) -> dict[str, list[tuple[float, float]]]: ...
+
+    def summary(self) -> Any: ...  # a Summary: passes, roofline_ratio, stall_fraction
+
+
 def _short(block: str) -> str:
     """The tail of a dotted block name, which is what fits in a bar ("encoder.block.3" -> "block.3")."""
     parts = block.split(".")
     return ".".join(parts[-2:]) if len(parts) > 2 else block
 
 
-def plot_timeline(profile: Profile, path: str | os.PathLike[str], title: str | None = None) -> None:
+def plot_timeline(profile: Recorded, path: str | os.PathLike[str], title: str | None = None) -> None:
     """Write the timeline of ``profile`` as a PNG at ``path`` (atomically).
 
     Args:
@@ -109,7 +125,7 @@ def plot_timeline(profile: Profile, path: str | os.PathLike[str], title: str | N
             drawn = True
     if profile.budget:
         mem.axhline(profile.budget / 1e9, color=COLORS["wait"], linestyle="--", linewidth=1.0,
-                    label=f"budget {_fmt_bytes(profile.budget)}")
+                    label=f"budget {format_bytes(profile.budget)}")
         drawn = True
     if drawn:
         mem.legend(loc="lower right", fontsize=LABEL_FONT, ncol=3)

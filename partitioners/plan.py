@@ -136,6 +136,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
+FLOAT_DTYPES = tuple(name for name, dtype in _DTYPES.items() if dtype.is_floating_point)
+"""The floating-point dtype names: ``("float64", "float32", "float16", "bfloat16")``."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -11,9 +11,8 @@ import torch
 
 from blockrt.budget import format_bytes, parse_budget
 from blockrt.config import RunConfig
+from blockrt.device import IPHONE15PRO
 from blockrt.runtime import run
-
-IPHONE15PRO_READ_BPS = 1.45e9  # sequential flash read of the phone class the paper targets
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -248,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--tokens", type=int, default=256)
     demo.add_argument("--passes", type=int, default=5)
     demo.add_argument("--prefetch", type=int, default=1, help="prefetch depth (0 = sequential loading)")
-    demo.add_argument("--read-gbps", type=float, default=IPHONE15PRO_READ_BPS / 1e9,
+    demo.add_argument("--read-gbps", type=float, default=IPHONE15PRO.read_bytes_per_s / 1e9,
                       help="throttle loads to this many GB/s (0 = disk speed)")
     demo.add_argument("--threads", type=int, default=2, help="torch compute threads")
     plan = sub.add_parser("plan", help="predict sequential / concurrent / retention pass times over budgets "

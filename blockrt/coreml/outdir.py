@@ -16,8 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..profile import current_umask
-from ..safetensors_format import fsync_dir
+from ..files import current_umask, fsync_tree, replace_dir
 from .manifest import FORMAT, MANIFEST
 from .spec import ExportError
 
@@ -48,18 +47,6 @@ def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
                           "(--overwrite on the command line) to replace it, or choose another directory")
 
 
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (bottom-up), so a rename publishes whole files."""
-    for dirpath, _, files in os.walk(root, topdown=False):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(dirpath)
-
-
 class StagedDir:
     """A temporary directory beside ``out_dir`` that becomes ``out_dir`` on ``commit()``.
 
@@ -85,21 +72,8 @@ class StagedDir:
         """fsync everything, then rename the staged directory to ``out_dir`` (replacing an allowed old one)."""
         check_out_dir(self.out, self.overwrite)  # something may have appeared while we were exporting
         fsync_tree(self.path)
-        old: Path | None = None
-        if self.out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.rename(self.out, old / "export")
-        try:
-            os.rename(self.path, self.out)
-        except BaseException:
-            if old is not None:
-                os.rename(old / "export", self.out)  # put the previous export back
-                shutil.rmtree(old, ignore_errors=True)
-            raise
+        replace_dir(self.path, self.out)
         self._done = True
-        fsync_dir(self.out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return self.out
 
     def discard(self) -> None:

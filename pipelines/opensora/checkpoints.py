@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from blockrt.files import replace_dir
 from blockrt.pipelines.opensora.tensor_files import write_safetensors, write_torch_bin
 
 log = logging.getLogger(__name__)
@@ -637,21 +638,12 @@ def write_checkpoint(root: str | Path, spec: CheckpointSpec, *, seed: int = 0, s
             sizes[p.name] = p.stat().st_size
         (tmp / MARKER).write_text(json.dumps(_marker(spec, seed, size, variant, sizes), indent=2) + "\n")
         os.chmod(tmp, 0o755)
-        if final.exists():  # ours, other parameters, overwrite=True
-            trash = Path(tempfile.mkdtemp(prefix=f".old-{spec.directory}-", dir=root))
-            os.replace(final, trash / spec.directory)
-            shutil.rmtree(trash)
         try:
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # over an existing one of ours: other parameters, overwrite=True
         except OSError:
             if _complete(final, expect, spec.json_files) is not True:  # another writer finished first: fine
                 raise
             shutil.rmtree(tmp)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -33,7 +33,7 @@ from blockrt.coreml import ExportBlock, ExportManifest, ExportOptions, export_bl
 from blockrt.coreml.inspect import WEIGHTS_DIR, dir_bytes
 from blockrt.coreml.manifest import MANIFEST
 from blockrt.coreml.outdir import StagedDir
-from blockrt.profile import write_atomic
+from blockrt.files import write_atomic
 from blockrt.sources import CheckpointSource
 from blockrt.pipelines.opensora import coreml_stdit3 as cs
 from blockrt.pipelines.opensora import coreml_t5 as ct5

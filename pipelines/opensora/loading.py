@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from blockrt.errors import StoreError
+from blockrt.files import replace_dir
 from blockrt.skeleton import meta_weights
 from blockrt.sources import CheckpointSource
 
@@ -213,9 +214,7 @@ def convert_bin_checkpoint(directory: str | Path, cache_dir: str | Path | None =
                     "sources": stamp, "files": sizes}
         (tmp / CONVERSION_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(tmp, 0o755)
-        if cache.exists():  # a stale or damaged conversion of ours, or an empty directory
-            shutil.rmtree(cache)
-        os.replace(tmp, cache)
+        replace_dir(tmp, cache)  # over a stale or damaged conversion of ours, or an empty directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,7 +6,8 @@
 - ``write_mp4``: libx264, yuv420p, CRF 23 / preset medium (libx264's defaults, which Open-Sora gets through
   ``torchvision.io.write_video(..., video_codec="h264")``), piped as raw RGB to imageio-ffmpeg's bundled
   ffmpeg (its messages are captured, not printed, and reported if it fails), written to a temporary name
-  in the target directory and moved into place with ``os.replace`` (readers never see a half-written file).
+  in the target directory, fsynced and moved into place (``blockrt.files.atomic_path``: readers never see a
+  half-written file).
   The bytes differ from Open-Sora's PyAV writer (container / encoder settings); the pixels agree to coding
   noise. Open-Sora writes a single frame as PNG instead; here it is a one-frame mp4.
 - yuv420p needs an even width and height. An odd size is padded by one row / column repeating the last one
@@ -27,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from blockrt.profile import current_umask
+from blockrt.files import atomic_path
 
 DEFAULT_FPS = 24  # Open-Sora v1.2's save_fps
 DEFAULT_CRF = 23  # libx264's default
@@ -100,13 +101,12 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float = DEF
     if not path.parent.is_dir():
         raise FileNotFoundError(f"directory {str(path.parent)!r} of {str(path)!r} does not exist")
     rate = Fraction(fps).limit_denominator(1001)  # 24 -> "24", 29.97 -> "2997/100"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.mp4", dir=path.parent)
-    os.close(fd)
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-hide_banner", "-nostats", "-loglevel", "error",
-           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(rate), "-i", "-",
-           "-an", "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
-           "-f", "mp4", tmp]
-    try:
+    # ffmpeg writes the file by name: a temporary one beside the target, fsynced and renamed on success
+    with atomic_path(path, suffix=".tmp.mp4") as tmp:
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-hide_banner", "-nostats", "-loglevel", "error",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(rate), "-i", "-",
+               "-an", "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+               "-f", "mp4", tmp]
         # ffmpeg's messages go to a temporary file (nothing is printed) and into the error if it fails.
         with tempfile.TemporaryFile() as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
@@ -128,14 +128,6 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float = DEF
                 log.seek(0)
                 message = log.read().decode(errors="replace").strip()[-2000:]
                 raise RuntimeError(f"ffmpeg failed to write {str(path)!r} (exit status {returncode}): {message}")
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a video gets the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return path
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from blockrt.files import replace_dir
 from blockrt.pipelines.opensora.checkpoints import DIRECTORIES, stdit3_config_json, t5_spec, vae_config_json, write_checkpoint
 from blockrt.pipelines.opensora.tensor_files import write_safetensors
 
@@ -54,15 +55,6 @@ def stdit3_config() -> Any:
     return STDiT3Config.from_dict(stdit3_config_json("full", **STDIT3_SIZES))
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    os.chmod(tmp, 0o755)
-    if final.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
-        os.replace(final, trash / final.name)
-        shutil.rmtree(trash)
-    os.replace(tmp, final)
-
-
 def write_model_dir(root: str | Path, component: str, config_json: dict[str, Any], model: nn.Module) -> Path:
     """``root/<real directory name>/`` = ``config.json`` + ``model.safetensors`` (the model's state dict, fp32)."""
     root = Path(root)
@@ -74,7 +66,8 @@ def write_model_dir(root: str | Path, component: str, config_json: dict[str, Any
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         write_safetensors(tmp / "model.safetensors", [(k, tuple(v.shape), "float32") for k, v in state.items()],
                           state.__getitem__)
-        _replace_dir(tmp, final)
+        os.chmod(tmp, 0o755)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,7 +12,33 @@ import torch
 from blockrt.budget import format_bytes, parse_budget
 from blockrt.config import RunConfig
 from blockrt.device import IPHONE15PRO
+from blockrt.errors import BlockrtError
 from blockrt.runtime import run
+
+
+def _count(low: int):
+    """An argparse type: an int >= ``low`` (argparse then prints the usage and exits 2 on anything else)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}; got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _leap(text: str) -> int | str:
+    """``--lpl``: a 0-based step index or ``dynamic``."""
+    if text == "dynamic":
+        return text
+    try:
+        return _count(0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a 0-based step index (the paper: 16 of 30) or 'dynamic'; "
+                                         f"got {text!r}") from None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -128,7 +154,7 @@ def _print_judge(video: torch.Tensor, prompt: str) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from blockrt.pipelines.opensora.pipeline import GenerateConfig, OpenSoraPipeline, tqdm_progress
 
-    lpl = None if args.lpl is None else ("dynamic" if args.lpl == "dynamic" else int(args.lpl))
+    lpl = args.lpl
     if args.random_weights and args.weights is not None:
         raise ValueError("--random-weights and --weights exclude each other; pass one")
     shapes = args.weights is None and not args.random_weights  # the built-in trained model: its own defaults
@@ -242,24 +268,24 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="stream a built-in transformer under a small budget and show the timeline")
     demo.add_argument("--out", default="out/demo", help="directory for trace.json and timeline.png")
     demo.add_argument("--budget", default="64MB", help="memory budget, e.g. 64MB, 1GiB")
-    demo.add_argument("--layers", type=int, default=12)
-    demo.add_argument("--dim", type=int, default=512)
-    demo.add_argument("--tokens", type=int, default=256)
-    demo.add_argument("--passes", type=int, default=5)
-    demo.add_argument("--prefetch", type=int, default=1, help="prefetch depth (0 = sequential loading)")
+    demo.add_argument("--layers", type=_count(1), default=12)
+    demo.add_argument("--dim", type=_count(8), default=512, help="model width (a multiple of 8 heads)")
+    demo.add_argument("--tokens", type=_count(1), default=256)
+    demo.add_argument("--passes", type=_count(1), default=5)
+    demo.add_argument("--prefetch", type=_count(0), default=1, help="prefetch depth (0 = sequential loading)")
     demo.add_argument("--read-gbps", type=float, default=IPHONE15PRO.read_bytes_per_s / 1e9,
                       help="throttle loads to this many GB/s (0 = disk speed)")
-    demo.add_argument("--threads", type=int, default=2, help="torch compute threads")
+    demo.add_argument("--threads", type=_count(1), default=2, help="torch compute threads")
     plan = sub.add_parser("plan", help="predict sequential / concurrent / retention pass times over budgets "
                                         "(paper Eq. 10/11) from FLOPs and a device profile, without running")
     plan.add_argument("--profile", default="iphone15pro", help="device profile (iphone15pro, laptop-nvme, ...)")
     plan.add_argument("--budgets", default=None, help="comma-separated budgets, e.g. 64MB,128MB (default: a sweep)")
-    plan.add_argument("--points", type=int, default=8, help="budgets in the default sweep")
-    plan.add_argument("--prefetch", type=int, default=1)
+    plan.add_argument("--points", type=_count(2), default=8, help="budgets in the default sweep")
+    plan.add_argument("--prefetch", type=_count(0), default=1)
     plan.add_argument("--working-set", default=None, help="activation bytes to reserve, e.g. 20MB (default 0)")
-    plan.add_argument("--layers", type=int, default=12)
-    plan.add_argument("--dim", type=int, default=512)
-    plan.add_argument("--tokens", type=int, default=256)
+    plan.add_argument("--layers", type=_count(1), default=12)
+    plan.add_argument("--dim", type=_count(8), default=512)
+    plan.add_argument("--tokens", type=_count(1), default=256)
     gen = sub.add_parser("generate", help="text to video with Open-Sora v1.2 (T5 -> STDiT3 -> VAE) under one budget")
     gen.add_argument("--prompt", default=None, help=f"the text (default with the built-in model: {SHAPES_PROMPT!r})")
     gen.add_argument("--weights", default=None, help="directory with t5-v1_1-xxl/, OpenSora-STDiT-v3/, "
@@ -269,13 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--cache", default="out/weights/random/demo", help="where --random-weights are written")
     gen.add_argument("--resolution", default=None, help="preset (default: 64x64 with the built-in model, else 144p)")
     gen.add_argument("--aspect", default=None, help="H:W (default: 1:1 with the built-in model, else 3:4)")
-    gen.add_argument("--frames", type=int, default=17)
-    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--frames", type=_count(1), default=17)
+    gen.add_argument("--steps", type=_count(1), default=30)
     gen.add_argument("--cfg", type=float, default=None,
                      help="CFG scale (default: 7.0, Open-Sora's; 4.0 for the built-in shapes model)")
     gen.add_argument("--seed", type=int, default=42)
-    gen.add_argument("--lpl", default=None, help="leap step index (the paper: 16 of 30) or 'dynamic'")
-    gen.add_argument("--tdtm", type=int, default=0, help="merge frame pairs for the first N steps")
+    gen.add_argument("--lpl", type=_leap, default=None, help="leap step index (the paper: 16 of 30) or 'dynamic'")
+    gen.add_argument("--tdtm", type=_count(0), default=0, help="merge frame pairs for the first N steps")
     gen.add_argument("--budget", default="64MB", help="one budget for the whole run (3.3GB for the phone)")
     gen.add_argument("--device-profile", default=None, help="throttle loads like this device (iphone15pro)")
     gen.add_argument("--out", default="out/generate")
@@ -292,14 +318,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight compression of every package (default: int8 for T5 only, as the paper)")
     co.add_argument("--resolution", default="144p", help="preset or HxW in pixels (the traced shapes)")
     co.add_argument("--aspect", default="3:4")
-    co.add_argument("--frames", type=int, default=17)
+    co.add_argument("--frames", type=_count(1), default=17)
     co.add_argument("--no-tdtm", action="store_true", help="no TDTM function in the STDiT3 block packages")
     co.add_argument("--overwrite", action="store_true", help="replace a previous export in --out")
     co.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
         return {"demo": _demo, "plan": _plan, "generate": _generate, "export": _export}[args.command](args)
-    except (ValueError, OSError) as e:
+    except (BlockrtError, ValueError, OSError) as e:  # bad input or a failed run: one line, no traceback
         print(f"blockrt: error: {e}", file=sys.stderr)
         return 2
 

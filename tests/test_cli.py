@@ -59,3 +59,33 @@ def test_generate_defaults_to_the_trained_shapes_model(tmp_path, capsys):
     assert "whole run: peak_ledger_bytes" in out
     for name in ("video.mp4", "trace.json", "timeline.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def _fails_in_one_line(argv, capsys, says):
+    """The command line exits 2 (argparse's usage errors too) with a message and no traceback."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse: usage line + error line
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, (argv, err)
+    assert "Traceback" not in err and says in err, (argv, err)
+
+
+def test_bad_numbers_and_budgets_are_one_line_errors(tmp_path, capsys):
+    _fails_in_one_line(["demo", "--budget", "1KB", "--out", str(tmp_path), "--layers", "2", "--dim", "64",
+                        "--tokens", "8"], capsys, "smallest feasible")  # a BudgetError, not a traceback
+    _fails_in_one_line(["demo", "--layers", "0"], capsys, "--layers: expected a whole number >= 1")
+    _fails_in_one_line(["demo", "--threads", "0"], capsys, "--threads: expected a whole number >= 1")
+    _fails_in_one_line(["demo", "--dim", "12", "--out", str(tmp_path)], capsys, "divisible")
+    _fails_in_one_line(["generate", "--lpl", "abc"], capsys, "'dynamic'")
+    _fails_in_one_line(["plan", "--prefetch", "-1"], capsys, "--prefetch: expected a whole number >= 0")
+
+
+def test_a_wrong_config_json_is_a_one_line_error(tmp_path, capsys):
+    weights = tmp_path / "w"
+    for sub in ("t5-v1_1-xxl", "OpenSora-STDiT-v3", "OpenSora-VAE-v1.2"):
+        (weights / sub).mkdir(parents=True)
+        (weights / sub / "config.json").write_text('{"not": "a config"' if sub.startswith("Open") else "[]")
+    _fails_in_one_line(["generate", "--weights", str(weights), "--out", str(tmp_path / "o"), "--steps", "2"],
+                       capsys, "config.json")

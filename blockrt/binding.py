@@ -60,8 +60,5 @@ class Binder:
 
 def meta_leftovers(model: nn.Module, streamed: set[str]) -> list[str]:
     """Names of parameters/buffers still on ``meta`` that no block streams (they would fail at forward)."""
-    out = []
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_meta and name not in streamed:
-            out.append(name)
-    return out
+    return [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_meta and name not in streamed]

@@ -10,17 +10,8 @@ from fractions import Fraction
 
 from .errors import BudgetError
 
-_UNITS: dict[str, int] = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
+_UNITS: dict[str, int] = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([a-zA-Z]+)?\s*$")
 
 ACCEPTED = (
@@ -66,11 +57,8 @@ def parse_budget(budget: int | str) -> int:
 
 
 def format_bytes(n: float) -> str:
-    """Bytes (or bytes per second) in decimal units for people: ``1_500_000`` -> ``"1.50 MB"``.
-
-    The one byte formatter of blockrt: errors, the profile summary, the timeline and the CLI all print through
-    it. Below 1 kB a float is rounded to whole bytes (``999.6`` -> ``"1000 B"``).
-    """
+    """Bytes (or bytes/s) in decimal units, the one byte formatter of blockrt: ``1_500_000`` -> ``"1.50 MB"``;
+    below 1 kB whole bytes (``999.6`` -> ``"1000 B"``)."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -79,12 +67,9 @@ def format_bytes(n: float) -> str:
 
 @dataclass(frozen=True)
 class Floor:
-    """What a run holds before it retains anything; its total is the smallest budget that can work.
-
-    ``pinned + slots x the largest block + the loader's staging + the working set``. The working set is 0
-    until a pass has measured it, so before the first pass this is a lower bound (activations come on top).
-    ``Runtime.minimum_budget``, the ``BudgetError`` of ``blockrt.run`` and ``blockrt.predict`` all use it.
-    """
+    """What a run holds before it retains anything, ``pinned + slots x the largest block + the loader's
+    staging + the working set``: the smallest budget, for ``Runtime.minimum_budget``, ``blockrt.run`` and
+    ``blockrt.predict`` alike. Before a pass has measured the working set (0) it is a lower bound."""
 
     pinned_bytes: int
     slot_bytes: int  # the largest block's slot bytes

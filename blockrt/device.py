@@ -1,15 +1,8 @@
 """Device profiles: the memory, read bandwidth and compute rate of a machine that blockrt simulates (design §5).
 
-A :class:`DeviceProfile` names a device and carries three numbers: ``memory_bytes`` (the budget a run gets
-by default: for a phone, what the OS lets one app use, not its RAM), ``read_bytes_per_s`` (the bandwidth
-the loader is throttled to: the path weights take into compute memory) and ``flops_per_s`` (the compute
-rate used for predictions such as ``blockrt plan``). The registry :data:`PROFILES` holds the built-in
-ones; each description says what each number stands for and where it comes from. Names are
-case-insensitive. :func:`resolve_budget` turns a ``budget=`` argument (bytes, a ``"3.3GB"`` string, a
-profile name or a profile) into bytes and the profile, if any.
-
-Peak numbers (FLOP/s, interface bandwidths) are the vendors' or the published figures; a real run reaches
-a fraction of them. They set the simulated load/compute balance, not a promise of speed.
+:data:`PROFILES` holds the built-in ones (names are case-insensitive); each description says what its numbers
+stand for and where they come from. Peak figures (FLOP/s, interface bandwidths) are the vendors'; a real run
+reaches a fraction of them. They set the simulated load/compute balance, not a promise of speed.
 """
 
 from __future__ import annotations
@@ -51,8 +44,12 @@ class DeviceProfile:
         if not isinstance(self.name, str) or not self.name.strip() or self.name != self.name.strip():
             raise ValueError(f"DeviceProfile name must be a non-empty string without surrounding spaces; "
                              f"got {self.name!r}")
-        if _parses_as_budget(self.name):
-            raise ValueError(f"DeviceProfile name {self.name!r} reads as a budget ({parse_budget(self.name)} "
+        try:
+            nbytes = parse_budget(self.name)
+        except ValueError:
+            nbytes = None
+        if nbytes is not None:
+            raise ValueError(f"DeviceProfile name {self.name!r} reads as a budget ({nbytes} "
                              f"bytes); choose a name that is not a number of bytes")
         if isinstance(self.memory_bytes, bool) or not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
             raise ValueError(f"DeviceProfile {self.name!r}: memory_bytes must be a positive int of bytes "
@@ -73,14 +70,6 @@ class DeviceProfile:
     def compute_s(self, flops: float) -> float:
         """Seconds to run ``flops`` floating-point operations at this device's (peak) rate."""
         return flops / self.flops_per_s
-
-
-def _parses_as_budget(text: str) -> bool:
-    try:
-        parse_budget(text)
-    except ValueError:
-        return False
-    return True
 
 
 _GB = 10**9
@@ -182,10 +171,8 @@ def get_profile(name: str) -> DeviceProfile:
 
 
 def resolve_budget(budget: int | str | DeviceProfile) -> tuple[int, DeviceProfile | None]:
-    """Turn a ``budget=`` argument into ``(bytes, profile or None)``.
-
-    A :class:`DeviceProfile` or a registered profile name gives the profile's ``memory_bytes`` and the
-    profile; anything else goes through :func:`blockrt.budget.parse_budget` and gives no profile.
+    """Turn a ``budget=`` argument into ``(bytes, profile or None)``: a :class:`DeviceProfile` or a registered
+    name gives its ``memory_bytes`` and itself; anything else goes through :func:`blockrt.budget.parse_budget`.
 
     Raises:
         ValueError: naming both the accepted budget forms and the known profile names.

@@ -1,23 +1,16 @@
-"""Embedding rows on demand: a large pinned ``nn.Embedding`` table is never read whole; each call reads the rows
-its ids use.
+"""Embedding rows on demand: a large pinned ``nn.Embedding`` table is never read whole; each call reads the
+rows its ids use (a T5-large token table is 131.6 MB; a 300-token prompt uses ~1.2 MB of it).
 
-A T5 encoder's pinned part is mostly its token table (131.6 MB for t5-v1.1-large, 526 MB for XXL) while a
-300-token prompt uses ~300 rows (1.2 MB). A table is *row-streamed* when it is pinned, is the ``weight`` of
-``nn.Embedding`` modules only (every alias too: a tied LM head keeps it pinned), has ``max_norm=None``, a float
-compute dtype, and at least ``RunConfig.row_stream_min_bytes``. Its parameter stays a ``meta`` placeholder.
+A table is *row-streamed* when it is pinned, is the ``weight`` of ``nn.Embedding`` modules only (a tied LM
+head keeps it pinned), has ``max_norm=None``, a float dtype and at least ``RunConfig.row_stream_min_bytes``;
+its parameter stays a ``meta`` placeholder. A pre-hook reads the sorted unique ids' rows (one ``preadv`` per
+run of adjacent rows, widened as ``read_tensor`` does), binds the compact ``[U, d]`` table and hands the
+module the remapped ids, which look up exactly the rows the full table would; a forward hook (also when
+forward raises) puts the placeholder back. ``padding_idx`` is None during the call: only gradients use it.
 
-On each call a forward pre-hook takes the ids (any shape), ``unique(return_inverse=True)``, ``preadv``s the
-sorted rows from the weight source (runs of adjacent rows in one read; a narrower stored float is widened
-as ``read_tensor`` does), binds the compact ``[U, d]`` table as the weight (``Binder``, like blocks) and hands
-the module the remapped ids; a forward hook (also when forward raises) puts the placeholder back. The lookup
-of a compact table gives exactly the rows the full table would (``torch.equal``). ``padding_idx`` is set to
-None during the call: it only changes gradients, and blockrt runs under ``no_grad``.
-
-Memory: the rows buffer has room for ``min(ids.numel(), num_embeddings)`` rows, a size fixed by the input's
-shape, so the working set that pass 0 measures for a shape covers every later call of that shape whatever
-the ids. While held, those bytes move from the ledger's ``working_set`` to ``rows`` (reserved anew when no
-working set covers them, e.g. a call outside a pass). Each read is a ``load`` event (``rows:<key>``) in the
-profile, so ``bytes_loaded`` counts it.
+Memory: the rows buffer holds ``min(ids.numel(), num_embeddings)`` rows, fixed by the input's shape, so the
+working set pass 0 measured for a shape covers any ids; while held its bytes move from the ledger's
+``working_set`` to ``rows`` (reserved anew when no working set covers them). Each read is a ``load`` event.
 """
 
 from __future__ import annotations
@@ -32,16 +25,14 @@ from torch import nn
 from .binding import Binder
 from .ledger import Ledger
 from .partitioners.plan import FLOAT_DTYPES, Plan, TensorSpec, dtype_from_name
-from .profile import Profile
+from .recording import Recording
 from .safetensors_format import Segment
 from .sources import WeightSource, read_exactly
 
 
 def row_streamed_tables(model: nn.Module, plan: Plan, min_bytes: int | None) -> dict[str, tuple[str, ...]]:
-    """The pinned tensors to stream by rows: owner key -> paths of the distinct Embedding modules using it.
-
-    ``min_bytes`` None streams none; 0 streams every eligible table whatever its size.
-    """
+    """The pinned tensors to stream by rows: owner key -> paths of the distinct Embedding modules using it
+    (``min_bytes`` None: none; 0: every eligible table)."""
     if min_bytes is None:
         return {}
     names_of: dict[str, list[str]] = {}
@@ -75,16 +66,8 @@ class _Held:
 
 @dataclass
 class EmbeddingRows:
-    """Row streaming for the tables of one runtime (see the module docstring).
-
-    Args:
-        model: the user's model (hooks go on its Embedding modules).
-        plan: its plan; ``tables`` from ``row_streamed_tables``.
-        source: where the rows are read (a checkpoint, or the store a spilled model was written to).
-        binder, ledger, profile: the runtime's.
-        device: where the rows go.
-        pass_idx: the current pass index, for the profile's load events.
-    """
+    """Row streaming for the ``tables`` (from ``row_streamed_tables``) of one runtime, read from ``source``;
+    ``pass_idx`` gives the current pass for the profile's load events."""
 
     model: nn.Module
     plan: Plan
@@ -92,7 +75,7 @@ class EmbeddingRows:
     source: WeightSource
     binder: Binder
     ledger: Ledger
-    profile: Profile
+    profile: Recording
     device: torch.device
     pass_idx: Callable[[], int]
     _held: dict[str, _Held] = field(default_factory=dict)

@@ -1,15 +1,9 @@
 """Files that appear whole or not at all: atomic writes, fsync, directories renamed into place.
 
-One idiom everywhere blockrt, its pipelines and its benchmarks write something a reader may open at the same
-time (a trace, a PNG, results, a video, a store, an export): write under a temporary name in the target's own
-directory, give it the usual permissions, fsync, then rename. A reader sees the old file or the whole new
-one; a failed write leaves no temporary behind.
-
-- :func:`write_atomic` writes a file through a callback; :func:`atomic_path` lends a temporary path to a
-  writer that needs a name (another process such as ffmpeg).
-- :func:`replace_dir` renames a staged directory into place, moving an old one aside first.
-- :func:`fsync_dir` and :func:`fsync_tree` make renames and staged trees durable.
-- :func:`current_umask` gives the permissions ``mkstemp``/``mkdtemp`` (0600/0700) leave out.
+Everywhere blockrt, its pipelines and benchmarks write something a reader may open meanwhile (a trace, a
+PNG, results, a video, a store, an export): write under a temporary name in the target's directory, give it
+the usual permissions, fsync, rename. A reader sees the old file or the whole new one; a failed write
+leaves no temporary behind.
 """
 
 from __future__ import annotations
@@ -60,11 +54,8 @@ def fsync_tree(root: str | os.PathLike[str]) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[str]:
-    """A temporary file name beside ``path`` for the caller to write; on a clean exit it becomes ``path``.
-
-    The temporary file exists (empty) when the block starts. On leaving the block it gets the usual
-    permissions (``mkstemp`` makes 0600), is fsynced and renamed over ``path``; on any error it is removed
-    and the error propagates.
+    """A temporary file name beside ``path`` (the file exists, empty) for a writer that needs a name, such as
+    ffmpeg; on a clean exit it is fsynced and renamed over ``path``, on an error removed.
 
     Example:
         >>> with atomic_path("out/video.mp4", suffix=".tmp.mp4") as tmp:
@@ -86,10 +77,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file through ``write(fileobj)`` into a temporary name in the same directory, then rename.
-
-    The file is fsynced before ``os.replace``, so ``path`` is either the old file or the whole new one; on any
-    error the temporary file is removed and the error propagates.
+    """Write ``path`` atomically through ``write(fileobj)`` (see ``atomic_path``).
 
     Example:
         >>> write_atomic("results.json", lambda f: f.write(json.dumps(rows).encode()))
@@ -99,13 +87,9 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
 
 
 def replace_dir(staged: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
-    """Rename the directory ``staged`` to ``final`` (same parent directory), replacing an existing ``final``.
-
-    An existing ``final`` is first renamed aside to a temporary sibling ``.<name>.old-*``, and deleted once
-    the new one is in place: if the process dies between the two renames the old directory is still whole
-    there. When the second rename fails the old one is put back and the error propagates. The parent is
-    fsynced after the rename. Whether ``final`` may be replaced at all is the caller's decision.
-    """
+    """Rename the directory ``staged`` to ``final`` (same parent), replacing an existing ``final``: that one is
+    first renamed aside (``.<name>.old-*``, whole if the process dies between the renames), put back if the
+    second rename fails, and deleted once the new one is in place. The parent is fsynced."""
     staged, final = Path(staged), Path(final)
     old: Path | None = None
     if final.exists():

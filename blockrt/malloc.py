@@ -33,14 +33,10 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
-    """Fix glibc's mmap threshold (its documented default, 128 KiB) so freed large buffers go back to the OS.
+    """Fix glibc's mmap and trim thresholds at ``nbytes`` (the documented default, 128 KiB); False without glibc.
 
-    Process-wide and never undone: call it only where that is wanted (``RunConfig.exact_rss``, benchmarks).
-    glibc raises the threshold each time a large mmap'd chunk is freed (up to 32 MiB), after which
-    activations of up to that size come from the heap and stay in RSS after they are freed: tens of MB
-    that no ledger sees. Setting it explicitly turns that adjustment off. The trim threshold (raised to
-    twice the mmap threshold by the same adjustment, so up to 64 MiB of freed heap top stays mapped) is
-    set back to the same default. Returns False where there is no glibc (macOS, musl): nothing changes.
+    glibc raises them each time a large mmap'd chunk is freed (up to 32 MiB, and 64 MiB of heap top), after
+    which freed activations stay in RSS, tens of MB no ledger sees; setting them explicitly turns that off.
     """
     libc = _glibc()
     if libc is None:
@@ -49,7 +45,7 @@ def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
 
 
 def trim_malloc() -> bool:
-    """Return the free memory at the top and inside glibc's heap to the OS (``malloc_trim(0)``), so RSS
-    shows what is in use rather than what glibc keeps for later. False where there is no glibc."""
+    """``malloc_trim(0)``: give glibc's free heap memory back to the OS, so RSS shows what is in use (False
+    without glibc)."""
     libc = _glibc()
     return bool(libc.malloc_trim(0)) if libc is not None else False

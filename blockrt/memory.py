@@ -1,35 +1,21 @@
-"""Process memory as the operating system sees it: RSS split by kind, a sampler thread, and cold-cache helpers.
+"""Process memory as the operating system sees it: RSS split by kind, and a sampler thread.
 
 What the numbers mean (Linux ``/proc/self/status``; all in bytes here):
 
-- ``rss`` (VmRSS): every page of the process that is in RAM right now. It is the sum of the three below.
-- ``anon`` (RssAnon): anonymous memory: the heap, torch tensors, slot buffers, activations, and pages of a
-  private file mapping that were written to (copy-on-write). This is the memory that counts: nothing but
-  freeing it gives it back. **It is what iOS charges an app against its limit** (the "phys_footprint":
-  dirty plus compressed pages, plus GPU buffers that Linux RSS does not see), so it is the number to hold
-  against a phone budget such as 3.3 GB.
-- ``file`` (RssFile): clean pages of mapped files: mmap'd weights (``safetensors.load_file`` and
-  ``safe_open`` map the file and hand out views of it), and the code of the interpreter and libraries. The
-  OS can drop them at any time and read them again from the file; iOS does not count clean file-backed
-  pages against the app. **People misread this all the time:** a model "loaded" with mmap shows its whole
-  size in RSS once touched, yet none of it is anonymous memory, and a budget check on plain RSS would call
-  it an overrun. Look at ``anon`` for what the runtime holds, at ``file`` for what the page cache lends.
-- ``shmem`` (RssShmem): shared memory (``/dev/shm``, shared anonymous mappings, e.g. torch's
-  multiprocessing tensors). Counted like anonymous memory by most accounting.
-- ``hwm`` (VmHWM): the kernel's own high-water mark of ``rss``. It is exact where sampling can miss a short
-  peak: the kernel records it before RSS shrinks by unmapping (freeing a large tensor), and reading
-  ``/proc/self/status`` reports the larger of it and the current RSS. Writing ``5`` to
-  ``/proc/self/clear_refs`` (Linux >= 4.0, no root needed: a process may write its own) resets it to the
-  current RSS; :class:`RssSampler` does so at start when it can, so its ``hwm_rss_delta`` is the exact
-  peak of the sampled window. There is no such mark per kind: the peaks of ``anon`` and ``file`` are
-  sampled.
+- ``rss`` (VmRSS): every page of the process in RAM now; the sum of the three below.
+- ``anon`` (RssAnon): the heap, torch tensors, slots, activations, written pages of private file mappings.
+  Only freeing gives it back; it is what iOS charges an app against its limit (the "phys_footprint"), so
+  it is the number to hold against a phone budget such as 3.3 GB.
+- ``file`` (RssFile): clean pages of mapped files (mmap'd weights, code). The OS may drop them at any time
+  and iOS does not count them: a model "loaded" with mmap shows its whole size in RSS once touched, yet
+  none of it is anonymous. Read ``anon`` for what the runtime holds, ``file`` for what the page cache lends.
+- ``shmem`` (RssShmem): shared memory (``/dev/shm``, torch's multiprocessing tensors).
+- ``hwm`` (VmHWM): the kernel's exact high-water mark of ``rss``, which sampling can miss. Writing ``5`` to
+  ``/proc/self/clear_refs`` (Linux >= 4.0, no root) resets it to the current RSS. There is no mark per kind.
 
-Where ``/proc`` is not there (macOS, Windows) ``read_rss`` falls back to ``psutil`` and gives
-``anon = rss, file = shmem = 0`` with ``split = False``: the kinds are unknown there, and
-:class:`RssSampler` then records only ``rss_bytes`` (``peak_anon_delta`` and ``peak_file_delta`` are None)
-rather than pass mmap'd pages off as anonymous memory.
-
-Cold reads are in ``page_cache.py``; glibc's allocator tuning (opt-in, process-wide) in ``malloc.py``.
+Without ``/proc`` (macOS, Windows) ``read_rss`` falls back to ``psutil``: ``anon = rss, file = shmem = 0``,
+``split = False``, and :class:`RssSampler` records only ``rss_bytes`` rather than pass mmap'd pages off as
+anonymous memory. Cold reads are in ``page_cache.py``; glibc's allocator tuning in ``malloc.py``.
 """
 
 from __future__ import annotations
@@ -42,7 +28,7 @@ from typing import TYPE_CHECKING
 from .malloc import pin_malloc_mmap_threshold, trim_malloc
 
 if TYPE_CHECKING:
-    from .profile import Profile
+    from .recording import Recording
 
 __all__ = ["COUNTERS", "RssSample", "RssSampler", "read_rss"]
 
@@ -61,11 +47,8 @@ DEFAULT_RESOLUTION_BYTES = 2**20
 
 @dataclass(frozen=True)
 class RssSample:
-    """One reading of the process's resident memory, in bytes (see the module docstring for the meanings).
-
-    ``split`` is False where the kinds are unknown (the psutil fallback: ``anon = rss``, ``file = 0``).
-    ``hwm`` is the kernel's RSS high-water mark, None where the OS does not report one.
-    """
+    """One reading of the process's resident memory, in bytes (meanings in the module docstring); ``split`` is
+    False where the kinds are unknown, ``hwm`` None where the OS reports no high-water mark."""
 
     rss: int
     anon: int
@@ -114,7 +97,6 @@ def read_rss() -> RssSample:
 
 
 def _reset_hwm() -> bool:
-    """Reset the kernel's RSS high-water mark to the current RSS; False where that is not possible."""
     try:
         with open(_CLEAR_REFS, "w") as f:
             f.write("5")
@@ -126,13 +108,11 @@ def _reset_hwm() -> bool:
 class RssSampler:
     """A daemon thread sampling :func:`read_rss` into a :class:`~blockrt.profile.Profile`.
 
-    Start it before the runtime allocates anything: the sample taken in :meth:`start` is the baseline, the
-    RSS before the runtime started. Each sample adds the absolute values to the counters ``rss_bytes``,
-    ``rss_anon_bytes`` and ``rss_file_bytes`` (the last two only where the kinds are known); a value is
-    written when it moved by ``resolution_bytes`` or more since the last one written, or is a new maximum,
-    so the counters keep every peak exactly while a long run does not write a sample every few
-    milliseconds. :meth:`stop` takes a last sample and, where the high-water mark could be reset at start,
-    writes it as ``rss_hwm_bytes``. ``peak_*_delta`` are peaks minus the baseline.
+    The sample taken in :meth:`start` is the baseline (start it before the runtime allocates). Samples go to
+    the counters ``rss_bytes``, ``rss_anon_bytes`` and ``rss_file_bytes`` (the last two where the kinds are
+    known) when they moved by ``resolution_bytes`` or are a new maximum, so every peak is kept without a
+    sample every few ms. :meth:`stop` writes the high-water mark as ``rss_hwm_bytes`` where it was reset at
+    start. ``peak_*_delta`` are peaks minus the baseline.
 
     Args:
         profile: where the counters go; None keeps only the peaks on the sampler.
@@ -149,7 +129,7 @@ class RssSampler:
         True
     """
 
-    def __init__(self, profile: Profile | None = None, interval_s: float = DEFAULT_INTERVAL_S, *,
+    def __init__(self, profile: Recording | None = None, interval_s: float = DEFAULT_INTERVAL_S, *,
                  resolution_bytes: int = DEFAULT_RESOLUTION_BYTES, reset_hwm: bool = True,
                  name: str = "blockrt-rss") -> None:
         if not (isinstance(interval_s, (int, float)) and 0 < interval_s < float("inf")):
@@ -174,7 +154,6 @@ class RssSampler:
         self.hwm: int | None = None  # the kernel's high-water mark at stop, if it was reset at start
         self.error: BaseException | None = None  # what stopped the thread early, if anything
 
-    # ---- lifecycle ----
     def start(self) -> RssSampler:
         """Take the baseline sample and start the thread. Returns self."""
         if self._started:
@@ -210,7 +189,6 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # ---- sampling ----
     def _run(self) -> None:
         try:
             while not self._stop.wait(self.interval_s):
@@ -240,7 +218,6 @@ class RssSampler:
                         self._top[counter] = max(v, self._top.get(counter, v))
         return s
 
-    # ---- results ----
     @property
     def hwm_rss_delta(self) -> int | None:
         """The kernel's exact peak RSS of the window minus the baseline; None before stop or without a reset."""
@@ -270,10 +247,9 @@ class RssSampler:
         return self.peak_file - self.baseline.file
 
 
-def start_rss(profile: Profile, interval_s: float | None, *, exact: bool = False) -> RssSampler | None:
-    """A runtime's sampler, started now so its baseline is the process before the runtime allocates (None
-    without ``interval_s``). ``exact`` (``RunConfig.exact_rss``, process-wide) first pins glibc's thresholds and
-    trims its heap, for an honest baseline, and resets the kernel's high-water mark."""
+def start_rss(profile: Recording, interval_s: float | None, *, exact: bool = False) -> RssSampler | None:
+    """A runtime's sampler, started before the runtime allocates (None without ``interval_s``); ``exact``
+    (``RunConfig.exact_rss``) first pins glibc's thresholds and trims its heap, and resets the high-water mark."""
     if exact:
         pin_malloc_mmap_threshold()
         trim_malloc()

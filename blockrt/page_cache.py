@@ -36,9 +36,8 @@ def _files(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> 
 def drop_page_cache(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> int:
     """Evict files from the OS page cache, so the next read comes from the disk. Returns the bytes covered.
 
-    Each file is ``fdatasync``-ed first (dirty pages cannot be dropped) and then advised
-    ``POSIX_FADV_DONTNEED`` over its whole length. No root is needed. Pages that some process has mapped
-    (a live ``safetensors`` mmap tensor, for one) stay cached. A directory stands for every file under it.
+    Each file (a directory: every file under it) is ``fdatasync``-ed (dirty pages cannot be dropped), then
+    advised ``POSIX_FADV_DONTNEED``. Pages some process has mapped (a live mmap tensor) stay cached.
 
     Raises:
         FileNotFoundError: naming the first missing path (before anything is dropped).
@@ -70,8 +69,8 @@ def drop_page_cache(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[
 def cached_fraction(path: str | os.PathLike[str]) -> float:
     """The fraction (0..1) of a file's pages that are in the page cache, read without touching the file.
 
-    Uses ``mincore`` on a fresh mapping (Linux, macOS). Linux reports page cache residency only for files
-    the caller owns or may write (otherwise it claims every page resident), so other files raise.
+    Uses ``mincore`` on a fresh mapping (Linux, macOS); Linux claims every page resident for files the caller
+    neither owns nor may write, so those raise.
 
     Raises:
         FileNotFoundError: for a missing file.

@@ -1,9 +1,8 @@
 """``blockrt plan``: predict a run before executing it, from a plan, per-block compute and a device profile.
 
-Compute comes either from a measured run (``Runtime.timings``, ``Runtime.predict``) or from FLOPs counted by
-``torch.utils.flop_counter`` on a ``meta``-device pass (nothing is computed or loaded, so a 19 GB model
-is planned in seconds). Loads come from block bytes over the profile's read bandwidth. The schedule model
-and the paper's three configurations (sequential, concurrent, concurrent + retention) are in ``predict.py``.
+Compute comes from a measured run (``Runtime.timings``) or from FLOPs counted by ``torch.utils.flop_counter``
+on a ``meta``-device pass (nothing computed or loaded: a 19 GB model is planned in seconds); loads from block
+bytes over the profile's read bandwidth. The configurations are in ``predict.py``.
 """
 
 from __future__ import annotations
@@ -22,11 +21,8 @@ from .predict import BlockTiming, Prediction, minimum_budget, sweep
 
 
 def block_flops(model: nn.Module, plan: Plan, args: tuple = (), kwargs: dict | None = None) -> tuple[list[float], float]:
-    """FLOPs of one pass per block, and of everything else (the pinned modules).
-
-    For a meta skeleton (``blockrt.meta_weights``) the pass runs on meta copies of the inputs: nothing is
-    computed or loaded. A model with real weights runs once for real.
-    """
+    """FLOPs of one pass per block, and of the pinned modules; a meta skeleton runs on meta copies of the
+    inputs (nothing computed or loaded), a model with real weights runs once for real."""
     if all(p.is_meta for p in model.parameters()):
         args, kwargs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, (args, kwargs or {}))
     counter = FlopCounterMode(display=False, depth=None)
@@ -35,18 +31,15 @@ def block_flops(model: nn.Module, plan: Plan, args: tuple = (), kwargs: dict | N
     counts = counter.get_flop_counts()
     root = type(model).__name__
     total = float(sum(counts.get("Global", {}).values()))
-    per_block = []
-    for block in plan.blocks:
-        per_block.append(float(sum(sum(counts.get(f"{root}.{path}", {}).values()) for path in block.modules)))
+    per_block = [float(sum(sum(counts.get(f"{root}.{path}", {}).values()) for path in block.modules))
+                 for block in plan.blocks]
     return per_block, max(total - sum(per_block), 0.0)
 
 
 def flop_timings(plan: Plan, flops: Sequence[float], pinned_flops: float, profile: DeviceProfile,
                  read_bytes_per_s: float | None = None) -> tuple[list[BlockTiming], float]:
-    """Per-block timings on ``profile``: compute = FLOPs / its FLOP/s, load = bytes / its read bandwidth.
-
-    The pinned modules' compute is charged to ``head_s`` (one number per pass).
-    """
+    """Per-block timings on ``profile``: compute = FLOPs / its FLOP/s, load = bytes / its read bandwidth; the
+    pinned modules' compute goes to ``head_s``."""
     bps = read_bytes_per_s or profile.read_bytes_per_s
     timings = [BlockTiming(b.name, BlockLayout.of(b).nbytes, BlockLayout.of(b).nbytes / bps, f / profile.flops_per_s)
                for b, f in zip(plan.blocks, flops)]

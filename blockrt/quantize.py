@@ -1,15 +1,11 @@
 """Storage dtypes of block tensors: which dtype each tensor is stored in, and the conversions both ways.
 
-A block can be stored as it is computed (``None``), cast to ``float16``/``bfloat16``/``float32``, or as
-``int8`` weight-only: every floating tensor with ``ndim >= 2`` and at least ``INT8_MIN_ELEMENTS`` elements
-is stored as int8 ``[out, ...]`` plus ``key + ".scale"`` (float32 ``[out]``), symmetric per output channel
-(row 0 of the weight = output channel 0): ``scale = max|w_row| / 127``, ``q = round(w / scale)``, and the
-dequantised weight is ``q * scale`` (error at most ``scale / 2`` per element). Smaller and 1-D tensors
-(biases, norms) stay in the compute dtype. Non-floating tensors are never converted.
-
-The loader converts in place: a stored tensor narrower than its compute dtype is read into the tail of the
-tensor's own slot region and widened front to back in chunks through a small reusable buffer
-(``convert_in_place``), so no full-size temporary ever exists and every op releases the GIL.
+A block is stored as computed (``None``), cast to ``float16``/``bfloat16``/``float32``, or ``int8`` weight-only:
+a floating tensor with ``ndim >= 2`` and at least ``INT8_MIN_ELEMENTS`` elements becomes int8 ``[out, ...]`` plus
+``key + ".scale"`` (float32 ``[out]``), symmetric per output channel: ``scale = max|w_row| / 127``,
+``q = round(w / scale)``, dequantised ``q * scale`` (error at most ``scale / 2``). Biases, norms, small and
+non-floating tensors stay as they are. The loader widens in place (``convert_in_place``): no full-size
+temporary, and every op releases the GIL.
 """
 
 from __future__ import annotations
@@ -37,10 +33,8 @@ def scale_key(key: str) -> str:
 
 
 def stored_dtype(spec: TensorSpec, storage: str | None) -> str:
-    """The dtype ``spec`` (a tensor in its compute dtype) is stored in when its block asks for ``storage``.
-
-    Raises ``ValueError`` for a storage dtype wider than the compute dtype (it would only cost bytes).
-    """
+    """The dtype ``spec`` (in its compute dtype) is stored in when its block asks for ``storage``; a storage
+    dtype wider than the compute dtype raises ``ValueError`` (it would only cost bytes)."""
     if storage is None or spec.dtype not in FLOAT_DTYPES:
         return spec.dtype
     if storage == "int8":
@@ -58,11 +52,8 @@ def stored_dtype(spec: TensorSpec, storage: str | None) -> str:
 
 
 def quantize_int8(w: torch.Tensor, rows_per_step: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: ``w`` (out, ...) -> (q int8 (out, ...), scale float32 (out,)).
-
-    ``scale = max|w_row| / 127`` (0 for an all-zero row, whose q is 0). Rows are quantised a few at a time so
-    no float32 copy of the whole tensor is made. Non-finite weights are an error.
-    """
+    """Symmetric per-output-channel int8: ``w`` (out, ...) -> (q int8 (out, ...), scale float32 (out,)); an
+    all-zero row has scale 0. A few rows at a time: no float32 copy of the whole tensor."""
     if w.ndim < 2:
         raise ValueError(f"int8 storage quantises per output channel: expected ndim >= 2, found shape {list(w.shape)}")
     flat = w.detach().reshape(w.shape[0], -1)  # (out, in*...)
@@ -101,15 +92,8 @@ def from_storage(t: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
 
 def convert_in_place(region: torch.Tensor, spec: TensorSpec, stored: str, scale: torch.Tensor | None,
                      tmp: torch.Tensor) -> None:
-    """Widen a stored tensor held at the tail of its own slot region into the whole region.
-
-    Args:
-        region: the tensor's slot bytes, flat uint8 of ``spec.nbytes``; the stored bytes sit in its last
-            ``numel * stored itemsize`` bytes.
-        spec: the tensor in its compute dtype.
-        stored: the stored dtype (``"int8"`` with ``scale``, or a float dtype).
-        scale: float32 (out,) for int8, else None.
-        tmp: a float32 buffer of at least ``chunk_elements(spec, stored)`` elements.
+    """Widen a stored tensor held at the tail of its slot ``region`` (flat uint8 of ``spec.nbytes``) into the
+    whole region, through ``tmp`` (float32, at least ``chunk_elements(spec, stored)``); ``scale`` for int8.
 
     Chunk k reads stored elements [x, x+c) and writes compute elements [x, x+c); since the stored bytes
     start ``numel * (a - b)`` bytes in (a, b = compute and stored itemsize), the write ends at or before

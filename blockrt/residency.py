@@ -1,10 +1,10 @@
 """Residency: which block's weights sit where, and what the loader fetches next.
 
-Residency owns the slots: it creates them (reserving their bytes and the loader's staging in the ledger),
-hands them to loads, and frees them at ``close``. Streamed blocks rotate through ``prefetch_depth + 1`` slots. Retained blocks (the paper's Dynamic
-Loading) get a buffer of their own, are loaded once and reused every pass. The prefetch window after block
-i is the next ``prefetch_depth`` blocks in cyclic order that still need loading (retained blocks already
-loaded are skipped), so while retained blocks compute the loader is already on the next streamed one.
+Residency owns the slots: it creates them (reserving them and the loader's staging in the ledger), hands
+them to loads and frees them at ``close``. Streamed blocks rotate through ``prefetch_depth + 1`` slots;
+retained blocks (the paper's Dynamic Loading) get a buffer of their own, loaded once and reused every pass.
+The prefetch window after block i is the next ``prefetch_depth`` blocks, cyclically, that still need
+loading, so while retained blocks compute the loader is already on the next streamed one.
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ class Residency:
         self.wrap = True  # prefetch past the last block into the next pass (off for a pass known to be last)
         self._compute_start = 0.0
         self._in_flight: dict[int, tuple[str, int]] = {}  # id(request) -> (ledger kind of its buffer, bytes)
-
-    # -- the block lifecycle -----------------------------------------------------------------------------
 
     def acquire(self, i: int) -> None:
         """Make block ``i`` resident and bound (waiting for its load if needed), then prefetch."""
@@ -112,8 +110,6 @@ class Residency:
                 return
             self._request(j, target, self.pass_idx + (1 if j <= i or i < 0 else 0))
 
-    # -- retention -----------------------------------------------------------------------------------------
-
     def retain(self, blocks: Iterable[int]) -> None:
         """Give each block a buffer of its own (reserved in the ledger). A block already loaded in a slot is
         copied over; the others load through the prefetch window on their next turn."""
@@ -150,8 +146,6 @@ class Residency:
         """Drop every retained buffer (between passes), returning its bytes to the ledger."""
         for i in list(self.retained):
             self.unretain(i)
-
-    # -- helpers -------------------------------------------------------------------------------------------
 
     def _request(self, j: int, slot: Slot, pass_idx: int) -> None:
         verify = self.config.verify == "always" or (self.config.verify == "first" and j not in self.verified)

@@ -29,8 +29,9 @@ from .errors import BlockrtError, BudgetError
 from .ledger import Ledger
 from .loader import BlockLayout
 from .partitioners.plan import Plan
-from .predict import BlockTiming, Prediction, RetentionDecision, choose_retained, predict
-from .profile import Profile
+from .predict import Prediction, predict
+from .schedule import BlockTiming, RetentionDecision, choose_retained
+from .recording import Recording
 from .residency import Residency
 from .working_set import LiveBytes
 
@@ -64,7 +65,7 @@ class Retention:
     """The measuring cycle, the measured working set and the retained blocks of one runtime."""
 
     def __init__(self, plan: Plan, layouts: Sequence[BlockLayout], residency: Residency, ledger: Ledger,
-                 profile: Profile, config: RunConfig, floor: Floor, read_bytes_per_s: float | None) -> None:
+                 profile: Recording, config: RunConfig, floor: Floor, read_bytes_per_s: float | None) -> None:
         self._plan, self._layouts, self._residency, self._ledger = plan, layouts, residency, ledger
         self._profile, self._config, self._floor, self._read_bytes_per_s = profile, config, floor, read_bytes_per_s
         self.phase = Phase.MEASURE_MEMORY
@@ -90,15 +91,12 @@ class Retention:
         return RetentionState(self.phase, self.decision, self.retained, dict(self.working_set), self.working_set_bytes,
                               self.timing_pass)
 
-    # -- passes ---------------------------------------------------------------------------------------------
-
     def begin_pass(self, args: tuple, kwargs: dict) -> None:
-        """A pass starts with these inputs; track its working set if their kind (``signature``) is new."""
+        """A pass starts with these inputs; track its working set if their kind (``signature_of``) is new (kinds
+        seen before keep their measurement; the ledger holds the largest)."""
         signature = signature_of(args, kwargs)
-        measure = False
-        if signature not in self._seen:
-            # an unseen input kind (shapes, dtypes, flags such as merge_frames): measure its working set.
-            # Kinds seen before keep their measurement (the ledger holds the largest of them).
+        new = signature not in self._seen
+        if new:
             self._signature = signature
             if self.working_set_bytes:
                 self._ledger.release("working_set", self.working_set_bytes)
@@ -108,8 +106,7 @@ class Retention:
             else:
                 self._drop_retained()
                 self.phase = Phase.MEASURE_MEMORY
-            measure = True
-        if measure or self.phase is Phase.MEASURE_MEMORY:
+        if new or self.phase is Phase.MEASURE_MEMORY:
             self._tracker = LiveBytes(on_change=self._working_set_changed)
             self._tracker.__enter__()
 
@@ -136,7 +133,7 @@ class Retention:
                 self.plan_retention()
 
     def stop_tracking(self) -> None:
-        """Remove the working-set tracker if one runs (pass end, or the runtime closing)."""
+        """Remove the working-set tracker if one runs (pass end, or closing)."""
         tracker, self._tracker = self._tracker, None
         if tracker is None:
             return
@@ -152,8 +149,6 @@ class Retention:
         if self._tracker is not None:
             name = self._plan.blocks[i].name
             self._block_ws[name] = max(self._block_ws.get(name, 0), self._tracker.window_peak)
-
-    # -- the retained set -----------------------------------------------------------------------------------
 
     def plan_retention(self) -> None:
         """Fill the free budget with retained blocks, chosen on the simulated schedule of the timing pass."""
@@ -206,8 +201,6 @@ class Retention:
         log.info("shed retained block %s to make room for activations", self._plan.blocks[victim].name)
         return True
 
-    # -- measured timings -----------------------------------------------------------------------------------
-
     def predict(self, budget: int, device_profile: DeviceProfile | None, pass_idx: int | None) -> Prediction:
         """``Runtime.predict``: the three configurations at ``budget`` from timings measured in ``pass_idx``."""
         if self.phase is not Phase.STEADY:
@@ -221,8 +214,7 @@ class Retention:
                        staging_bytes=floor.staging_bytes)
 
     def timings(self, pass_idx: int | None = None) -> tuple[list[BlockTiming], float]:
-        """Per-block load/compute/gap seconds measured in pass ``pass_idx`` (default: the timing pass), and
-        ``head_s``; see ``measured_timings``."""
+        """``measured_timings`` of pass ``pass_idx`` (default: the timing pass)."""
         p = self.timing_pass if pass_idx is None else pass_idx
         return measured_timings(self._profile, self._plan, self._layouts, p, self._read_bytes_per_s)
 
@@ -237,15 +229,11 @@ def signature_of(args: tuple, kwargs: dict) -> tuple:
                  for x in leaves)
 
 
-def measured_timings(profile: Profile, plan: Plan, layouts: Sequence[BlockLayout], p: int,
+def measured_timings(profile: Recording, plan: Plan, layouts: Sequence[BlockLayout], p: int,
                      read_bytes_per_s: float | None) -> tuple[list[BlockTiming], float]:
-    """Per-block load/compute/gap seconds measured in pass ``p`` of ``profile``, and ``head_s``.
-
-    A block that pass did not load (retained) gets its latest earlier load time.
-
-    ``gap_s`` is the pinned compute after a block: until the next block starts, less that block's wait;
-    the last block's gap runs to the end of the pass. ``head_s`` is the pinned compute before block 0.
-    """
+    """Per-block load/compute/gap seconds measured in pass ``p`` of ``profile``, and ``head_s`` (the pinned
+    compute before block 0). ``gap_s`` runs until the next block is entered (its wait, else its compute),
+    for the last block until the pass ends."""
     events = [e for e in profile.events if e.pass_idx == p]
     span = next(((s, e) for q, s, e in profile.passes if q == p), None)
     if span is None:

@@ -30,11 +30,12 @@ from .memory import RssSampler, start_rss
 from .page_cache import drop_page_cache
 from .partitioners import partition
 from .partitioners.plan import Plan
-from .predict import BlockTiming, Prediction
+from .predict import Prediction
 from .profile import Profile
 from .quantize import stored_dtypes
 from .residency import Residency
 from .retention import Retention, RetentionState
+from .schedule import BlockTiming
 from .weights import bind_pinned, open_weights
 from .working_set import warm_up
 
@@ -211,14 +212,11 @@ class Runtime:
 
     def predict(self, budget: int | str | None = None, device_profile: str | DeviceProfile | None = None,
                 pass_idx: int | None = None) -> Prediction:
-        """Predict this model's steady pass (sequential / concurrent / concurrent + retention) at ``budget``
-        from per-block timings measured in ``pass_idx`` (default: the timing pass, as the runtime's own plan),
-        with loads rescaled to ``device_profile``'s flash if given.
-
-        Compute measured while every block streams includes the loader's memory traffic (on this 2-core
-        machine it slows memory-bound compute by up to a third), so budgets that retain most blocks come out
-        pessimistic; timings from a later pass re-base the prediction on that pass's conditions.
-        Returns a ``blockrt.Prediction``; needs the measuring passes.
+        """Predict this model's steady pass (sequential / concurrent / concurrent + retention) at ``budget`` from
+        per-block timings measured in ``pass_idx`` (default: the timing pass), loads rescaled to
+        ``device_profile``'s flash if given; needs the measuring passes. Compute measured while every block
+        streams includes the loader's memory traffic, so budgets that retain most blocks come out pessimistic;
+        a later ``pass_idx`` re-bases the prediction on that pass's conditions.
         """
         at = resolve_budget(budget)[0] if budget is not None else self.budget
         return self._retention.predict(at, get_profile(device_profile) if isinstance(device_profile, str)

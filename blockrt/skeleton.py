@@ -1,9 +1,8 @@
 """Building a model skeleton: parameters on ``meta``, the small computed buffers real.
 
-``with torch.device("meta")`` puts *everything* on meta, including non-persistent buffers such as
-BERT's ``position_ids`` or Llama's rotary ``inv_freq``, which no checkpoint holds. Inside
-``meta_weights()``, parameters and persistent buffers (what a checkpoint provides) go to ``meta`` as they
-are registered, and non-persistent buffers stay as the model computed them.
+``with torch.device("meta")`` puts *everything* on meta, also non-persistent buffers that no checkpoint holds
+(BERT's ``position_ids``, Llama's rotary ``inv_freq``); ``meta_weights()`` moves only parameters and
+persistent buffers, as they are registered.
 """
 
 from __future__ import annotations

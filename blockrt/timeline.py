@@ -1,13 +1,9 @@
 """The PNG timeline of a Profile, in the style of the On-device Sora paper's Figures 8 and 14.
 
-Top: one horizontal lane per thread (compute first, then the loader lane(s)) with a bar per compute and
-load event, waits in red on the compute lane, evictions as thin ticks, and thin vertical lines at pass
-boundaries. Bottom, sharing the time axis: the ``ledger_bytes`` counter (and ``rss_bytes`` when recorded)
-as step lines in GB under a dashed line at the budget.
-
-matplotlib is imported here, inside :func:`plot_timeline`, so the runtime does not need it. The figure is
-a bare ``matplotlib.figure.Figure`` rendered by the Agg canvas: no pyplot state, no global backend switch,
-nothing left open after the call.
+Top: one lane per thread (compute first) with a bar per compute and load event, waits in red, evictions as
+ticks, pass boundaries as dotted lines. Bottom, on the same time axis: ``ledger_bytes`` (and RSS growth when
+recorded) in GB under a dashed line at the budget. matplotlib is imported only inside :func:`plot_timeline`,
+and draws on a bare ``Figure`` with the Agg canvas: no pyplot state, no global backend switch.
 """
 
 from __future__ import annotations
@@ -26,8 +22,7 @@ CHAR_PX = LABEL_FONT * 0.65 * DPI / 72  # rough width of one label character in 
 
 
 class Recorded(Protocol):
-    """What the timeline reads of a :class:`blockrt.profile.Profile`. Typed by shape so that imports run one
-    way: ``Profile.plot`` imports this module, this module imports nothing from ``profile.py``."""
+    """What the timeline reads of a :class:`blockrt.profile.Profile`, typed by shape: imports run one way."""
 
     budget: int | None
 
@@ -50,13 +45,8 @@ def _short(block: str) -> str:
 
 
 def plot_timeline(profile: Recorded, path: str | os.PathLike[str], title: str | None = None) -> None:
-    """Write the timeline of ``profile`` as a PNG at ``path`` (atomically).
-
-    Args:
-        profile: the profile to draw (events, passes and the ``ledger_bytes``/``rss_bytes`` counters).
-        path: where the PNG goes.
-        title: the figure title; by default the pass count and the roofline ratio.
-    """
+    """Write the timeline of ``profile`` as a PNG at ``path`` (atomically); ``title`` defaults to the pass
+    count and the roofline ratio."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 

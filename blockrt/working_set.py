@@ -1,10 +1,9 @@
 """Measuring the working set: bytes of tensors that ops allocate while a pass runs, until they are freed.
 
-A ``TorchDispatchMode`` sees every op's outputs. An output whose storage is new (shared with none of the
-op's inputs and not already tracked) is an allocation; it stays counted until the last tracked tensor
-viewing that storage dies (a ``weakref.finalize`` per tensor). The peak of the live total is the
-activation footprint of the pass (the inputs the caller passed in are the caller's and not counted).
-The same works on every device; only measuring passes pay for it.
+A ``TorchDispatchMode`` sees every op's outputs; one whose storage is new (shared with no input, not yet
+tracked) is an allocation, counted until the last tracked tensor viewing it dies (``weakref.finalize``). The
+peak of the live total is the pass's activation footprint (the caller's inputs are not counted), on any
+device; only measuring passes pay for it.
 """
 
 from __future__ import annotations

@@ -203,12 +203,13 @@ def test_close_stops_the_thread_and_leaks_no_files():
         rt(**inputs)
 
 
-def test_failed_setup_leaves_no_temporary_store_and_keeps_the_weights(monkeypatch):
+def test_failed_setup_leaves_no_temporary_store_and_keeps_the_weights(monkeypatch, tmp_path):
     import glob
     import tempfile
 
     model, inputs = BUILDERS["toy"]()
     ref = reference(model, inputs)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a temp dir no other process writes to
     pattern = f"{tempfile.gettempdir()}/blockrt-*"
     before = set(glob.glob(pattern))
 

@@ -43,9 +43,12 @@ class Binder:
         old = module._parameters[name] if is_param else module._buffers[name]
         if old is None:
             raise KeyError(f"{key!r} is None in the model")
-        if is_param:
-            new = nn.Parameter(new, requires_grad=old.requires_grad)
-        torch.utils.swap_tensors(old, new)
+        try:
+            torch.utils.swap_tensors(old, nn.Parameter(new, requires_grad=old.requires_grad) if is_param else new)
+        except RuntimeError:
+            # something else still holds the tensor (a view of a weight in a traceback's frame, say): move the
+            # data alone. Across devices (meta) that is impossible: an empty tensor then fails any stray use.
+            old.data = new if new.device == old.device else torch.empty(0, dtype=new.dtype, device=old.device)
 
     def materialize(self, pairs: Iterable[tuple[TensorSpec, torch.Tensor]]) -> None:
         """Point each named tensor at its data (a slot view or a pinned tensor)."""

@@ -89,7 +89,7 @@ class Floor:
         if need <= budget:
             return
         ws = (f" and {format_bytes(self.working_set_bytes)} of measured working set" if self.working_set_bytes
-              else ", before any activations")
+              else ", before any activations (the first pass measures them; a run needs them on top)")
         raise BudgetError(
             f"budget {format_bytes(budget)} is below the smallest feasible {format_bytes(need)} ({need} bytes): "
             f"block {self.largest_block!r} needs {format_bytes(self.slot_bytes)} in each of {self.slots} slot(s) "

@@ -189,6 +189,17 @@ class Loader:
         if req.error is not None:
             raise req.error
 
+    def drain(self, timeout_s: float) -> None:
+        """Return once every request submitted so far is done (or the thread has stopped, or ``timeout_s``)."""
+        marker = threading.Event()
+        try:
+            self._queue.put(marker, timeout=timeout_s)  # type: ignore[arg-type]
+        except queue.Full:
+            return
+        deadline = time.monotonic() + timeout_s
+        while not marker.wait(0.05) and self._thread.is_alive() and time.monotonic() < deadline:
+            pass
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the thread; pending requests fail with a LoadError. Never hangs past ``timeout_s``."""
         self._stop.set()
@@ -203,7 +214,9 @@ class Loader:
                 req = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if req is not None:
+            if isinstance(req, threading.Event):
+                req.set()
+            elif req is not None:
                 req.error = LoadError(f"block {req.layout.block.name!r} not loaded: the runtime was closed")
                 req.done.set()
 
@@ -217,6 +230,9 @@ class Loader:
                 continue
             if req is None:
                 break
+            if isinstance(req, threading.Event):  # drain(): everything before it is done
+                req.set()
+                continue
             try:
                 self._load(req)
             except BaseException as e:  # carried to the compute thread, with the block and file named

@@ -187,6 +187,24 @@ class Residency:
         self._forget(victim.block, victim)
         return victim
 
+    def reset(self) -> None:
+        """Back to a consistent state after a pass torch's hooks did not close (a ``KeyboardInterrupt`` can land
+        anywhere, inside this class too): every submitted load finished, no block bound, the streamed slots
+        free; a retained buffer stays loaded if its load completed, else it loads again on its next turn."""
+        self.loader.drain(self.config.load_timeout_s)
+        for kind, n in self._in_flight.values():
+            self.ledger.move("in_flight", kind, n)
+        self._in_flight.clear()
+        for s in self.slots:
+            s.block, s.request = None, None
+        for buf in self.retained.values():
+            if buf.request is not None and not (buf.request.done.is_set() and buf.request.error is None):
+                buf.request = None
+        self.slot_of.clear()
+        self.active = None
+        self.wrap = True
+        self.binder.evict([t for b in self.plan.blocks for t in b.tensors])
+
     def close(self) -> None:
         """Return every buffer's bytes to the ledger and drop the buffers (the loader has stopped)."""
         for kind, n in self._in_flight.values():

@@ -77,6 +77,7 @@ class Retention:
         self._signature: tuple | None = None
         self._block_ws: dict[str, int] = {}
         self._tracker: LiveBytes | None = None
+        self._overrun: str | None = None  # where this pass's working set first passed the budget
 
     @property
     def retained(self) -> tuple[int, ...]:
@@ -113,10 +114,16 @@ class Retention:
     def end_pass(self, pass_idx: int, ok: bool) -> None:
         """Pass ``pass_idx`` ended (``ok``: it returned normally); advance the measuring cycle."""
         if self._tracker is not None:
-            peak = self._tracker.peak
+            peak, overrun = self._tracker.peak, self._overrun
             self.stop_tracking()
             if not ok:  # forward raised: the measurement is partial; measure again next pass
                 return
+            if overrun is not None:
+                need = self.floor().nbytes + peak
+                raise BudgetError(
+                    f"the measured working set passed the budget while running {overrun}; measured to the end of the "
+                    f"pass, this run needs at least {format_bytes(need)} ({need} bytes) with these input shapes (the "
+                    "pass's output is discarded); fix: raise the budget, use smaller inputs, or lower prefetch_depth")
             self._seen[self._signature] = peak
             self.working_set.update(self._block_ws)
             need = max(self._seen.values())
@@ -135,6 +142,7 @@ class Retention:
     def stop_tracking(self) -> None:
         """Remove the working-set tracker if one runs (pass end, or closing)."""
         tracker, self._tracker = self._tracker, None
+        self._overrun = None
         if tracker is None:
             return
         tracker.__exit__(None, None, None)
@@ -173,6 +181,8 @@ class Retention:
         if delta < 0:
             self._ledger.release("working_set", min(-delta, self._ledger.held()["working_set"]))
             return
+        if self._overrun is not None:  # past the budget already: only the peak is measured now
+            return
         active = self._residency.active
         where = f"block {self._plan.blocks[active].name!r}" if active is not None else "the pinned modules"
         while True:
@@ -182,11 +192,10 @@ class Retention:
             except BudgetError as e:
                 if self._shed_one():  # retained blocks make room before anything fails
                     continue
-                need = self.floor().nbytes + self._ledger.held()["working_set"] + delta
-                raise BudgetError(
-                    f"the measured working set passed the budget while running {where}: {e}; this run needs at "
-                    f"least {format_bytes(need)} ({need} bytes) with these input shapes; fix: raise the budget, use "
-                    "smaller inputs, or lower prefetch_depth") from None
+                # measure on to the end of the pass, so the error can name a budget that runs (the ledger stays
+                # under the budget; the process holds the rest of this one pass's activations unaccounted)
+                self._overrun = f"{where}: {e}"
+                return
 
     def _shed_one(self) -> bool:
         """Give up one retained block (not the running one) to make room for activations; False if none."""

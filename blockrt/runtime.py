@@ -9,7 +9,9 @@ holds every byte against the budget, which lives there and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,8 @@ class Runtime:
         self._running = 0
         self._in_pass = False
         self._pass_ok = False
+        self._turn = threading.Condition()  # guards _owner: the thread whose pass is running, or None
+        self._owner: int | None = None
         self._closed = False
         self._finalizer = weakref.finalize(self, _shutdown, self._loader, self._rss, self._tmpdir)
         warm_up()
@@ -156,11 +160,20 @@ class Runtime:
                                                              always_call=True))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the model (one pass) under ``torch.no_grad()``; same call and result as ``model(...)``."""
+        """Run the model (one pass) under ``torch.no_grad()``; same call and result as ``model(...)``.
+
+        Calls from several threads are serialised: one pass at a time, the others wait their turn. However a
+        pass ends (it returns, raises, or is interrupted by ``KeyboardInterrupt``) the runtime is ready for
+        the next call and nothing is left installed in the process.
+        """
         if self._closed:
             raise BlockrtError("this Runtime is closed; create a new one with blockrt.run(...)")
         with torch.no_grad():
-            return self.model(*args, **kwargs)
+            try:
+                return self.model(*args, **kwargs)
+            except BaseException:
+                self._abort_pass()  # torch runs the always-call hooks for an Exception, never for KeyboardInterrupt
+                raise
 
     @property
     def budget(self) -> int:
@@ -230,15 +243,18 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
-        self._retention.stop_tracking()
-        if self._residency.active is not None:
-            self._residency.release(self._residency.active)
-        self._rows_reader.release_all()
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        self._finalizer()
-        self._residency.close()
+        try:
+            self._abort_pass()  # a pass this thread left open (interrupted outside Runtime.__call__)
+            self._retention.stop_tracking()
+            if self._residency.active is not None:
+                self._residency.release(self._residency.active)
+            self._rows_reader.release_all()
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
+            self._finalizer()  # the loader stops, the sampler stops, a temporary store goes, whatever happened above
+            self._residency.close()
 
     def __enter__(self) -> "Runtime":
         return self
@@ -247,9 +263,16 @@ class Runtime:
         self.close()
 
     def _begin_pass(self, args: tuple, kwargs: dict) -> None:
+        me = threading.get_ident()
+        if self._owner == me:  # this thread's last pass never ended: an interrupt skipped torch's hooks
+            self._abort_pass()
         if torch.is_grad_enabled():
             raise BlockrtError("blockrt streams weights for inference only: call the model under torch.no_grad() "
                                "(Runtime.__call__ does this for you)")
+        with self._turn:  # one pass at a time: another thread's pass runs to its end first
+            while self._owner is not None:
+                self._turn.wait()
+            self._owner = me
         self._retention.begin_pass(args, kwargs)
         self._residency.pass_idx += 1
         self._running = 0
@@ -258,17 +281,40 @@ class Runtime:
         self.profile.begin_pass(self._residency.pass_idx, self.profile.now())
 
     def _end_pass(self) -> None:
-        if not self._in_pass:  # begin_pass refused the call
+        if self._owner != threading.get_ident():  # begin_pass refused the call before it took the runtime
             return
-        self._in_pass = False
-        self._residency.wrap = True
-        if self._residency.active is not None:
-            self._release(self._residency.active)
-        self._running = 0
-        if self.config.exact_rss:
-            trim_malloc()  # freed activations that glibc served from old heap chunks leave RSS again
-        self.profile.end_pass(self._residency.pass_idx, self.profile.now())
-        self._retention.end_pass(self._residency.pass_idx, self._pass_ok)
+        try:
+            self._in_pass = False
+            self._residency.wrap = True
+            if self._residency.active is not None:
+                self._release(self._residency.active)
+            self._running = 0
+            if self.config.exact_rss:
+                trim_malloc()  # freed activations that glibc served from old heap chunks leave RSS again
+            self.profile.end_pass(self._residency.pass_idx, self.profile.now())
+            self._retention.end_pass(self._residency.pass_idx, self._pass_ok)
+        finally:
+            self._hand_over()
+
+    def _abort_pass(self) -> None:
+        """End this thread's pass from whatever state an interrupt left it in, so the next call is right."""
+        if self._owner != threading.get_ident():
+            return
+        try:
+            self._rows_reader.release_all()
+            self._residency.reset()
+            with contextlib.suppress(ValueError):  # the pass may have been closed in the profile already
+                self.profile.end_pass(self._residency.pass_idx, self.profile.now())
+            self._retention.end_pass(self._residency.pass_idx, ok=False)  # a partial measurement: measure again
+        finally:
+            self._in_pass = False
+            self._running = 0
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        with self._turn:
+            self._owner = None
+            self._turn.notify()
 
     def _pre(self, i: int) -> None:
         active = self._residency.active

@@ -46,7 +46,7 @@ from blockrt import RunConfig  # noqa: E402
 from blockrt.memory import read_rss  # noqa: E402
 from blockrt.profile import Profile  # noqa: E402
 from blockrt.pipelines.opensora import loading  # noqa: E402
-from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints  # noqa: E402
+from blockrt.pipelines.opensora.random_weights import write_random_checkpoints  # noqa: E402
 from blockrt.pipelines.opensora.pipeline import DIRS, GenerateConfig, OpenSoraPipeline  # noqa: E402
 from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer  # noqa: E402
 

@@ -190,7 +190,7 @@ def weights_name(overrides: dict[str, Any]) -> str:
 
 def write_weights(root: Path, overrides: dict[str, Any]) -> dict[str, Path]:
     """The three components under ``root`` (tiny T5 and VAE, STDiT3 with ``overrides``), reused when complete."""
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
     from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     tok = root / "tokenizer"

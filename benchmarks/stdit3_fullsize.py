@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import blockrt  # noqa: E402
 from blockrt import RunConfig  # noqa: E402
 from blockrt.profile import write_atomic  # noqa: E402
-from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints  # noqa: E402
+from blockrt.pipelines.opensora.random_weights import write_random_checkpoints  # noqa: E402
 from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config  # noqa: E402
 
 

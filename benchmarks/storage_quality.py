@@ -15,7 +15,7 @@ that dtype by blockrt (``RunConfig(storage_dtype=...)``; the conversion time is 
 - **STDiT3**: one denoising forward (the CFG batch: the prompt's T5 embedding, zero-padded to 300 tokens as
   Open-Sora feeds it, and the null caption) on a fixed 144p 17-frame latent (4 x 5 x 18 x 32) at timestep
   900, STDiT3 at the real width (1152, 16 heads) with ``--stdit3-depth`` of its 28 block pairs (default 4),
-  random weights in the real checkpoint layout (``pipelines/opensora/checkpoints.py``). Measured on the
+  random weights in the real checkpoint layout (``pipelines/opensora/random_weights.py``). Measured on the
   velocity (the first 4 output channels): cosine similarity, max abs error, SNR.
 
 Loads are throttled to the iPhone 15 Pro's flash (``read_bytes_per_s=1.45e9``, budget ``iphone15pro``,
@@ -192,7 +192,7 @@ def t5_part(args, work: Path) -> tuple[list[dict[str, Any]], torch.Tensor, torch
 
 
 def stdit3_part(args, work: Path, t5_ref: torch.Tensor, t5_mask: torch.Tensor) -> tuple[list[dict[str, Any]], str]:
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
     from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config
 
     size = "tiny" if args.quick else "full"

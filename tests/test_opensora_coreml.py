@@ -28,7 +28,7 @@ OVERRIDES = {"t5": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 128, "num_
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
     from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("weights")

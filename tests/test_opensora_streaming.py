@@ -49,13 +49,13 @@ def test_vae_decoder_parts_cover_every_weight_at_full_size():
 
 
 def test_stdit3_streams_from_a_checkpoint_in_the_real_layout(tmp_path):
-    """A random checkpoint written by ``checkpoints.py`` (tiny sizes, real names and files), streamed onto a meta
+    """A random checkpoint written by ``random_weights.py`` (tiny sizes, real names and files), streamed onto a meta
     skeleton, equals the same weights loaded whole."""
     import json
 
     from safetensors.torch import load_file
 
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
     from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config
 
     weights = write_random_checkpoints(tmp_path, which=("stdit3",), size="tiny")["stdit3"]
@@ -81,7 +81,7 @@ def test_vae_decoders_stream_from_the_vae_checkpoint_by_prefix(tmp_path):
     from safetensors.torch import load_file
 
     from blockrt.errors import StoreError
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
     from blockrt.pipelines.opensora.vae import VAEConfig, VideoAutoencoderPipeline
 
     weights = write_random_checkpoints(tmp_path, which=("vae",), size="tiny")["vae"]

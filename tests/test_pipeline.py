@@ -14,7 +14,7 @@ BUDGET = "64MB"
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
     from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("weights")

@@ -69,7 +69,7 @@ def test_a_30_step_sample_scores_as_the_prompt_says(tmp_path):
 
 
 def test_the_judge_rejects_random_weights(tmp_path):
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
     from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     tok = train_tiny_tokenizer([PROMPT + " aesthetic score: 6.5."] * 20, tmp_path / "tok", vocab_size=40)

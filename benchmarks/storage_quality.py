@@ -38,20 +38,16 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import blockrt  # noqa: E402
-from benchmarks.bench_common import OtherCpu, hardware, release_freed_memory, write_results  # noqa: E402
-from blockrt import RunConfig  # noqa: E402
-from blockrt.partitioners import partition  # noqa: E402
+import blockrt
+from blockrt import RunConfig
+from blockrt.partitioners import partition
+from bench_common import OtherCpu, hardware, release_freed_memory, write_results
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 IPHONE_READ_BYTES_PER_S = 1.45e9

@@ -1,16 +1,10 @@
-"""Shared pytest setup: the repository root on sys.path (so ``blockrt``, ``partitioners`` and ``pipelines``
-import without installation) and the tiny-model builders of ``tests/models.py`` as a fixture."""
+"""Shared pytest setup: the tiny-model builders of ``tests/models.py`` as a fixture. The package is imported as
+installed (``make .venv/.installed``, an editable install), as ``blockrt``, ``blockrt.partitioners`` and
+``blockrt.pipelines``."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(params=["toy", "t5_encoder", "bert", "gpt2", "llama"])

@@ -8,7 +8,6 @@ error per kind of damage.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import zipfile
@@ -39,23 +38,15 @@ CAPTIONS = [
 ] * 10
 PROMPTS = ["a cat sitting on a chair aesthetic score: 6.5.", "waves on the beach at night"]
 
-needs_stdit3 = pytest.mark.skipif(importlib.util.find_spec("blockrt.pipelines.opensora.stdit3") is None,
-                                  reason="pipelines/opensora/stdit3.py (STDiT3) is not written yet")
-needs_vae = pytest.mark.skipif(importlib.util.find_spec("blockrt.pipelines.opensora.vae") is None,
-                               reason="pipelines/opensora/vae.py (the VAE pipeline) is not written yet")
-
-
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     return train_tiny_tokenizer(CAPTIONS, tmp_path_factory.mktemp("tokenizer"), vocab_size=120)
 
 
 @pytest.fixture(scope="module")
-def t5_dirs(tmp_path_factory, tok_dir):
+def t5_dirs(random_checkpoints, tok_dir):
     """Tiny T5 checkpoints in both real layouts: {'bin': dir, 'safetensors': dir}."""
-    root = tmp_path_factory.mktemp("t5")
-    return {fmt: rw.write_random_checkpoints(root / fmt, ("t5",), size="tiny", t5_format=fmt, tokenizer=tok_dir)["t5"]
-            for fmt in layout.T5_FORMATS}
+    return {fmt: random_checkpoints(("t5",), t5_format=fmt, tokenizer=tok_dir)["t5"] for fmt in layout.T5_FORMATS}
 
 
 def _dump(name: str) -> dict[str, tuple[int, ...]]:
@@ -149,10 +140,10 @@ def test_full_size_layout_matches_the_key_dumps():
     assert layout.stdit3_spec().json_files["config.json"]["model_type"] == "STDiT3"
 
 
-def test_written_files_hold_what_the_plan_says(tmp_path, t5_dirs):
+def test_written_files_hold_what_the_plan_says(random_checkpoints, t5_dirs):
     from blockrt.safetensors_format import read_header
 
-    out = rw.write_random_checkpoints(tmp_path, ("stdit3", "vae"), size="tiny")
+    out = random_checkpoints(("stdit3", "vae"))
     out["t5"] = t5_dirs["bin"]
     plan = layout.checkpoint_plan(size="tiny")
     found = set()
@@ -218,10 +209,10 @@ def test_writer_is_deterministic_cached_and_never_touches_other_directories(tmp_
     assert st.keys() == pt.keys() and all(torch.equal(st[k], pt[k]) for k in st)
 
 
-def test_random_values_are_not_degenerate(t5_dirs, tmp_path):
+def test_random_values_are_not_degenerate(t5_dirs, random_checkpoints):
     from safetensors.torch import load_file
 
-    d = rw.write_random_checkpoints(tmp_path, ("stdit3", "vae"), size="tiny")
+    d = random_checkpoints(("stdit3", "vae"))
     st = load_file(d["stdit3"] / "model.safetensors")
     vae = load_file(d["vae"] / "model.safetensors")
     t5 = {**load_bin(t5_dirs["bin"] / "pytorch_model-00001-of-00002.bin"),
@@ -243,10 +234,10 @@ def test_random_values_are_not_degenerate(t5_dirs, tmp_path):
     assert t5["shared.weight"].std().item() == pytest.approx(1.0, abs=0.05)  # embeddings ~ N(0, 1)
 
 
-def test_deep_random_t5_stays_finite_and_order_one(tmp_path):
+def test_deep_random_t5_stays_finite_and_order_one(random_checkpoints):
     """24 layers (the XXL depth) with the writer's scale rules: every block's output stays O(1)."""
-    d = rw.write_random_checkpoints(tmp_path, ("t5",), size="tiny", t5_format="safetensors",
-                                    overrides={"t5": {"num_layers": 24, "d_model": 128, "d_ff": 320}})["t5"]
+    d = random_checkpoints(("t5",), t5_format="safetensors",
+                           overrides={"t5": {"num_layers": 24, "d_model": 128, "d_ff": 320}})["t5"]
     model, _ = load_t5(d, meta=False)
     peaks = []
     for block in model.encoder.block:
@@ -262,11 +253,11 @@ def test_deep_random_t5_stays_finite_and_order_one(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", layout.T5_FORMATS)
-def test_t5_streams_from_the_real_layout_identically(fmt, t5_dirs):
+def test_t5_streams_from_the_real_layout_identically(fmt, t5_dirs, tmp_path):
     """The meta skeleton streamed by blockrt equals the T5EncoderModel that transformers loads normally."""
     from transformers import T5EncoderModel
 
-    d = t5_dirs[fmt]
+    d = _copy(t5_dirs[fmt], tmp_path / "t5")  # the .bin shards are converted into the directory: not the shared one
     tok = load_tokenizer(d)
     plain = T5EncoderModel.from_pretrained(d).eval()  # transformers' own loading of the same files
     y_ref, mask_ref = encode_prompts(tok, plain, PROMPTS)
@@ -306,9 +297,8 @@ def test_bin_conversion_happens_once_and_follows_the_sources(tmp_path, t5_dirs):
         load_t5(d, cache_dir=tmp_path / "elsewhere")
 
 
-@needs_stdit3
-def test_stdit3_loads_on_meta_and_streams_identically(tmp_path):
-    d = rw.write_random_checkpoints(tmp_path, ("stdit3",), size="tiny")["stdit3"]
+def test_stdit3_loads_on_meta_and_streams_identically(random_checkpoints):
+    d = random_checkpoints(("stdit3",))["stdit3"]
     plain, _ = load_stdit3(d, meta=False)
     model, weights = load_stdit3(d)
     assert weights == d / "model.safetensors" and all(p.is_meta for p in model.parameters())
@@ -320,10 +310,9 @@ def test_stdit3_loads_on_meta_and_streams_identically(tmp_path):
         assert torch.equal(rt(**feed), ref)
 
 
-@needs_stdit3
-def test_deep_random_stdit3_stays_finite_and_order_one(tmp_path):
+def test_deep_random_stdit3_stays_finite_and_order_one(random_checkpoints):
     """28 spatial + 28 temporal blocks (the XL/2 depth) with the writer's scale rules stay O(1)."""
-    d = rw.write_random_checkpoints(tmp_path, ("stdit3",), size="tiny", overrides={"stdit3": {"depth": 28}})["stdit3"]
+    d = random_checkpoints(("stdit3",), overrides={"stdit3": {"depth": 28}})["stdit3"]
     model, _ = load_stdit3(d, meta=False)
     cfg = model.config
     peaks = []
@@ -339,14 +328,13 @@ def test_deep_random_stdit3_stays_finite_and_order_one(tmp_path):
     assert torch.isfinite(out).all() and 0.01 < out.std() < 10
 
 
-@needs_vae
-def test_vae_loads_on_meta_and_whole(tmp_path):
+def test_vae_loads_on_meta_and_whole(random_checkpoints):
     from safetensors.torch import load_file
 
     from blockrt.pipelines.opensora.loading import vae_config_from_json
     from blockrt.pipelines.opensora.vae import VideoAutoencoderPipeline
 
-    d = rw.write_random_checkpoints(tmp_path, ("vae",), size="tiny")["vae"]
+    d = random_checkpoints(("vae",))["vae"]
     model, weights = load_vae(d)
     assert weights == d / "model.safetensors" and all(t.is_meta for t in model.state_dict().values())
     loaded, _ = load_vae(d, meta=False)

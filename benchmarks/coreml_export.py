@@ -24,12 +24,10 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from blockrt.coreml import ExportBlock, ExportOptions, export_blocks, inspect_package
+from bench_common import BUSY_CORES, OtherCpu, hardware, release_freed_memory, write_results
 
-from bench_common import BUSY_CORES, OtherCpu, hardware, release_freed_memory, write_results  # noqa: E402
-from blockrt.coreml import ExportBlock, ExportOptions, export_blocks, inspect_package  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODES = {"fp32": ExportOptions(precision="fp32", check=False), "fp16": ExportOptions(precision="fp16", check=False),
          "int8": ExportOptions(precision="fp16", quantize="int8", check=False)}

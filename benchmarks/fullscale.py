@@ -36,19 +36,14 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "benchmarks"):  # run as a script from a checkout without installing
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from bench_common import OtherCpu, hardware, release_freed_memory, write_results  # noqa: E402
-from blockrt import RunConfig  # noqa: E402
-from blockrt.memory import read_rss  # noqa: E402
-from blockrt.profile import Profile  # noqa: E402
-from blockrt.pipelines.opensora import loading  # noqa: E402
-from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints  # noqa: E402
-from blockrt.pipelines.opensora.pipeline import DIRS, GenerateConfig, OpenSoraPipeline  # noqa: E402
-from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer  # noqa: E402
+from blockrt import RunConfig
+from blockrt.memory import read_rss
+from blockrt.profile import Profile
+from blockrt.pipelines.opensora import loading
+from blockrt.pipelines.opensora.pipeline import DIRS, GenerateConfig, OpenSoraPipeline
+from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
+from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
+from bench_common import OtherCpu, hardware, release_freed_memory, write_results
 
 CAPTIONS = ["a red circle moving left on a blue background", "a green square moving up on a white background",
             "a yellow triangle moving right on a black background", "a blue circle moving down on a gray background",

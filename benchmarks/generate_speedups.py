@@ -46,15 +46,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "benchmarks"):  # run as a script from a checkout without installing
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+from blockrt import RunConfig, get_profile
+from blockrt.pipelines.opensora.pipeline import GenerateConfig, GenerateResult, OpenSoraPipeline
+from blockrt.pipelines.opensora.resolution import latent_size, num_frames, resolve
+from bench_common import BUSY_CORES, begin_run, release_freed_memory, write_results
 
-from blockrt import RunConfig, get_profile  # noqa: E402
-from bench_common import BUSY_CORES, begin_run, release_freed_memory, write_results  # noqa: E402
-from blockrt.pipelines.opensora.pipeline import GenerateConfig, GenerateResult, OpenSoraPipeline  # noqa: E402
-from blockrt.pipelines.opensora.resolution import latent_size, num_frames, resolve  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT = "a red circle moving left on a blue background"
 TOKENIZER_TEXTS = [PROMPT, "a green square moving up on a white background",
@@ -190,7 +187,7 @@ def weights_name(overrides: dict[str, Any]) -> str:
 
 def write_weights(root: Path, overrides: dict[str, Any]) -> dict[str, Path]:
     """The three components under ``root`` (tiny T5 and VAE, STDiT3 with ``overrides``), reused when complete."""
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
     from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     tok = root / "tokenizer"

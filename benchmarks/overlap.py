@@ -36,18 +36,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from a checkout without installing
-    sys.path.insert(0, str(ROOT))
-
-import blockrt  # noqa: E402
-from blockrt import RunConfig  # noqa: E402
-from blockrt.device import IPHONE15PRO  # noqa: E402
-from blockrt.loader import BlockLayout  # noqa: E402
-from blockrt.working_set import LiveBytes  # noqa: E402
-from blockrt.partitioners import partition  # noqa: E402
-from blockrt.pipelines.toy import ToyConfig, ToyTransformer  # noqa: E402
-from bench_common import BUSY_CORES, begin_run, write_results  # noqa: E402
+import blockrt
+from blockrt import RunConfig
+from blockrt.device import IPHONE15PRO
+from blockrt.loader import BlockLayout
+from blockrt.working_set import LiveBytes
+from blockrt.partitioners import partition
+from blockrt.pipelines.toy import ToyConfig, ToyTransformer
+from bench_common import BUSY_CORES, begin_run, write_results
 
 # Targets from the issue: printed next to the measurements as PASS/MISS, never asserted.
 TARGET_ROOFLINE_PREFETCH = 1.10  # roofline_ratio of the prefetch run must be <= this

@@ -41,19 +41,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from blockrt.budget import parse_budget
+from blockrt.device import get_profile
+import peers_workloads as wl
+from bench_common import OtherCpu, hardware, write_results
+from peers_report import CSV_FIELDS, markdown, rows, table, table_findings, targets
+from peers_worker import CONTENDERS
+
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT), str(ROOT / "benchmarks")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import torch  # noqa: E402
-
-import peers_workloads as wl  # noqa: E402
-from bench_common import OtherCpu, hardware, write_results  # noqa: E402
-from blockrt.budget import parse_budget  # noqa: E402
-from blockrt.device import get_profile  # noqa: E402
-from peers_report import CSV_FIELDS, markdown, rows, table, table_findings, targets  # noqa: E402
-from peers_worker import CONTENDERS  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "peers_worker.py"
 REGIMES = ("warm", "cold")
@@ -116,7 +113,7 @@ def import_costs_alone() -> dict[str, int]:
     env = {**os.environ, **WORKER_ENV}
     for name, stmt in IMPORT_PROBES.items():
         pre = "" if name == "torch" else "import torch; "
-        code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); {pre}r0 = {_RSS}; {stmt}; print({_RSS} - r0)"
+        code = f"{pre}r0 = {_RSS}; {stmt}; print({_RSS} - r0)"
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=300, check=True)
         out[name] = int(proc.stdout.split()[-1])

@@ -31,11 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT), str(ROOT / "benchmarks")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
 CONTENDERS = ("resident", "accelerate_disk_offload", "accelerate_device_map", "diffusers_group_offload",
               "diffusers_group_offload_stream", "blockrt_sequential", "blockrt")
 READ_CHUNK = 64 << 20  # load-only reads go through one reused 64 MiB buffer

@@ -36,7 +36,7 @@ STDIT3_VIDEO_QUICK = dict(frames=17, height=32, width=32, prompt_tokens=8, cfg_s
 
 def prepare(name: str, *, quick: bool, cache: Path, stdit3_size: str = "xl") -> dict[str, Any]:
     """Write (once; cached) the checkpoint of workload ``name`` and describe it as a JSON-able dict."""
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
 
     if name == "t5":
         root, size, over = (cache / "peers-t5-quick", "tiny", T5_QUICK) if quick else (cache / "peers-t5-large", "full", T5_LARGE)

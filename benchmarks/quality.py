@@ -32,21 +32,15 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "benchmarks"):  # run as a script from a checkout without installing
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from bench_common import BUSY_CORES, begin_run, write_results  # noqa: E402
-from blockrt.files import write_atomic  # noqa: E402
-from blockrt.pipelines.opensora.pipeline import GenerateConfig  # noqa: E402
-from blockrt.pipelines.shapes.generate import ShapesGenerator  # noqa: E402
-from blockrt.pipelines.shapes.judge import flicker, judge, matches, psnr, ssim  # noqa: E402
-from blockrt.pipelines.shapes.layout import CFG_SCALE  # noqa: E402
+from blockrt.files import write_atomic
+from blockrt.pipelines.opensora.pipeline import GenerateConfig
+from blockrt.pipelines.shapes.generate import ShapesGenerator
+from blockrt.pipelines.shapes.judge import flicker, judge, matches, psnr, ssim
+from blockrt.pipelines.shapes.layout import CFG_SCALE
+from bench_common import BUSY_CORES, begin_run, write_results
 
 STEPS = 30
 TARGET_FIDELITY_POINTS = 2.0  # lpl16 may lose at most this many percentage points of fidelity vs steps30

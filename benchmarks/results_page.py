@@ -25,11 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from blockrt.files import write_atomic
 
-from blockrt.files import write_atomic  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MAX_PNG_BYTES = 200_000
 PY = ".venv/bin/python"

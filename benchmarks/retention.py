@@ -46,19 +46,14 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "benchmarks"):  # run as a script from a checkout without installing
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-import blockrt  # noqa: E402
-from blockrt import RunConfig, get_profile  # noqa: E402
-from blockrt.loader import BlockLayout  # noqa: E402
-from blockrt.predict import simulate  # noqa: E402
-from blockrt.files import write_atomic  # noqa: E402
-from bench_common import BUSY_CORES, begin_run, release_freed_memory, write_results  # noqa: E402
-from blockrt.partitioners import partition  # noqa: E402
-from blockrt.pipelines.toy import Layer, ToyConfig, ToyTransformer  # noqa: E402
+import blockrt
+from blockrt import RunConfig, get_profile
+from blockrt.loader import BlockLayout
+from blockrt.predict import simulate
+from blockrt.files import write_atomic
+from blockrt.partitioners import partition
+from blockrt.pipelines.toy import Layer, ToyConfig, ToyTransformer
+from bench_common import BUSY_CORES, begin_run, release_freed_memory, write_results
 
 # Targets from the issue: printed next to the measurements as PASS/MISS, never asserted.
 TARGET_LOAD_BOUND_HALF = 0.60  # load-bound, half the model retained: wall / no-retention wall <= this

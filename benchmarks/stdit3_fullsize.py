@@ -23,15 +23,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import blockrt  # noqa: E402
-from blockrt import RunConfig  # noqa: E402
-from blockrt.device import IPHONE15PRO  # noqa: E402
-from blockrt.files import write_atomic  # noqa: E402
-from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints  # noqa: E402
-from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config  # noqa: E402
+import blockrt
+from blockrt import RunConfig
+from blockrt.device import IPHONE15PRO
+from blockrt.files import write_atomic
+from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
+from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config
 
 
 def inputs(cfg: STDiT3Config, frames_latent: int, h: int, w: int, tokens: int, seed: int = 0) -> dict:

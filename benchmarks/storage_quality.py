@@ -15,7 +15,7 @@ that dtype by blockrt (``RunConfig(storage_dtype=...)``; the conversion time is 
 - **STDiT3**: one denoising forward (the CFG batch: the prompt's T5 embedding, zero-padded to 300 tokens as
   Open-Sora feeds it, and the null caption) on a fixed 144p 17-frame latent (4 x 5 x 18 x 32) at timestep
   900, STDiT3 at the real width (1152, 16 heads) with ``--stdit3-depth`` of its 28 block pairs (default 4),
-  random weights in the real checkpoint layout (``pipelines/opensora/checkpoints.py``). Measured on the
+  random weights in the real checkpoint layout (``pipelines/opensora/random_weights.py``). Measured on the
   velocity (the first 4 output channels): cosine similarity, max abs error, SNR.
 
 Loads are throttled to the iPhone 15 Pro's flash (``IPHONE15PRO``: 1.45 GB/s, budget ``iphone15pro``,
@@ -38,21 +38,17 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import blockrt  # noqa: E402
-from benchmarks.bench_common import OtherCpu, hardware, release_freed_memory, write_results  # noqa: E402
-from blockrt import RunConfig  # noqa: E402
-from blockrt.device import IPHONE15PRO  # noqa: E402
-from blockrt.partitioners import partition  # noqa: E402
+import blockrt
+from blockrt import RunConfig
+from blockrt.device import IPHONE15PRO
+from blockrt.partitioners import partition
+from bench_common import OtherCpu, hardware, release_freed_memory, write_results
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 PROMPTS = (
@@ -193,7 +189,7 @@ def t5_part(args, work: Path) -> tuple[list[dict[str, Any]], torch.Tensor, torch
 
 
 def stdit3_part(args, work: Path, t5_ref: torch.Tensor, t5_mask: torch.Tensor) -> tuple[list[dict[str, Any]], str]:
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
     from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config
 
     size = "tiny" if args.quick else "full"

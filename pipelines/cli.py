@@ -128,7 +128,7 @@ DEMO_CAPTIONS = ["a red circle moving left on a blue background", "a green squar
 
 def _demo_weights(cache: Path) -> Path:
     """Tiny random weights for T5, STDiT3 and the VAE in the real layout, written once into ``cache``."""
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
     from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     tok = cache / "tokenizer"

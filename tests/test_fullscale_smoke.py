@@ -6,18 +6,15 @@ import csv
 import io
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmark_modules import load_benchmark
+from blockrt.profile import Summary
 
-import fullscale  # noqa: E402
-import results_page  # noqa: E402
-
-from blockrt.profile import Summary  # noqa: E402
+fullscale = load_benchmark("fullscale")
+results_page = load_benchmark("results_page")
 
 TINY_ARGS = ["--size", "tiny", "--frames", "1", "--steps", "2", "--lpl", "0", "--aspect", "1:1"]
 MEASURES = ("peak_ledger_bytes", "peak_rss_delta", "peak_anon_delta", "peak_file_delta", "bytes_loaded",

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmark_modules import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "generate_speedups.py"
 TIMEOUT_S = 240
@@ -30,12 +32,7 @@ def _finite(x) -> bool:
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import generate_speedups
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return generate_speedups
+    return load_benchmark("generate_speedups")
 
 
 def test_ssim_and_psnr(bench):

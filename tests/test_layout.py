@@ -3,22 +3,12 @@ core or the partitioners grows past the limit, and the installed names are the p
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_modules import load_benchmark
 
-
-def _code_map():
-    spec = importlib.util.spec_from_file_location("code_map", ROOT / "benchmarks" / "code_map.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-code_map = _code_map()
+code_map = load_benchmark("code_map")
 
 
 def test_imports_have_no_circles():

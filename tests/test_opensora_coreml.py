@@ -27,14 +27,13 @@ OVERRIDES = {"t5": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 128, "num_
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+def weights(tmp_path_factory: pytest.TempPathFactory, random_checkpoints) -> Path:
+    """The weights root: the three components side by side."""
     from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
-    root = tmp_path_factory.mktemp("weights")
-    train_tiny_tokenizer(["a red circle moving left on a blue background"] * 40, root / "tok", vocab_size=60)
-    write_random_checkpoints(root, size="tiny", t5_format="safetensors", tokenizer=root / "tok", overrides=OVERRIDES)
-    return root
+    tok = tmp_path_factory.mktemp("tokenizer")
+    train_tiny_tokenizer(["a red circle moving left on a blue background"] * 40, tok, vocab_size=60)
+    return random_checkpoints(t5_format="safetensors", tokenizer=tok, overrides=OVERRIDES)["t5"].parent
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ error per kind of damage.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import zipfile
@@ -19,7 +18,8 @@ import torch
 
 import blockrt
 from models import stdit3_feed
-from blockrt.pipelines.opensora import checkpoints as ck
+from blockrt.pipelines.opensora import checkpoint_layout as layout
+from blockrt.pipelines.opensora import random_weights as rw
 from blockrt.pipelines.opensora import tensor_files
 from blockrt.pipelines.opensora.loading import CheckpointError, check_weights, load_bin, load_stdit3, load_t5, load_vae
 from blockrt.pipelines.opensora.t5 import (MAX_LENGTH, encode_prompts, load_tokenizer, t5_tiny_config, t5_xxl_config,
@@ -38,23 +38,15 @@ CAPTIONS = [
 ] * 10
 PROMPTS = ["a cat sitting on a chair aesthetic score: 6.5.", "waves on the beach at night"]
 
-needs_stdit3 = pytest.mark.skipif(importlib.util.find_spec("blockrt.pipelines.opensora.stdit3") is None,
-                                  reason="pipelines/opensora/stdit3.py (STDiT3) is not written yet")
-needs_vae = pytest.mark.skipif(importlib.util.find_spec("blockrt.pipelines.opensora.vae") is None,
-                               reason="pipelines/opensora/vae.py (the VAE pipeline) is not written yet")
-
-
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     return train_tiny_tokenizer(CAPTIONS, tmp_path_factory.mktemp("tokenizer"), vocab_size=120)
 
 
 @pytest.fixture(scope="module")
-def t5_dirs(tmp_path_factory, tok_dir):
+def t5_dirs(random_checkpoints, tok_dir):
     """Tiny T5 checkpoints in both real layouts: {'bin': dir, 'safetensors': dir}."""
-    root = tmp_path_factory.mktemp("t5")
-    return {fmt: ck.write_random_checkpoints(root / fmt, ("t5",), size="tiny", t5_format=fmt, tokenizer=tok_dir)["t5"]
-            for fmt in ck.T5_FORMATS}
+    return {fmt: random_checkpoints(("t5",), t5_format=fmt, tokenizer=tok_dir)["t5"] for fmt in layout.T5_FORMATS}
 
 
 def _dump(name: str) -> dict[str, tuple[int, ...]]:
@@ -117,7 +109,7 @@ def test_configs():
 
 def test_full_size_layout_matches_the_key_dumps():
     """Names, shapes and files of the 25 GB of checkpoints, planned without writing them."""
-    plan = ck.write_random_checkpoints("unused", dry_run=True)
+    plan = rw.write_random_checkpoints("unused", dry_run=True)
     by_dir: dict[str, dict[str, tuple[int, ...]]] = {}
     for p in plan:
         assert p.dtype == "float32"
@@ -128,31 +120,32 @@ def test_full_size_layout_matches_the_key_dumps():
     assert {p.file for p in plan} == {"OpenSora-STDiT-v3/model.safetensors", "OpenSora-VAE-v1.2/model.safetensors",
                                       "t5-v1_1-xxl/pytorch_model-00001-of-00002.bin",
                                       "t5-v1_1-xxl/pytorch_model-00002-of-00002.bin"}
-    spec = ck.t5_spec("full", "bin")
+    spec = layout.t5_spec("full", "bin")
     assert tuple(sum(e.nbytes for e in f.tensors if e.storage is None) for f in spec.files) == XXL_SHARD_BYTES
     assert spec.files[0].tensors[-1].key == "encoder.block.11.layer.1.DenseReluDense.wi_0.weight"
     index = spec.json_files["pytorch_model.bin.index.json"]
-    assert index["metadata"]["total_size"] == ck.XXL_COUNTED_BYTES and len(index["weight_map"]) == 220
-    st = ck.t5_spec("full", "safetensors")  # the hub's refs/pr/3 conversion: the tied embedding stored once
+    assert index["metadata"]["total_size"] == layout.XXL_COUNTED_BYTES and len(index["weight_map"]) == 220
+    st = layout.t5_spec("full", "safetensors")  # the hub's refs/pr/3 conversion: the tied embedding stored once
     st_keys = {e.key: e.shape for f in st.files for e in f.tensors}
     assert st_keys == {k: s for k, s in _dump("t5_v1_1_xxl_encoder.json").items() if k != "encoder.embed_tokens.weight"}
     assert [f.name for f in st.files] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     # the real hub files' sizes, to the byte: same keys, shapes and header layout (spec §6)
-    for spec, config_bytes, file_bytes in ((ck.stdit3_spec(), 688, 4_835_598_472), (ck.vae_spec(), 673, 1_573_430_548)):
+    for spec, config_bytes, file_bytes in ((layout.stdit3_spec(), 688, 4_835_598_472), (layout.vae_spec(), 673, 1_573_430_548)):
         f = spec.files[0]
         assert tensor_files.safetensors_header([(e.key, e.shape, e.dtype) for e in f.tensors])[2] == file_bytes
         assert len(json.dumps(spec.json_files["config.json"], indent=2) + "\n") == config_bytes
-    vae = {e.key: e for e in ck.vae_spec().files[0].tensors}
-    assert vae["scale"].init == ("values", [3.85, 2.32, 2.33, 3.06]) and vae["shift"].init == ("values", [-0.1, 0.34, 0.27, 0.98])
-    assert ck.stdit3_spec().json_files["config.json"]["model_type"] == "STDiT3"
+    vae_spec = layout.vae_spec()
+    vae, init = {e.key: e for e in vae_spec.files[0].tensors}, rw.initializer(vae_spec)
+    assert init(vae["scale"]) == ("values", [3.85, 2.32, 2.33, 3.06]) and init(vae["shift"]) == ("values", [-0.1, 0.34, 0.27, 0.98])
+    assert layout.stdit3_spec().json_files["config.json"]["model_type"] == "STDiT3"
 
 
-def test_written_files_hold_what_the_plan_says(tmp_path, t5_dirs):
+def test_written_files_hold_what_the_plan_says(random_checkpoints, t5_dirs):
     from blockrt.safetensors_format import read_header
 
-    out = ck.write_random_checkpoints(tmp_path, ("stdit3", "vae"), size="tiny")
+    out = random_checkpoints(("stdit3", "vae"))
     out["t5"] = t5_dirs["bin"]
-    plan = ck.checkpoint_plan(size="tiny")
+    plan = layout.checkpoint_plan(size="tiny")
     found = set()
     for comp, d in out.items():
         for f in sorted(d.iterdir()):
@@ -184,30 +177,30 @@ def test_bin_writer_writes_what_torch_save_writes(tmp_path):
 
 
 def test_command_line_writes_the_tiny_layout(tmp_path, capsys):
-    ck.main([str(tmp_path), "--which", "stdit3", "--size", "tiny", "--seed", "1"])
+    rw.main([str(tmp_path), "--which", "stdit3", "--size", "tiny", "--seed", "1"])
     assert "stdit3:" in capsys.readouterr().out
     assert (tmp_path / "OpenSora-STDiT-v3" / "model.safetensors").is_file()
 
 
 def test_writer_is_deterministic_cached_and_never_touches_other_directories(tmp_path, t5_dirs):
-    a = ck.write_random_checkpoints(tmp_path / "a", ("stdit3",), seed=3, size="tiny")["stdit3"]
-    b = ck.write_random_checkpoints(tmp_path / "b", ("stdit3",), seed=3, size="tiny")["stdit3"]
+    a = rw.write_random_checkpoints(tmp_path / "a", ("stdit3",), seed=3, size="tiny")["stdit3"]
+    b = rw.write_random_checkpoints(tmp_path / "b", ("stdit3",), seed=3, size="tiny")["stdit3"]
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     mtime = (a / "model.safetensors").stat().st_mtime_ns
-    assert ck.write_random_checkpoints(tmp_path / "a", ("stdit3",), seed=3, size="tiny")["stdit3"] == a
+    assert rw.write_random_checkpoints(tmp_path / "a", ("stdit3",), seed=3, size="tiny")["stdit3"] == a
     assert (a / "model.safetensors").stat().st_mtime_ns == mtime  # complete: reused, not rewritten
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".tmp")]
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        ck.write_random_checkpoints(tmp_path / "a", ("stdit3",), seed=4, size="tiny")
-    ck.write_random_checkpoints(tmp_path / "a", ("stdit3",), seed=4, size="tiny", overwrite=True)
+        rw.write_random_checkpoints(tmp_path / "a", ("stdit3",), seed=4, size="tiny")
+    rw.write_random_checkpoints(tmp_path / "a", ("stdit3",), seed=4, size="tiny", overwrite=True)
     assert (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes()
     (a / "model.safetensors").write_bytes(b"damaged")  # incomplete cache: rewritten only when asked
     with pytest.raises(FileExistsError):
-        ck.write_random_checkpoints(tmp_path / "a", ("stdit3",), seed=4, size="tiny")
+        rw.write_random_checkpoints(tmp_path / "a", ("stdit3",), seed=4, size="tiny")
     real = tmp_path / "real" / "OpenSora-STDiT-v3"
     real.mkdir(parents=True)
     with pytest.raises(FileExistsError, match="not a random checkpoint"):
-        ck.write_random_checkpoints(tmp_path / "real", ("stdit3",), size="tiny", overwrite=True)
+        rw.write_random_checkpoints(tmp_path / "real", ("stdit3",), size="tiny", overwrite=True)
     # a tensor's values depend on (seed, component, key) only: the .bin and safetensors T5 agree
     from safetensors.torch import load_file
 
@@ -216,10 +209,10 @@ def test_writer_is_deterministic_cached_and_never_touches_other_directories(tmp_
     assert st.keys() == pt.keys() and all(torch.equal(st[k], pt[k]) for k in st)
 
 
-def test_random_values_are_not_degenerate(t5_dirs, tmp_path):
+def test_random_values_are_not_degenerate(t5_dirs, random_checkpoints):
     from safetensors.torch import load_file
 
-    d = ck.write_random_checkpoints(tmp_path, ("stdit3", "vae"), size="tiny")
+    d = random_checkpoints(("stdit3", "vae"))
     st = load_file(d["stdit3"] / "model.safetensors")
     vae = load_file(d["vae"] / "model.safetensors")
     t5 = {**load_bin(t5_dirs["bin"] / "pytorch_model-00001-of-00002.bin"),
@@ -241,10 +234,10 @@ def test_random_values_are_not_degenerate(t5_dirs, tmp_path):
     assert t5["shared.weight"].std().item() == pytest.approx(1.0, abs=0.05)  # embeddings ~ N(0, 1)
 
 
-def test_deep_random_t5_stays_finite_and_order_one(tmp_path):
+def test_deep_random_t5_stays_finite_and_order_one(random_checkpoints):
     """24 layers (the XXL depth) with the writer's scale rules: every block's output stays O(1)."""
-    d = ck.write_random_checkpoints(tmp_path, ("t5",), size="tiny", t5_format="safetensors",
-                                    overrides={"t5": {"num_layers": 24, "d_model": 128, "d_ff": 320}})["t5"]
+    d = random_checkpoints(("t5",), t5_format="safetensors",
+                           overrides={"t5": {"num_layers": 24, "d_model": 128, "d_ff": 320}})["t5"]
     model, _ = load_t5(d, meta=False)
     peaks = []
     for block in model.encoder.block:
@@ -259,12 +252,12 @@ def test_deep_random_t5_stays_finite_and_order_one(tmp_path):
 # -- the loaders -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", ck.T5_FORMATS)
-def test_t5_streams_from_the_real_layout_identically(fmt, t5_dirs):
+@pytest.mark.parametrize("fmt", layout.T5_FORMATS)
+def test_t5_streams_from_the_real_layout_identically(fmt, t5_dirs, tmp_path):
     """The meta skeleton streamed by blockrt equals the T5EncoderModel that transformers loads normally."""
     from transformers import T5EncoderModel
 
-    d = t5_dirs[fmt]
+    d = _copy(t5_dirs[fmt], tmp_path / "t5")  # the .bin shards are converted into the directory: not the shared one
     tok = load_tokenizer(d)
     plain = T5EncoderModel.from_pretrained(d).eval()  # transformers' own loading of the same files
     y_ref, mask_ref = encode_prompts(tok, plain, PROMPTS)
@@ -304,9 +297,8 @@ def test_bin_conversion_happens_once_and_follows_the_sources(tmp_path, t5_dirs):
         load_t5(d, cache_dir=tmp_path / "elsewhere")
 
 
-@needs_stdit3
-def test_stdit3_loads_on_meta_and_streams_identically(tmp_path):
-    d = ck.write_random_checkpoints(tmp_path, ("stdit3",), size="tiny")["stdit3"]
+def test_stdit3_loads_on_meta_and_streams_identically(random_checkpoints):
+    d = random_checkpoints(("stdit3",))["stdit3"]
     plain, _ = load_stdit3(d, meta=False)
     model, weights = load_stdit3(d)
     assert weights == d / "model.safetensors" and all(p.is_meta for p in model.parameters())
@@ -318,10 +310,9 @@ def test_stdit3_loads_on_meta_and_streams_identically(tmp_path):
         assert torch.equal(rt(**feed), ref)
 
 
-@needs_stdit3
-def test_deep_random_stdit3_stays_finite_and_order_one(tmp_path):
+def test_deep_random_stdit3_stays_finite_and_order_one(random_checkpoints):
     """28 spatial + 28 temporal blocks (the XL/2 depth) with the writer's scale rules stay O(1)."""
-    d = ck.write_random_checkpoints(tmp_path, ("stdit3",), size="tiny", overrides={"stdit3": {"depth": 28}})["stdit3"]
+    d = random_checkpoints(("stdit3",), overrides={"stdit3": {"depth": 28}})["stdit3"]
     model, _ = load_stdit3(d, meta=False)
     cfg = model.config
     peaks = []
@@ -337,14 +328,13 @@ def test_deep_random_stdit3_stays_finite_and_order_one(tmp_path):
     assert torch.isfinite(out).all() and 0.01 < out.std() < 10
 
 
-@needs_vae
-def test_vae_loads_on_meta_and_whole(tmp_path):
+def test_vae_loads_on_meta_and_whole(random_checkpoints):
     from safetensors.torch import load_file
 
     from blockrt.pipelines.opensora.loading import vae_config_from_json
     from blockrt.pipelines.opensora.vae import VideoAutoencoderPipeline
 
-    d = ck.write_random_checkpoints(tmp_path, ("vae",), size="tiny")["vae"]
+    d = random_checkpoints(("vae",))["vae"]
     model, weights = load_vae(d)
     assert weights == d / "model.safetensors" and all(t.is_meta for t in model.state_dict().values())
     loaded, _ = load_vae(d, meta=False)
@@ -356,6 +346,23 @@ def test_vae_loads_on_meta_and_whole(tmp_path):
         assert torch.equal(video, ref.decode(z, num_frames=17))
     assert video.shape == (1, 3, 17, 16, 16) and torch.isfinite(video).all() and video.abs().max() < MAX_ACTIVATION
     assert torch.equal(loaded.scale.flatten(), torch.tensor([3.85, 2.32, 2.33, 3.06]))
+
+
+def test_loading_real_weights_never_imports_the_random_weights_writer():
+    """The loaders and pipelines depend on the layout only: loading the shipped shapes weights, in a fresh
+    process, leaves the random-weights writer unimported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from blockrt.pipelines.opensora import loading, pipeline\n"
+            "from blockrt.pipelines.shapes import generate\n"
+            "from blockrt.pipelines.shapes.layout import WEIGHTS_DIR\n"
+            "for load, d in ((loading.load_vae, 'OpenSora-VAE-v1.2'), (loading.load_stdit3, 'OpenSora-STDiT-v3'),\n"
+            "                (loading.load_t5, 't5-v1_1-xxl')):\n"
+            "    load(WEIGHTS_DIR / d)\n"
+            "assert 'blockrt.pipelines.opensora.random_weights' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 # -- one clear error per kind of damage -----------------------------------------------------------------------
@@ -392,7 +399,7 @@ def _rewrite_bin(path: Path, edit) -> None:
     torch.save(sd, path)
 
 
-@pytest.mark.parametrize("fmt", ck.T5_FORMATS)
+@pytest.mark.parametrize("fmt", layout.T5_FORMATS)
 def test_either_name_of_the_tied_embedding_is_enough_but_not_neither(fmt, tmp_path, t5_dirs):
     d = _copy(t5_dirs[fmt], tmp_path / "t5")
     shard, rewrite = ((d / "model-00001-of-00002.safetensors", _rewrite_shard) if fmt == "safetensors"
@@ -407,7 +414,7 @@ def test_either_name_of_the_tied_embedding_is_enough_but_not_neither(fmt, tmp_pa
         load_t5(d)
 
 
-@pytest.mark.parametrize("fmt", ck.T5_FORMATS)
+@pytest.mark.parametrize("fmt", layout.T5_FORMATS)
 def test_truncated_file_is_a_clear_error(fmt, tmp_path, t5_dirs):
     d = _copy(t5_dirs[fmt], tmp_path / "t5")
     shard = sorted(d.glob("*.safetensors" if fmt == "safetensors" else "*.bin"))[1]
@@ -418,7 +425,7 @@ def test_truncated_file_is_a_clear_error(fmt, tmp_path, t5_dirs):
     assert shard.name in str(e.value)
 
 
-@pytest.mark.parametrize("fmt", ck.T5_FORMATS)
+@pytest.mark.parametrize("fmt", layout.T5_FORMATS)
 def test_missing_shard_and_config_are_listed_together(fmt, tmp_path, t5_dirs):
     d = _copy(t5_dirs[fmt], tmp_path / "t5")
     shard = sorted(d.glob("*.safetensors" if fmt == "safetensors" else "*.bin"))[1]
@@ -506,9 +513,9 @@ def test_full_width_t5_is_written_and_converted_in_bounded_memory_and_stays_orde
     pin_malloc_mmap_threshold()  # freed tensors leave RSS at once, so the peak is what is really held
     trim_malloc()
     emb = 32128 * 4096 * 4
-    ck.t5_spec("tiny")  # imports (transformers' T5) before measuring
+    layout.t5_spec("tiny")  # imports (transformers' T5) before measuring
     with _AnonPeak() as write:
-        d = ck.write_random_checkpoints(tmp_path / "w", ("t5",), size="full", overrides={"t5": {"num_layers": 2}})["t5"]
+        d = rw.write_random_checkpoints(tmp_path / "w", ("t5",), size="full", overrides={"t5": {"num_layers": 2}})["t5"]
     assert sum(f.stat().st_size for f in d.glob("*.bin")) > 2 * 10**9
     print(f"write: {write.delta / 1e6:.0f} MB anon above baseline")
     assert write.delta < 1.25 * emb, f"writing held {write.delta / 1e6:.0f} MB"

@@ -48,17 +48,16 @@ def test_vae_decoder_parts_cover_every_weight_at_full_size():
         assert plan.pinned_bytes < 0.02 * n  # the big parts stream
 
 
-def test_stdit3_streams_from_a_checkpoint_in_the_real_layout(tmp_path):
-    """A random checkpoint written by ``checkpoints.py`` (tiny sizes, real names and files), streamed onto a meta
+def test_stdit3_streams_from_a_checkpoint_in_the_real_layout(random_checkpoints):
+    """A random checkpoint written by ``random_weights.py`` (tiny sizes, real names and files), streamed onto a meta
     skeleton, equals the same weights loaded whole."""
     import json
 
     from safetensors.torch import load_file
 
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
     from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config
 
-    weights = write_random_checkpoints(tmp_path, which=("stdit3",), size="tiny")["stdit3"]
+    weights = random_checkpoints(("stdit3",))["stdit3"]
     assert (weights / "model.safetensors").exists() and (weights / "config.json").exists()
     cfg = STDiT3Config.from_dict(json.loads((weights / "config.json").read_text()))
     plain = STDiT3(cfg).eval()
@@ -76,15 +75,14 @@ def test_stdit3_streams_from_a_checkpoint_in_the_real_layout(tmp_path):
             assert torch.equal(rt(**feed), ref)
 
 
-def test_vae_decoders_stream_from_the_vae_checkpoint_by_prefix(tmp_path):
+def test_vae_decoders_stream_from_the_vae_checkpoint_by_prefix(random_checkpoints):
     """Each decoder streams straight out of ``OpenSora-VAE-v1.2/model.safetensors`` (517 keys, real layout)."""
     from safetensors.torch import load_file
 
     from blockrt.errors import StoreError
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
     from blockrt.pipelines.opensora.vae import VAEConfig, VideoAutoencoderPipeline
 
-    weights = write_random_checkpoints(tmp_path, which=("vae",), size="tiny")["vae"]
+    weights = random_checkpoints(("vae",))["vae"]
     plain = VideoAutoencoderPipeline(VAEConfig.tiny()).eval()
     plain.load_state_dict(load_file(weights / "model.safetensors"))
     z = torch.randn(1, 4, 5, 8, 8, generator=torch.Generator().manual_seed(0))

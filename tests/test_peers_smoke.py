@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from blockrt.device import IPHONE15PRO
+from benchmark_modules import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "peers.py"
@@ -28,14 +29,11 @@ MUST_MATCH = ("resident", "accelerate_device_map", "diffusers_group_offload", "b
 
 @pytest.fixture()
 def peers_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     threads = torch.get_num_threads()
     try:
-        import peers
-        yield peers
+        yield load_benchmark("peers")
     finally:
         torch.set_num_threads(threads)  # peers.main sets the process's thread count
-        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def _finite(x) -> bool:

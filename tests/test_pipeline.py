@@ -13,14 +13,12 @@ BUDGET = "64MB"
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+def weights(tmp_path_factory, random_checkpoints):
+    """The weights root: the three components side by side."""
     from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
-    root = tmp_path_factory.mktemp("weights")
-    tok = train_tiny_tokenizer(CAPTIONS * 20, root / "tokenizer", vocab_size=60)
-    write_random_checkpoints(root, size="tiny", t5_format="safetensors", tokenizer=tok)
-    return root
+    tok = train_tiny_tokenizer(CAPTIONS * 20, tmp_path_factory.mktemp("tokenizer"), vocab_size=60)
+    return random_checkpoints(t5_format="safetensors", tokenizer=tok)["t5"].parent
 
 
 def small(**kw) -> GenerateConfig:

@@ -68,13 +68,12 @@ def test_a_30_step_sample_scores_as_the_prompt_says(tmp_path):
     assert all(matches(v, p) for v, p in zip(verdicts, PROMPTS)), verdicts
 
 
-def test_the_judge_rejects_random_weights(tmp_path):
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+def test_the_judge_rejects_random_weights(tmp_path, random_checkpoints):
     from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     tok = train_tiny_tokenizer([PROMPT + " aesthetic score: 6.5."] * 20, tmp_path / "tok", vocab_size=40)
-    write_random_checkpoints(tmp_path / "w", size="tiny", t5_format="safetensors", tokenizer=tok)
-    video = OpenSoraPipeline(tmp_path / "w", budget=BUDGET).generate(shapes_config(steps=30)).video
+    weights = random_checkpoints(t5_format="safetensors", tokenizer=tok)["t5"].parent
+    video = OpenSoraPipeline(weights, budget=BUDGET).generate(shapes_config(steps=30)).video
     assert not matches(judge(to_uint8_frames(video)), PROMPT)
 
 

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_modules import load_benchmark
 
 
 def test_quality_benchmark_quick(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import quality
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    quality = load_benchmark("quality")
     assert quality.main(["--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "target: lpl2 fidelity" in out and ("PASS" in out or "MISS" in out)

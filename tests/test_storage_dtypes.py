@@ -409,8 +409,9 @@ def test_storage_wider_than_the_model_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_the_storage_quality_benchmark_runs(tmp_path, capsys):
-    from benchmarks.storage_quality import main
+    from benchmark_modules import load_benchmark
 
+    main = load_benchmark("storage_quality").main
     assert main(["--quick", "--passes", "2", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {(r["model"], r["storage_dtype"]) for r in rows} >= {("t5", "int8"), ("stdit3", "int8")}

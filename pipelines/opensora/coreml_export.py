@@ -396,7 +396,7 @@ def merge_tdtm_functions(build: Path, manifest: ExportManifest) -> ExportManifes
 def tiny_random_weights(cache: str | Path) -> Path:
     """Tiny random checkpoints of the three models in the real layout (with a small trained tokenizer),
     written once into ``cache`` and reused: what ``blockrt export coreml`` exports without ``--weights``."""
-    from blockrt.pipelines.opensora.checkpoints import write_random_checkpoints
+    from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
     from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
 
     cache = Path(cache)

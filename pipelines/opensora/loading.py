@@ -411,7 +411,7 @@ def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 def vae_config_from_json(cfg: dict[str, Any]) -> Any:
     """``VAEConfig`` from OpenSora-VAE-v1.2's config.json: shift, scale, micro sizes from the file; the
     architecture is the real one unless the file records another under ``blockrt_architecture``."""
-    from blockrt.pipelines.opensora.checkpoints import VAE_ARCH_KEY
+    from blockrt.pipelines.opensora.checkpoint_layout import VAE_ARCH_KEY
     from blockrt.pipelines.opensora.vae import SpatialVAEConfig, VAEConfig
     from blockrt.pipelines.opensora.vae_temporal import TemporalVAEConfig
 

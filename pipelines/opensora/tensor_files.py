@@ -1,6 +1,6 @@
 """Tensor files written one tensor at a time, so memory stays at one tensor whatever the file's size:
 safetensors (header first, then each tensor's bytes) and PyTorch's ``.bin`` zip format (``torch.save``'s
-layout, byte for byte), for the random checkpoints of ``checkpoints.py``."""
+layout, byte for byte), for the random checkpoints of ``random_weights.py``."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from blockrt.files import replace_dir
-from blockrt.pipelines.opensora.checkpoints import DIRECTORIES, stdit3_config_json, t5_spec, vae_config_json, write_checkpoint
+from blockrt.pipelines.opensora.checkpoint_layout import DIRECTORIES, stdit3_config_json, t5_spec, vae_config_json
 from blockrt.pipelines.opensora.tensor_files import write_safetensors
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -89,5 +89,7 @@ def write_vae(root: str | Path, model: nn.Module) -> Path:
 
 def write_t5(root: str | Path, tokenizer_dir: str | Path, seed: int) -> Path:
     """``t5-v1_1-xxl/``: a small T5 encoder with random frozen weights (seeded) and the trained tokenizer."""
+    from blockrt.pipelines.opensora.random_weights import write_checkpoint  # only here: loading never needs the writer
+
     spec = t5_spec("full", "safetensors", **T5_SIZES)
     return write_checkpoint(root, spec, seed=seed, size="full", tokenizer=tokenizer_dir, overwrite=True)

@@ -1,0 +1,117 @@
+"""Nothing silently wrong with checkpoints (issue 14): a .bin conversion is redone for a same-size same-mtime
+replacement, tensors whose bytes overlap are refused, a FIFO never hangs, and an index names only files inside
+the checkpoint. Each test fails on the code before these checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from blockrt import StoreError
+from blockrt.partitioners import partition
+from models import build_toy
+from store_faults import checkpoint, output, refused_in_time, rewrite_header, stream
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# -- a replaced checkpoint, overlapping tensors (cases 6 and 7) ------------------------------------------------
+
+
+def test_a_bin_checkpoint_replaced_with_the_same_size_and_mtime_is_converted_again(tmp_path):
+    from safetensors.torch import load_file
+
+    from blockrt.pipelines.opensora.loading import convert_bin_checkpoint
+
+    d = tmp_path / "bin"
+    d.mkdir()
+    torch.save({"w": torch.zeros(64, 64)}, d / "pytorch_model.bin")
+    assert torch.equal(load_file(convert_bin_checkpoint(d) / "model.safetensors")["w"], torch.zeros(64, 64))
+    st = (d / "pytorch_model.bin").stat()
+    other = tmp_path / "other" / "pytorch_model.bin"  # the name goes into the zip: the same one
+    other.parent.mkdir()
+    torch.save({"w": torch.ones(64, 64)}, other)
+    assert other.stat().st_size == st.st_size
+    (d / "pytorch_model.bin").write_bytes(other.read_bytes())  # cp -p: other weights, the same size and mtime
+    os.utime(d / "pytorch_model.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert torch.equal(load_file(convert_bin_checkpoint(d) / "model.safetensors")["w"], torch.ones(64, 64))
+
+
+def test_a_checkpoint_whose_tensors_overlap_is_refused(tmp_path):
+    ckpt = checkpoint(tmp_path / "ckpt")
+
+    def overlap(h):
+        h["layers.2.ln1.bias"]["data_offsets"] = h["layers.2.ln1.weight"]["data_offsets"]
+
+    rewrite_header(ckpt, overlap)
+    with pytest.raises(Exception):
+        with safe_open(str(ckpt), "pt"):  # the reference library refuses it too
+            pass
+    with pytest.raises(StoreError, match=r"'layers\.2\.ln1\.(weight|bias)'.*overlap") as e:
+        stream(ckpt.parent)
+    assert "fix:" in str(e.value)
+
+
+# -- only regular files, inside their root (cases 11 and 12) -------------------------------------------------
+
+
+def test_a_fifo_named_model_safetensors_is_refused_without_hanging(tmp_path):
+    os.mkfifo(tmp_path / "model.safetensors")
+    e = refused_in_time(tmp_path / "model.safetensors", lambda: stream(tmp_path))
+    assert isinstance(e, StoreError) and "FIFO" in str(e) and "regular file" in str(e)
+
+
+def shard(directory: Path) -> dict[str, str]:
+    """The toy checkpoint as two shards in ``directory``; returns the weight map."""
+    model, _ = build_toy(0)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k in partition(model).all_specs()}
+    keys = sorted(tensors)
+    directory.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for s, part in enumerate((keys[0::2], keys[1::2])):
+        save_file({k: tensors[k] for k in part}, directory / f"model-{s + 1}.safetensors")
+        weight_map.update(dict.fromkeys(part, f"model-{s + 1}.safetensors"))
+    return weight_map
+
+
+def write_index(path: Path, weight_map: dict[str, str]) -> None:
+    path.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("how", ["..", "absolute", "symlink"])
+def test_index_paths_stay_inside_the_checkpoint(tmp_path, how):
+    wm = shard(tmp_path / "elsewhere")
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    shutil.copy(tmp_path / "elsewhere" / "model-1.safetensors", d / "model-1.safetensors")
+    if how == "..":
+        wm = {k: v.replace("model-2", "../elsewhere/model-2") for k, v in wm.items()}
+    elif how == "absolute":
+        far = str(tmp_path / "elsewhere" / "model-2.safetensors")
+        wm = {k: v.replace("model-2.safetensors", far) for k, v in wm.items()}
+    else:
+        (d / "model-2.safetensors").symlink_to(tmp_path / "elsewhere" / "model-2.safetensors")
+    write_index(d / "model.safetensors.index.json", wm)
+    with pytest.raises(StoreError, match="model.safetensors.index.json.*(climbs out|absolute path|symbolic link)"):
+        stream(d)
+
+
+def test_a_hugging_face_cache_layout_of_symlinks_streams(tmp_path):
+    """snapshots/<rev>/* are symlinks into ../../blobs, the index included: allowed (the index points there)."""
+    blobs = tmp_path / "blobs"
+    wm = shard(blobs)
+    write_index(blobs / "index-blob", wm)
+    snap = tmp_path / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    for name in ("model-1.safetensors", "model-2.safetensors"):
+        (snap / name).symlink_to(Path("../../blobs") / name)
+    (snap / "model.safetensors.index.json").symlink_to(Path("../../blobs/index-blob"))
+    model, inputs = build_toy(0)
+    assert torch.equal(stream(snap), output(model, inputs))

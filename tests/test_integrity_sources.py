@@ -1,6 +1,7 @@
-"""Nothing silently wrong with checkpoints (issue 14): a .bin conversion is redone for a same-size same-mtime
-replacement, tensors whose bytes overlap are refused, a FIFO never hangs, and an index names only files inside
-the checkpoint. Each test fails on the code before these checks."""
+"""Nothing silently wrong with checkpoints (issue 14): a checkpoint converted once is reused only while its
+content is the same (a same-size same-mtime replacement is caught), tensors whose bytes overlap are refused, a
+FIFO never hangs, and an index names only files inside the checkpoint. Each test fails on the code before these
+checks."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from blockrt import StoreError
+import blockrt
+from blockrt import RunConfig, StoreError
 from blockrt.partitioners import partition
 from models import build_toy
 from store_faults import checkpoint, output, refused_in_time, rewrite_header, stream
@@ -22,7 +24,43 @@ from store_faults import checkpoint, output, refused_in_time, rewrite_header, st
 pytestmark = pytest.mark.timeout(60)
 
 
-# -- a replaced checkpoint, overlapping tensors (cases 6 and 7) ------------------------------------------------
+# -- a converted checkpoint reused by content, overlapping tensors (cases 6 and 7) ------------------------------
+
+
+@pytest.mark.parametrize("how", ["cp -p", "rsync -t"])
+def test_a_checkpoint_replaced_with_the_same_size_and_mtime_is_converted_again(tmp_path, how):
+    ckpt = checkpoint(tmp_path / "ckpt", seed=0)
+    config = RunConfig(storage_dtype="float16")
+    first = stream(ckpt.parent, config)
+    other = checkpoint(tmp_path / "other", seed=1)
+    st = ckpt.stat()
+    assert other.stat().st_size == st.st_size
+    if how == "cp -p":  # the same inode rewritten, then the old times put back
+        ckpt.write_bytes(other.read_bytes())
+        os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:  # a new file with the old times, renamed over the old one
+        os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(other, ckpt)
+    assert (ckpt.stat().st_size, ckpt.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    expected = stream(checkpoint(tmp_path / "fresh", seed=1).parent, config)
+    assert not torch.equal(expected, first)
+    assert torch.equal(stream(ckpt.parent, config), expected)
+
+
+def test_an_unchanged_checkpoint_is_not_hashed_and_a_touched_one_once(tmp_path, monkeypatch):
+    ckpt = checkpoint(tmp_path / "ckpt")
+    config = RunConfig(storage_dtype="float16")
+    ref = stream(ckpt.parent, config)
+    import blockrt.conversion
+
+    hashed = []
+    real = blockrt.conversion.fingerprint
+    monkeypatch.setattr(blockrt.conversion, "fingerprint", lambda *a, **k: hashed.append(1) or real(*a, **k))
+    assert torch.equal(stream(ckpt.parent, config), ref) and hashed == []  # the files' identity is unchanged
+    os.utime(ckpt)  # touched: same bytes, new times
+    for _ in range(2):
+        assert torch.equal(stream(ckpt.parent, config), ref)
+    assert hashed == [1] and len(list((ckpt.parent / ".blockrt").iterdir())) == 1  # reused, identity refreshed
 
 
 def test_a_bin_checkpoint_replaced_with_the_same_size_and_mtime_is_converted_again(tmp_path):

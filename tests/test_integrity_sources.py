@@ -1,7 +1,7 @@
-"""Nothing silently wrong with checkpoints (issue 14): a checkpoint converted once is reused only while its
-content is the same (a same-size same-mtime replacement is caught), tensors whose bytes overlap are refused, a
-FIFO never hangs, and an index names only files inside the checkpoint. Each test fails on the code before these
-checks."""
+"""Nothing silently wrong with checkpoints and exports (issue 14): a checkpoint converted once is reused only
+while its content is the same (a same-size same-mtime replacement is caught), tensors whose bytes overlap are
+refused, a FIFO never hangs, an index names only files inside the checkpoint, and ``export coreml --overwrite``
+replaces only what blockrt wrote. Each test fails on the code before these checks."""
 
 from __future__ import annotations
 
@@ -153,3 +153,64 @@ def test_a_hugging_face_cache_layout_of_symlinks_streams(tmp_path):
     (snap / "model.safetensors.index.json").symlink_to(Path("../../blobs/index-blob"))
     model, inputs = build_toy(0)
     assert torch.equal(stream(snap), output(model, inputs))
+
+
+# -- export coreml --overwrite (case 8) ---------------------------------------------------------------------------
+
+
+def previous_export(out: Path, packages: list[str]) -> None:
+    """What an earlier ``export coreml`` left: its packages and its export.json listing them."""
+    from blockrt.coreml.manifest import FORMAT, FORMAT_VERSION
+
+    out.mkdir(parents=True)
+    for name in (n for n in packages if "/" not in n):
+        (out / name / "Data").mkdir(parents=True)
+        (out / name / "Data" / "weight.bin").write_bytes(b"old")
+    (out / "export.json").write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                 "packages": [{"file": n} for n in packages]}))
+
+
+def stage_export(out: Path, packages: list[str]):
+    from blockrt.coreml.outdir import StagedDir
+
+    stage = StagedDir(out, overwrite=True)
+    for name in packages:
+        (stage.path / name).mkdir()
+        (stage.path / name / "new").write_text("new")
+    (stage.path / "export.json").write_text(json.dumps({"packages": [{"file": n} for n in packages]}))
+    return stage
+
+
+def test_overwrite_replaces_only_what_the_previous_export_wrote(tmp_path):
+    out = tmp_path / "out"
+    previous_export(out, ["a.mlpackage", "b.mlpackage"])
+    (out / "notes.txt").write_text("mine")
+    (out / "runs").mkdir()
+    (out / "runs" / "log.txt").write_text("mine too")
+    stage = stage_export(out, ["b.mlpackage", "c.mlpackage"])
+    stage.commit()
+    assert sorted(p.name for p in out.iterdir()) == ["b.mlpackage", "c.mlpackage", "export.json", "notes.txt", "runs"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "runs" / "log.txt").read_text() == "mine too"
+    assert (out / "b.mlpackage" / "new").exists() and not (out / "b.mlpackage" / "Data").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no stage, no old copy left
+
+
+def test_overwrite_never_takes_a_name_the_user_holds_or_a_path_outside(tmp_path):
+    from blockrt.coreml import ExportError
+
+    out = tmp_path / "out"
+    previous_export(out, ["a.mlpackage"])
+    (out / "b.mlpackage").mkdir()  # the user's own, not listed by the previous export
+    stage = stage_export(out, ["b.mlpackage"])
+    with pytest.raises(ExportError, match=r"holds \['b\.mlpackage'\], which the previous export did not write.*fix:"):
+        stage.commit()
+    stage.discard()
+    assert sorted(p.name for p in out.iterdir()) == ["a.mlpackage", "b.mlpackage", "export.json"]
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("keep")
+    bad = tmp_path / "bad"
+    previous_export(bad, ["../victim"])
+    with pytest.raises(ExportError, match=r"lists a package file '\.\./victim'; expected a plain name"):
+        stage_export(bad, ["x.mlpackage"])
+    assert (victim / "keep").read_text() == "keep"

@@ -19,7 +19,7 @@ from .partitioners.plan import Block, Plan, TensorSpec  # noqa: E402
 from .profile import Profile, Summary  # noqa: E402
 from .runtime import Runtime, run  # noqa: E402
 from .skeleton import meta_weights  # noqa: E402
-from .store import convert_store  # noqa: E402
+from .conversion import convert_store  # noqa: E402
 
 __all__ = [
     "PROFILES", "BlockTiming", "DeviceProfile", "Prediction", "drop_page_cache", "get_profile", "predict",

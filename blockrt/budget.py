@@ -21,6 +21,9 @@ ACCEPTED = (
 )
 
 
+MAX_BUDGET = int(sys.float_info.max)  # bytes: budgets are also scaled as floats, so they must stay finite
+
+
 def parse_budget(budget: int | str) -> int:
     """Return a budget in bytes.
 
@@ -39,6 +42,9 @@ def parse_budget(budget: int | str) -> int:
     if isinstance(budget, int):
         if budget <= 0:
             raise ValueError(f"budget must be {ACCEPTED}; got {budget} bytes, which is not positive")
+        if budget > MAX_BUDGET:  # sizes are also floats (fractions of the budget): keep them finite
+            raise ValueError(f"budget must be {ACCEPTED}; got {str(budget)[:60]}... ({len(str(budget))} digits), "
+                             "more bytes than any memory")
         return budget
     m = _PATTERN.match(budget)
     unit = (m.group(3) or "").lower() if m else ""
@@ -50,7 +56,7 @@ def parse_budget(budget: int | str) -> int:
     if len(mantissa) > 400 or len(exponent.lstrip("+-")) > 3:
         raise ValueError(f"budget must be {ACCEPTED}; got {budget!r}, which is out of range")
     nbytes = Fraction(mantissa) * Fraction(10) ** int(exponent) * _UNITS[unit]
-    if nbytes < 1 or nbytes > sys.float_info.max:
+    if nbytes < 1 or nbytes > MAX_BUDGET:
         what = "less than one byte" if nbytes < 1 else "more bytes than any memory"
         raise ValueError(f"budget must be {ACCEPTED}; got {budget!r}, which is {what}")
     return round(nbytes)

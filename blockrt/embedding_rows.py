@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .binding import Binder
+from .guards import open_regular
 from .ledger import Ledger
 from .partitioners.plan import FLOAT_DTYPES, Plan, TensorSpec, dtype_from_name
 from .recording import Recording
@@ -162,7 +163,7 @@ def _read_rows(seg: Segment, rows: list[int], out: torch.Tensor, dim: int) -> in
     dst = out if stored == out.dtype else torch.empty(out.shape, dtype=stored)  # (cap, d) as stored: shape-fixed too
     row_bytes = dim * stored.itemsize
     flat = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
-    with open(seg.path, "rb", buffering=0) as f:
+    with open_regular(seg.path) as f:
         run_start = 0
         for i in range(1, len(rows) + 1):
             if i == len(rows) or rows[i] != rows[i - 1] + 1:  # a run [run_start, i) of adjacent rows ends

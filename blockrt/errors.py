@@ -5,7 +5,7 @@
 
 from .partitioners.errors import BlockrtError, PartitionError
 
-__all__ = ["BlockrtError", "BudgetError", "LoadError", "PartitionError", "StoreError"]
+__all__ = ["BlockrtError", "BudgetError", "DiskFullError", "LoadError", "PartitionError", "StoreError"]
 
 
 class BudgetError(BlockrtError):
@@ -18,3 +18,8 @@ class StoreError(BlockrtError):
 
 class LoadError(BlockrtError):
     """A block failed to load on the loader thread; the message names the block and the file."""
+
+
+class DiskFullError(StoreError, OSError):
+    """No space left for a store: names the path, the bytes needed and the bytes free. Also an ``OSError`` with
+    ``errno.ENOSPC``, so code that handles a full disk as an ``OSError`` still does."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import LoadError
+from .guards import open_regular
 from .partitioners.plan import Block, TensorSpec
 from .quantize import chunk_elements, convert_in_place, scale_key
 from .safetensors_format import Segment
@@ -293,7 +294,7 @@ class Loader:
                 j += 1
             views = [memoryview((scales if r.into_scales else arr)[r.offset : r.offset + r.seg.nbytes])
                      for r in reads[i:j] if r.seg.nbytes]
-            with open(reads[i].seg.path, "rb", buffering=0) as f:
+            with open_regular(reads[i].seg.path) as f:
                 done_bytes += read_exactly(f.fileno(), views, reads[i].seg.offset, reads[i].seg.path)
             if req.verify:
                 for v in views:

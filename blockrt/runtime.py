@@ -10,7 +10,6 @@ holds every byte against the budget, which lives there and nowhere else.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import threading
 import weakref
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import tempdirs
 from .binding import Binder
 from .budget import Floor
 from .config import RunConfig
@@ -344,4 +344,4 @@ def _shutdown(loader: Loader | None, rss: RssSampler | None, tmpdir: str | None)
     if rss is not None:
         rss.stop()
     if tmpdir:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        tempdirs.remove(tmpdir)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import StoreError
+from .guards import open_regular, parse_json, read_upto
 from .partitioners.plan import dtype_from_name, dtype_name
 
 CODE_TO_DTYPE: dict[str, str] = {
@@ -51,13 +52,37 @@ class Segment:
     shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Header:
+    """A parsed safetensors header: every tensor's segment, the metadata, where the data starts, the file size."""
+
+    segments: dict[str, Segment]
+    metadata: dict[str, str]
+    data_start: int
+    size: int
+
+    def layout(self) -> dict[str, list]:
+        """``{key: [dtype, shape, begin, end]}`` with offsets relative to the data, as a store manifest records it."""
+        return {k: [s.dtype, list(s.shape), s.offset - self.data_start, s.offset - self.data_start + s.nbytes]
+                for k, s in self.segments.items()}
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, Segment], dict[str, str]]:
-    """Parse a safetensors header. Returns ({key: Segment}, metadata); checks the file is long enough."""
+    """Parse a safetensors header. Returns ({key: Segment}, metadata); see ``read_layout``."""
+    h = read_layout(path)
+    return h.segments, h.metadata
+
+
+def read_layout(path: str | os.PathLike) -> Header:
+    """Parse and check a safetensors header, as the safetensors library does: only a regular file, a JSON object
+    without repeated keys, known dtypes, offsets that agree with each shape, lie inside the file and do not
+    overlap. Raises ``StoreError`` naming the file, what was expected and what was found."""
     path = str(path)
+    fix = "the file is not valid safetensors; fix: rewrite it"
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
-            raw = f.read(8)
+            raw = read_upto(f, 8)
             if len(raw) < 8:
                 raise StoreError(f"{path}: expected a safetensors file, found {size} bytes (no header)")
             (n,) = struct.unpack("<Q", raw)
@@ -66,15 +91,18 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Segment], dict[str, 
                     f"{path}: header length {n} does not fit a file of {size} bytes: the file is truncated "
                     "or not safetensors; fix: rewrite it"
                 )
-            header = json.loads(f.read(n))
+            blob = read_upto(f, n)
     except FileNotFoundError:
         raise StoreError(f"expected weight file {path}, but it does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path}: safetensors header is not valid JSON ({e}); fix: rewrite the file") from None
+    if len(blob) < n:
+        raise StoreError(f"{path}: expected a header of {n} bytes, found {len(blob)} (the file shrank while read); {fix}")
+    header = parse_json(blob, f"{path}: safetensors header", fix)
     if not isinstance(header, dict):
         raise StoreError(f"{path}: expected a safetensors header (a JSON object), found {type(header).__name__}; "
                          "the file is not safetensors")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise StoreError(f"{path}: expected '__metadata__' to map names to strings, found {meta!r}; {fix}")
     base = 8 + n
     segments: dict[str, Segment] = {}
     for key, info in header.items():
@@ -98,7 +126,19 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Segment], dict[str, 
                 "the file is truncated; fix: delete it and write it again"
             )
         segments[key] = Segment(key, path, base + begin, end - begin, CODE_TO_DTYPE[code], shape)
-    return segments, meta
+    _check_disjoint(path, segments, base)
+    return Header(segments, meta, base, size)
+
+
+def _check_disjoint(path: str, segments: dict[str, Segment], base: int) -> None:
+    """Refuse tensors whose bytes overlap (two tensors would read the same data; the safetensors library refuses
+    such a file too). Empty tensors overlap nothing."""
+    spans = sorted((s.offset, s.offset + s.nbytes, k) for k, s in segments.items() if s.nbytes)
+    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise StoreError(f"{path}: tensors {k0!r} (data bytes {b0 - base}..{e0 - base}) and {k1!r} "
+                             f"({b1 - base}..{e1 - base}) overlap; expected every tensor to have bytes of its own; "
+                             "the file is not valid safetensors; fix: write it again (safetensors.torch.save_file)")
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:

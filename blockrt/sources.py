@@ -8,13 +8,13 @@ stored narrower than it is computed (float16/bfloat16, or int8 with scales in a 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from .errors import StoreError
+from .guards import inside, open_regular, read_json
 from .partitioners.plan import FLOAT_DTYPES, Plan, dtype_from_name
 from .safetensors_format import Segment, read_header
 
@@ -47,7 +47,7 @@ class WeightSource:
         out = torch.empty(seg.shape, dtype=dtype_from_name(seg.dtype))
         if seg.nbytes:
             view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            with open(seg.path, "rb", buffering=0) as f:
+            with open_regular(seg.path) as f:
                 read_exactly(f.fileno(), [view], seg.offset, seg.path)
         if dtype is not None and out.dtype != dtype:
             from .quantize import from_storage, scale_key
@@ -91,6 +91,11 @@ class CheckpointSource(WeightSource):
         segments: dict[str, Segment] = {}
         for f in files:
             segs, _ = read_header(f)
+            twice = sorted(set(segs) & set(segments))
+            if twice:
+                raise StoreError(f"{self.description}: tensor {twice[0]!r} is stored in both {segments[twice[0]].path} "
+                                 f"and {f} ({len(twice)} such); expected each tensor in one shard; fix: use the "
+                                 "checkpoint's own shards and index")
             segments.update(segs)
         super().__init__(segments)
 
@@ -118,17 +123,27 @@ class CheckpointSource(WeightSource):
         if not p.exists():
             raise StoreError(f"expected a checkpoint at {p}, but it does not exist")
         if p.name.endswith(".index.json"):
-            try:
-                weight_map = json.loads(p.read_text())["weight_map"]
-                shards = sorted({p.parent / name for name in weight_map.values()})
-            except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
-                raise StoreError(f"{p}: expected a JSON object with a 'weight_map' of key -> shard file name; "
-                                 f"{type(e).__name__}: {e}") from None
-            missing = [s.name for s in shards if not s.exists()]
-            if missing:
-                raise StoreError(f"{p} names shard(s) {missing} that do not exist in {p.parent}; fix: copy the missing shards")
-            return shards
+            return self._index_shards(p)
         return [p]
+
+    def _index_shards(self, p: Path) -> list[Path]:
+        """The shard files a ``*.index.json`` names: each a plain name inside the index's directory (or, for an
+        index that is a symbolic link as in the Hugging Face cache, inside the directory it points into)."""
+        fix = "fix: use the index.json written with the checkpoint"
+        index = read_json(p, fix)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            found = type(index).__name__ if not isinstance(index, dict) else \
+                ("no 'weight_map'" if weight_map is None else f"'weight_map' {str(weight_map)[:80]}")
+            raise StoreError(f"{p}: expected a JSON object with a 'weight_map' of key -> shard file name; "
+                             f"found {found}; {fix}")
+        also = (p.resolve().parent,)
+        shards = sorted({inside(p.parent, name, f"{p}", "fix: keep every shard inside the checkpoint's directory "
+                                "(copy it there)", also) for name in weight_map.values()})
+        missing = [s.name for s in shards if not s.exists()]
+        if missing:
+            raise StoreError(f"{p} names shard(s) {missing} that do not exist in {p.parent}; fix: copy the missing shards")
+        return shards
 
     def resolve(self, plan: Plan, strict: bool = True, prefix: str = "") -> None:
         """Check every plan tensor is present with its shape and dtype; keep only the plan's keys.

@@ -4,21 +4,21 @@ binding the pinned part, which stays resident, once at set-up."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import tempdirs
 from .binding import Binder, meta_leftovers
 from .config import RunConfig
+from .conversion import converted_store
 from .errors import BlockrtError
 from .partitioners.plan import Plan, dtype_from_name
 from .quantize import stored_dtypes
 from .sources import CheckpointSource, WeightSource
-from .store import converted_store, fingerprint, needs_conversion, open_store, require_storage, write_store
+from .store import needs_conversion, open_or_write, open_store, require_storage
 
 
 def open_weights(model: nn.Module, plan: Plan, config: RunConfig, storage: Any, weights: str | Path | None,
@@ -26,17 +26,18 @@ def open_weights(model: nn.Module, plan: Plan, config: RunConfig, storage: Any, 
     """The source of ``plan``'s tensors, and the temporary directory it lives in (None unless the in-memory
     model was spilled without a ``store`` path; the caller removes it at close). ``storage`` is the per-block
     storage dtypes asked for."""
+    verify = config.verify != "never"  # the pinned file's crc32 on opening a store (blocks': as they load)
     if weights is not None:
         if store is not None:
             raise ValueError("pass either weights= (stream from a checkpoint) or store= (spill the model), not both")
         if (Path(weights) / "manifest.json").exists():
-            found = open_store(weights, plan, fingerprint=None)
+            found = open_store(weights, plan, fingerprint=None, verify=verify)
             require_storage(found, plan, storage)
             return found, None
         source = CheckpointSource(weights)
         source.resolve(plan, strict=config.strict_keys, prefix=config.weights_prefix)
         if needs_conversion(source, plan, storage):  # once, then cached (RunConfig.store_path)
-            return converted_store(source, plan, storage, config.store_path, config.weights_prefix), None
+            return converted_store(source, plan, storage, config.store_path, config.weights_prefix, verify=verify), None
         return source, None
     binder = Binder(model)
     tensors = {k: binder.tensor(k) for k in plan.all_specs()}
@@ -46,18 +47,17 @@ def open_weights(model: nn.Module, plan: Plan, config: RunConfig, storage: Any, 
             f"{type(model).__name__} has weights on the meta device ({on_meta[:3]}...) and no weights= was "
             "given (a model streamed by a closed Runtime keeps meta placeholders); fix: pass weights=<checkpoint "
             "or blockrt store directory> to stream them")
-    fp = fingerprint(plan, tensors)
     store = store if store is not None else config.store_path
     tmpdir = None
     if store is None:
-        tmpdir = tempfile.mkdtemp(prefix="blockrt-")
+        tmpdir = tempdirs.create()
         store = Path(tmpdir) / "store"
     try:
         stored = stored_dtypes(plan, storage)
-        return (open_store(store, plan, fp, stored) or write_store(store, plan, tensors, fp, stored, storage)), tmpdir
+        return open_or_write(store, plan, tensors, stored, storage, verify=verify), tmpdir
     except BaseException:
         if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            tempdirs.remove(tmpdir)
         raise
 
 

@@ -12,7 +12,8 @@ Weight files, in order of preference:
   converted once to safetensors shards (+ index) in a cache directory (``<directory>/.blockrt-safetensors``
   or ``cache_dir``), shard by shard, each read lazily with ``torch.load(..., weights_only=True, mmap=True)``
   so memory stays bounded by one shard of clean file pages; later calls reuse the conversion while the
-  source files keep their sizes and modification times. A pickle is never loaded without ``weights_only``.
+  source files keep their identity (size, mtime, ctime, inode: ``cp -p`` of other weights keeps the size and
+  mtime but not the ctime, so it is caught). A pickle is never loaded without ``weights_only``.
 
 Every problem of one kind comes back as one ``CheckpointError`` listing all of it: files (missing
 ``config.json``, missing shards, truncated or refused files), then keys (missing, unexpected, wrong
@@ -43,6 +44,7 @@ from torch import nn
 
 from blockrt.errors import StoreError
 from blockrt.files import replace_dir
+from blockrt.guards import inside, read_json
 from blockrt.skeleton import meta_weights
 from blockrt.sources import CheckpointSource
 
@@ -114,12 +116,13 @@ def _bin_shards(d: Path) -> tuple[Path | None, list[Path]]:
     index = d / "pytorch_model.bin.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "fix: use the index written with the checkpoint")["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' of key -> shard file; "
                                   f"{type(e).__name__}: {e}") from None
-        return index, [d / n for n in names]
+        fix = "fix: keep every shard inside the checkpoint's directory (copy it there)"
+        return index, [inside(d, n, str(index), fix, (index.resolve().parent,)) for n in names]
     single = d / "pytorch_model.bin"
     return None, [single] if single.is_file() else []
 
@@ -131,19 +134,27 @@ def _converted_name(name: str) -> str:
 
 
 def _stamp(files: list[Path]) -> list[list[Any]]:
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    """Each source file's identity: name, size, mtime, ctime and inode. Rewriting a file or renaming another into
+    its place changes its ctime or inode, which ``cp -p``, ``rsync -t`` or ``tar x`` cannot keep."""
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([f.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+    return out
 
 
 def _reusable(cache: Path, stamp: list[list[Any]]) -> bool:
     try:
-        m = json.loads((cache / CONVERSION_MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        m = read_json(cache / CONVERSION_MANIFEST, "fix: delete the cache directory")
+    except (OSError, StoreError):
         return False
-    if m.get("format") != CONVERSION_FORMAT or m.get("version") != CONVERSION_VERSION or m.get("sources") != stamp:
+    if not isinstance(m, dict) or m.get("format") != CONVERSION_FORMAT or m.get("version") != CONVERSION_VERSION \
+            or m.get("sources") != stamp:
         return False
     files = m.get("files")
     return isinstance(files, dict) and bool(files) and all(
-        (cache / n).is_file() and (cache / n).stat().st_size == s for n, s in files.items())
+        isinstance(n, str) and "/" not in n and (cache / n).is_file() and (cache / n).stat().st_size == s
+        for n, s in files.items())
 
 
 def _convert_shard(shard: Path, out: Path) -> tuple[list[str], int, int]:
@@ -174,8 +185,8 @@ def convert_bin_checkpoint(directory: str | Path, cache_dir: str | Path | None =
     ``<directory>/.blockrt-safetensors``): ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
     (or ``model.safetensors`` for a single ``pytorch_model.bin``). A tensor saved under two names (a tied
     weight) is written once, under its first name. Built in a temporary directory and renamed; reused while
-    the sources keep their sizes and modification times; a non-empty ``cache_dir`` that is not a conversion
-    is never replaced.
+    the sources keep their identity (``_stamp``); a non-empty ``cache_dir`` that is not a
+    conversion is never replaced.
     """
     d = Path(directory)
     index, shards = _bin_shards(d)

@@ -132,6 +132,35 @@ class Slot:
         self.release_event: torch.cuda.Event | None = None  # CUDA: compute finished with the slot
 
 
+class Signal:
+    """A one-shot "done" flag the loader sets and the compute thread waits on, safe against ``KeyboardInterrupt``.
+
+    ``threading.Event`` is a Python-level Condition: Ctrl-C landing inside its ``wait`` can leave its lock held,
+    and the loader then blocks forever in ``set``. Here ``set`` never blocks (a flag, then a C lock's release)
+    and ``wait`` is one C ``acquire`` with a timeout; a lock an interrupt leaves held is never needed again.
+    """
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        if not self._flag:
+            self._flag = True
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: float) -> bool:
+        if self._flag:
+            return True
+        if self._lock.acquire(timeout=timeout):
+            self._lock.release()
+        return self._flag
+
+
 @dataclass
 class LoadRequest:
     """A block to read into a slot; ``done`` is set when it finished or failed (``error``)."""
@@ -141,7 +170,7 @@ class LoadRequest:
     slot: Slot
     pass_idx: int
     verify: bool
-    done: threading.Event = field(default_factory=threading.Event)
+    done: Signal = field(default_factory=Signal)
     error: BaseException | None = None
 
 
@@ -149,7 +178,7 @@ class Loader:
     """Owns the loader thread. ``submit`` requests; ``wait`` blocks the compute thread on one."""
 
     def __init__(self, source: WeightSource, profile, device: torch.device, *, read_bytes_per_s: float | None,
-                 slot_bytes: int, name: str = "blockrt-loader", max_queue: int = 8,
+                 slot_bytes: int, name: str = "blockrt-loader",
                  staging: Staging | None = None) -> None:
         self.source = source
         self.staging = staging = staging or Staging()
@@ -160,7 +189,8 @@ class Loader:
         self.profile = profile
         self.device = device
         self.read_bytes_per_s = read_bytes_per_s
-        self._queue: queue.Queue[LoadRequest | None] = queue.Queue(maxsize=max_queue)
+        # a C queue: put and get are single calls, so an interrupt cannot leave a lock held between the threads
+        self._queue: queue.SimpleQueue[LoadRequest | Signal | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._cuda = device.type == "cuda"
         self._pinned = torch.empty(slot_bytes, dtype=torch.uint8).pin_memory() if self._cuda else None
@@ -169,14 +199,9 @@ class Loader:
         self._thread.start()
 
     def submit(self, req: LoadRequest) -> None:
-        while True:
-            if self._stop.is_set() or not self._thread.is_alive():
-                raise LoadError(f"cannot load block {req.layout.block.name!r}: the loader thread has stopped")
-            try:
-                self._queue.put(req, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        if self._stop.is_set() or not self._thread.is_alive():
+            raise LoadError(f"cannot load block {req.layout.block.name!r}: the loader thread has stopped")
+        self._queue.put(req)
 
     def wait(self, req: LoadRequest, timeout_s: float) -> None:
         """Block until ``req`` is done; re-raise its error here, naming the block and file."""
@@ -192,11 +217,8 @@ class Loader:
 
     def drain(self, timeout_s: float) -> None:
         """Return once every request submitted so far is done (or the thread has stopped, or ``timeout_s``)."""
-        marker = threading.Event()
-        try:
-            self._queue.put(marker, timeout=timeout_s)  # type: ignore[arg-type]
-        except queue.Full:
-            return
+        marker = Signal()
+        self._queue.put(marker)
         deadline = time.monotonic() + timeout_s
         while not marker.wait(0.05) and self._thread.is_alive() and time.monotonic() < deadline:
             pass
@@ -204,10 +226,7 @@ class Loader:
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the thread; pending requests fail with a LoadError. Never hangs past ``timeout_s``."""
         self._stop.set()
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
+        self._queue.put(None)
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
         while True:
@@ -215,7 +234,7 @@ class Loader:
                 req = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(req, threading.Event):
+            if isinstance(req, Signal):
                 req.set()
             elif req is not None:
                 req.error = LoadError(f"block {req.layout.block.name!r} not loaded: the runtime was closed")
@@ -231,7 +250,7 @@ class Loader:
                 continue
             if req is None:
                 break
-            if isinstance(req, threading.Event):  # drain(): everything before it is done
+            if isinstance(req, Signal):  # drain(): everything before it is done
                 req.set()
                 continue
             try:

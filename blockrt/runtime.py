@@ -126,7 +126,7 @@ class Runtime:
         ledger.reserve("pinned", pinned_bytes, "the pinned part")
         bind_pinned(model, self.plan, self._rows, binder, source if weights is not None else None, self._device)
         self._loader = Loader(source, self.profile, self._device, read_bytes_per_s=self.read_bytes_per_s,
-                              slot_bytes=floor.slot_bytes, max_queue=len(self.plan.blocks) + n_slots, staging=staging)
+                              slot_bytes=floor.slot_bytes, staging=staging)
         self._residency = Residency(self.plan, layouts, self._loader, ledger, binder, self.profile, config,
                                     self._device, n_slots=n_slots, staging_bytes=staging.nbytes)
         self._retention = Retention(self.plan, layouts, self._residency, ledger, self.profile, config, floor,

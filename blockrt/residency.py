@@ -164,6 +164,12 @@ class Residency:
         if entry is not None:
             self.ledger.move("in_flight", entry[0], entry[1])
 
+    def _settle_all(self) -> None:
+        """Every load is over (drained or the loader stopped): no buffer's bytes are in flight any more."""
+        for kind, n in self._in_flight.values():
+            self.ledger.move("in_flight", kind, n)
+        self._in_flight.clear()
+
     def _forget(self, i: int, slot: Slot) -> None:
         if i in self.retained and self.retained[i] is slot:
             slot.request = None
@@ -192,9 +198,7 @@ class Residency:
         anywhere, inside this class too): every submitted load finished, no block bound, the streamed slots
         free; a retained buffer stays loaded if its load completed, else it loads again on its next turn."""
         self.loader.drain(self.config.load_timeout_s)
-        for kind, n in self._in_flight.values():
-            self.ledger.move("in_flight", kind, n)
-        self._in_flight.clear()
+        self._settle_all()
         for s in self.slots:
             s.block, s.request = None, None
         for buf in self.retained.values():
@@ -207,9 +211,7 @@ class Residency:
 
     def close(self) -> None:
         """Return every buffer's bytes to the ledger and drop the buffers (the loader has stopped)."""
-        for kind, n in self._in_flight.values():
-            self.ledger.move("in_flight", kind, n)
-        self._in_flight.clear()
+        self._settle_all()
         self.unretain_all()
         for s in self.slots:
             s.request = None

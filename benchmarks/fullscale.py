@@ -3,7 +3,7 @@
 Writes random weights in the real layout once into a cache (``write_random_checkpoints``: T5-v1.1-XXL 4.76 B
 parameters as safetensors shards, 19 GB; STDiT3-XL/2 1.1 B, 4.8 GB; VAE v1.2 0.39 B, 1.6 GB; a small
 SentencePiece tokenizer stands in for T5's), then runs ``OpenSoraPipeline`` from a prompt to an mp4 at a small
-size with few steps (default 144p 3:4, 17 frames, 5 steps with LPL at step 3: four STDiT3 calls, then the leap;
+size with few steps (default 144p 3:4, 17 frames, 5 steps with LPL after 4 STDiT3 calls, then the leap;
 four, so that STDiT3's retention works: passes 0 and 1 measure, pass 2 loads the retained blocks, pass 3 reuses them),
 every model streamed by blockrt under one budget. Reports per stage (T5, STDiT3, VAE temporal decoder, VAE
 spatial decoder) and for the whole run: peak ledger, peak RSS delta (anonymous and file-backed apart), bytes
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aspect", default="3:4")
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--lpl", type=int, default=3, help="FixedLeap step index: lpl + 1 STDiT3 calls, then the leap")
+    ap.add_argument("--lpl", type=int, default=4, help="STDiT3 calls before the LPL leap (FixedLeap(lpl))")
     ap.add_argument("--merge-steps", type=int, default=0, help="TDTM for the first N steps")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2)

@@ -5,11 +5,11 @@ setting; the STDiT3 wall time of each is compared with the 30-step baseline with
 video with the baseline's video (PSNR, SSIM):
 
     baseline             30 steps, no LPL, no TDTM                       (the reference row)
-    lpl16                FixedLeap(15): 16 model calls, then z + sigma_15 v_15 (the app's "leap at 16 of 30")
+    lpl16                FixedLeap(16): 16 model calls, then z + sigma_15 v_15 (the app's "leap at 16 of 30")
     lpl-dynamic          DynamicLeap() (the paper's cosine-similarity rule, the pipeline's defaults)
     tdtm15               TDTM on the first 15 of the 30 steps
     tdtm30               TDTM on all 30 steps
-    lpl16+tdtm15+ci-dl   FixedLeap(15) and TDTM on the first 15 steps together (the app's default run)
+    lpl16+tdtm15+ci-dl   FixedLeap(16) and TDTM on the first 15 steps together (the app's default run)
     baseline-resident    the baseline with ``stream=False``: every model loaded whole, no blockrt
 
 All rows but ``baseline-resident`` are streamed by blockrt under the same budget with CI-DL on: prefetch
@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="random-weight cache root (default out/weights/random/<name of the model sizes>)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps of the baseline (default 30)")
     p.add_argument("--lpl-calls", type=int, default=None,
-                   help="model calls of the fixed-LPL rows: FixedLeap(lpl_calls - 1) (default 16)")
+                   help="model calls of the fixed-LPL rows: FixedLeap(lpl_calls) (default 16)")
     p.add_argument("--merge", type=int, default=None, help="TDTM steps of the partial-merge rows (default 15)")
     p.add_argument("--depth", type=int, default=None, help="STDiT3 depth (default 8; --quick: the tiny 2)")
     p.add_argument("--hidden", type=int, default=None, help="STDiT3 hidden size (default 256; --quick: 64)")
@@ -259,7 +259,7 @@ class Row:
 
 
 def rows_for(args: argparse.Namespace) -> list[Row]:
-    leap = args.lpl_calls - 1  # FixedLeap(k): k + 1 model calls
+    leap = args.lpl_calls  # FixedLeap(k): k model calls
     m, n, c = args.merge, args.steps, args.lpl_calls
     return [
         Row("baseline", None, 0),
@@ -327,8 +327,8 @@ def check(rows: list[Row], results: dict[str, dict], videos: dict[str, torch.Ten
             if m["leapt_at"] is None and m["model_calls"] != args.steps:
                 raise RuntimeError(f"{row.name}: no leap but {m['model_calls']} of {args.steps} model calls")
         else:
-            want = row.lpl + 1
-            if m["leapt_at"] != row.lpl:
+            want = row.lpl
+            if m["leapt_at"] != row.lpl - 1:
                 raise RuntimeError(f"{row.name}: FixedLeap({row.lpl}) leapt at {m['leapt_at']}")
         if m["model_calls"] != want:
             raise RuntimeError(f"{row.name}: {m['model_calls']} model calls, expected {want}")
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "  of the STDiT3 block bytes served by retained blocks instead of loads (steps 0-1 are blockrt's measuring",
         "  passes, step 2 loads the retained blocks once). kept@end: STDiT3 blocks retained at the end.",
         "  anon: the whole generate's peak anonymous RSS delta (T5 and VAE stages included).",
-        f"lpl{args.lpl_calls}: FixedLeap({args.lpl_calls - 1}), the leap at 0-based step index {args.lpl_calls - 1}: "
+        f"lpl{args.lpl_calls}: FixedLeap({args.lpl_calls}), the leap at 0-based step index {args.lpl_calls - 1}: "
         f"{args.lpl_calls} model calls of {args.steps}, then z + sigma v (one jump to t=0).",
         "lpl-dynamic: DynamicLeap() defaults (compares from model call 15, tol 1e-3, patience 3). leap@: 0-based.",
         f"CI-DL: streamed baseline STDiT wall / resident = {base['stdit_wall_s'] / resident['stdit_wall_s']:.2f}x;"

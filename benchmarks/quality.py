@@ -6,7 +6,7 @@ resident (``ShapesGenerator``, the same maths as ``OpenSoraPipeline(stream=False
 ``pipelines/shapes/judge.py`` scores it:
 
     steps30              the 30-step reference
-    lplK                 FixedLeap(K-1) of 30 steps: K model calls, then one leap to t=0 (K = 10, 13, 16, 20, 25)
+    lplK                 FixedLeap(K) of 30 steps: K model calls, then one leap to t=0 (K = 10, 13, 16, 20, 25)
     lpl-dynamic          DynamicLeap() (the paper's rule, the pipeline's defaults)
     tdtmM                TDTM on the first M of 30 steps (M = 10, 20, 30)
     lpl16+tdtm15         both (the On-device Sora app's run)
@@ -68,19 +68,19 @@ CSV_FIELDS = ["row", "lpl", "merge_steps", "steps", "model_calls", "fidelity", "
 class Setting:
     name: str
     steps: int = STEPS
-    lpl: int | str | None = None  # FixedLeap index, "dynamic" or None
+    lpl: int | str | None = None  # model calls before the leap (FixedLeap), "dynamic" or None
     merge_steps: int = 0
 
 
 def settings(quick: bool) -> list[Setting]:
     if quick:
-        return [Setting("steps30", steps=4), Setting("lpl2", steps=4, lpl=1), Setting("tdtm2", steps=4, merge_steps=2),
+        return [Setting("steps30", steps=4), Setting("lpl2", steps=4, lpl=2), Setting("tdtm2", steps=4, merge_steps=2),
                 Setting("steps2", steps=2)]
     rows = [Setting("steps30")]
-    rows += [Setting(f"lpl{k}", lpl=k - 1) for k in (10, 13, 16, 20, 25)]
+    rows += [Setting(f"lpl{k}", lpl=k) for k in (10, 13, 16, 20, 25)]
     rows += [Setting("lpl-dynamic", lpl="dynamic")]
     rows += [Setting(f"tdtm{m}", merge_steps=m) for m in (10, 20, 30)]
-    rows += [Setting("lpl16+tdtm15", lpl=15, merge_steps=15)]
+    rows += [Setting("lpl16+tdtm15", lpl=16, merge_steps=15)]
     rows += [Setting(f"steps{k}", steps=k) for k in (10, 13, 16, 20, 25)]
     return rows
 

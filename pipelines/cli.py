@@ -1,19 +1,31 @@
-"""The ``blockrt`` command line: thin wrappers over the Python API (the only place that prints)."""
+"""The ``blockrt`` command line: thin wrappers over the Python API (the only place that prints).
+
+Every command checks its arguments and the optional packages it needs before doing any work; any
+``BlockrtError`` (and any bad value) ends the command with one line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from blockrt.budget import format_bytes, parse_budget
 from blockrt.config import RunConfig
-from blockrt.device import IPHONE15PRO
+from blockrt.device import IPHONE15PRO, get_profile, resolve_budget
 from blockrt.errors import BlockrtError
 from blockrt.runtime import run
+from blockrt.version import __version__
+
+# what each optional package is for, and the extra that installs it
+_EXTRAS = {"matplotlib": "plot", "imageio": "video", "imageio_ffmpeg": "video", "transformers": "hf",
+           "diffusers": "hf", "sentencepiece": "hf", "coremltools": "coreml"}
 
 
 def _count(low: int):
@@ -31,14 +43,31 @@ def _count(low: int):
 
 
 def _leap(text: str) -> int | str:
-    """``--lpl``: a 0-based step index or ``dynamic``."""
+    """``--lpl``: the model calls before the leap (the paper: 16 of 30), or ``dynamic``."""
     if text == "dynamic":
         return text
     try:
-        return _count(0)(text)
+        return _count(1)(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a 0-based step index (the paper: 16 of 30) or 'dynamic'; "
-                                         f"got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected the model calls before the leap (the paper: 16 of 30 steps) "
+                                         f"or 'dynamic'; got {text!r}") from None
+
+
+def require(command: str, *modules: str) -> None:
+    """Fail before any work when an optional package ``command`` needs is missing, naming the pip command."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        extras = sorted({_EXTRAS.get(m, "all") for m in missing})
+        raise BlockrtError(f"blockrt {command} needs {', '.join(missing)}, which is not installed; fix: "
+                           f"pip install 'blockrt[{','.join(extras)}]' (or 'blockrt[all]')")
+
+
+def _sayer(args: argparse.Namespace) -> Any:
+    """``say(text, err=False)``: a line for the user, unless ``--quiet``; on stderr with ``err`` or ``--json``."""
+    def say(text: str, err: bool = False) -> None:
+        if not args.quiet:
+            print(text, file=sys.stderr if err or getattr(args, "json", False) else sys.stdout)
+    return say
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -51,6 +80,11 @@ def _demo(args: argparse.Namespace) -> int:
 
     from blockrt.skeleton import meta_weights
 
+    say = _sayer(args)
+    budget, _ = resolve_budget(args.budget)  # a bad budget fails before the model is built or anything written
+    if args.dim % 8:
+        raise ValueError(f"--dim must be divisible by the 8 heads; got {args.dim}")
+    require("demo", "matplotlib")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     cfg = ToyConfig(vocab=1024, dim=args.dim, n_layers=args.layers, n_heads=8, max_len=args.tokens)
@@ -73,21 +107,21 @@ def _demo(args: argparse.Namespace) -> int:
         skeleton = ToyTransformer(cfg).eval()
     bps = None if args.read_gbps <= 0 else args.read_gbps * 1e9
     config = RunConfig(prefetch_depth=args.prefetch, read_bytes_per_s=bps, exact_rss=True)  # the CLI owns its process
-    print(f"toy transformer: {cfg.n_layers} layers x dim {cfg.dim}, {format_bytes(model_bytes)} of fp32 weights "
-          f"in {weights / 'model.safetensors'}; budget {format_bytes(parse_budget(args.budget))}; loader throttled to "
+    say(f"toy transformer: {cfg.n_layers} layers x dim {cfg.dim}, {format_bytes(model_bytes)} of fp32 weights "
+          f"in {weights / 'model.safetensors'}; budget {format_bytes(budget)}; loader throttled to "
           f"{'disk speed' if bps is None else f'{bps / 1e9:.2f} GB/s (iPhone 15 Pro flash)'}")
     with run(skeleton, budget=args.budget, weights=weights, config=config) as rt:
         same = all(torch.equal(rt(ids), ref) for _ in range(args.passes))
-        print(rt.profile)
-        print(f"working set (measured, pass 0): {format_bytes(rt.retention.working_set_bytes)}; "
+        say(str(rt.profile))
+        say(f"working set (measured, pass 0): {format_bytes(rt.retention.working_set_bytes)}; "
               f"ledger by kind: {', '.join(f'{k} {format_bytes(v)}' for k, v in rt.ledger.held().items() if v)}")
         if rt.retention.decision is not None:
-            print(rt.retention)
-        print(f"  resident (plain model)   {resident_s * 1e3:.1f} ms per pass, whole model in memory")
-        print(f"outputs identical to the plain model (torch.equal): {'yes' if same else 'NO'}")
+            say(str(rt.retention))
+        say(f"  resident (plain model)   {resident_s * 1e3:.1f} ms per pass, whole model in memory")
+        say(f"outputs identical to the plain model (torch.equal): {'yes' if same else 'NO'}")
     rt.profile.save_trace(out_dir / "trace.json")
     rt.profile.plot(out_dir / "timeline.png")
-    print(f"wrote {out_dir / 'trace.json'} (open in https://ui.perfetto.dev) and {out_dir / 'timeline.png'}")
+    say(f"wrote {out_dir / 'trace.json'} (open in https://ui.perfetto.dev) and {out_dir / 'timeline.png'}")
     return 0 if same else 1
 
 
@@ -95,18 +129,17 @@ def _plan(args: argparse.Namespace) -> int:
     from blockrt.partitioners import partition
     from blockrt.pipelines.toy import ToyConfig, ToyTransformer
 
-    from blockrt.device import get_profile
     from blockrt.planning import block_flops, flop_timings, plan_sweep
     from blockrt.skeleton import meta_weights
 
     profile = get_profile(args.profile)
+    budgets = [parse_budget(b) for b in args.budgets.split(",")] if args.budgets else None
+    ws = parse_budget(args.working_set) if args.working_set else 0
     with meta_weights():
         model = ToyTransformer(ToyConfig(vocab=1024, dim=args.dim, n_layers=args.layers, n_heads=8, max_len=args.tokens))
     plan = partition(model)
     flops, pinned_flops = block_flops(model, plan, (torch.zeros(1, args.tokens, dtype=torch.long),))
     timings, head = flop_timings(plan, flops, pinned_flops, profile)
-    budgets = [parse_budget(b) for b in args.budgets.split(",")] if args.budgets else None
-    ws = parse_budget(args.working_set) if args.working_set else 0
     print(f"plan for the demo transformer ({args.layers} layers x dim {args.dim}, {args.tokens} tokens) on "
           f"{profile.name}: {len(plan.blocks)} blocks of {format_bytes(plan.largest_block().nbytes)}, "
           f"{format_bytes(plan.pinned_bytes)} pinned; per block {flops[0] / 1e9:.2f} GFLOP = "
@@ -120,108 +153,15 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-SHAPES_PROMPT = "a red circle moving right on a blue background"  # the built-in trained model's default
-SHAPES_RESOLUTION = "64x64"
-DEMO_CAPTIONS = ["a red circle moving left on a blue background", "a green square moving up on a white background",
-                 "a yellow triangle moving right on a black background", "a blue circle moving down on a gray background"]
-
-
-def _demo_weights(cache: Path) -> Path:
-    """Tiny random weights for T5, STDiT3 and the VAE in the real layout, written once into ``cache``."""
-    from blockrt.pipelines.opensora.random_weights import write_random_checkpoints
-    from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
-
-    tok = cache / "tokenizer"
-    if not (tok / "spiece.model").exists():
-        train_tiny_tokenizer(DEMO_CAPTIONS * 25, tok, vocab_size=60)
-    write_random_checkpoints(cache, size="tiny", t5_format="safetensors", tokenizer=tok)
-    return cache
-
-
-def _print_judge(video: torch.Tensor, prompt: str) -> None:
-    """What the shapes judge sees in the video (colour masks, centroid track), and whether the prompt says so."""
-    from blockrt.pipelines.opensora.video import to_uint8_frames
-    from blockrt.pipelines.shapes.judge import judge, matches
-
-    v = judge(to_uint8_frames(video))
-    try:
-        verdict = "matches the prompt" if matches(v, prompt) else "does NOT match the prompt"
-    except ValueError:
-        verdict = "the prompt is outside the training captions"
-    print(f"judge: a {v.colour} {v.shape} moving {v.direction} on a {v.background} background: {verdict}")
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from blockrt.pipelines.opensora.pipeline import GenerateConfig, OpenSoraPipeline, tqdm_progress
-
-    lpl = args.lpl
-    if args.random_weights and args.weights is not None:
-        raise ValueError("--random-weights and --weights exclude each other; pass one")
-    shapes = args.weights is None and not args.random_weights  # the built-in trained model: its own defaults
-    if args.resolution is None:
-        args.resolution = SHAPES_RESOLUTION if shapes else "144p"
-    if args.aspect is None:
-        args.aspect = "1:1" if shapes else "3:4"
-    if args.prompt is None:
-        args.prompt = SHAPES_PROMPT if shapes else DEMO_CAPTIONS[0]
-    if args.cfg is None:
-        from blockrt.pipelines.shapes.layout import CFG_SCALE
-
-        args.cfg = CFG_SCALE if shapes else 7.0
-    cfg = GenerateConfig(prompt=args.prompt, resolution=args.resolution, aspect=args.aspect, frames=args.frames,
-                         steps=args.steps, cfg_scale=args.cfg, seed=args.seed, lpl=lpl, merge_steps=args.tdtm)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.random_weights:
-        weights = _demo_weights(Path(args.cache))
-        print(f"--random-weights: tiny RANDOM weights of the three models in the real layout ({weights}); "
-              "the video is noise by construction.")
-    elif args.weights is None:
-        from blockrt.pipelines.shapes.layout import WEIGHTS_DIR
-
-        weights = WEIGHTS_DIR
-        print(f"no --weights given: the small Open-Sora-architecture model trained here on synthetic shapes "
-              f"({weights}; prompts like {SHAPES_PROMPT!r}: circle/square/triangle, red/green/blue/yellow, "
-              "left/right/up/down, on black/white/gray/blue). For Open-Sora v1.2 itself download "
-              "OpenSora-STDiT-v3, OpenSora-VAE-v1.2 and t5-v1_1-xxl into one directory and pass --weights DIR "
-              "--budget 3.3GB --resolution 240p.")
-    else:
-        weights = Path(args.weights)
-    config = RunConfig(device_profile=args.device_profile, exact_rss=True)  # the CLI owns its process
-    pipe = OpenSoraPipeline(weights, budget=args.budget, config=config)
-    t0 = time.perf_counter()
-    result = pipe.generate(cfg, out=out_dir / "video.mp4", progress=tqdm_progress(cfg.steps))
-    wall = time.perf_counter() - t0
-    print(f"{cfg.frames} frames at {args.resolution} {args.aspect}, {result.steps_run} STDiT3 calls"
-          f"{f' (LPL leapt at step {result.leapt_at})' if result.leapt_at is not None else ''}, "
-          f"TDTM for {cfg.merge_steps} steps, budget {format_bytes(pipe.budget)}: {wall:.1f} s")
-    for name, stage in result.stages.items():
-        s = stage["summary"]
-        print(f"  {name:<13} {s.passes:>3} passes  wall {s.wall_s:7.2f} s  roofline_ratio {s.roofline_ratio:5.2f}  "
-              f"loaded {format_bytes(s.bytes_loaded):>10}  peak ledger {format_bytes(stage['peak_ledger_bytes'])}")
-    whole = result.profile.summary()
-    print(f"whole run: peak_ledger_bytes {format_bytes(whole.peak_ledger_bytes)} of {format_bytes(pipe.budget)}; "
-          f"peak_rss_delta {format_bytes(whole.peak_rss_delta or 0)} (anon {format_bytes(whole.peak_anon_delta or 0)}, "
-          f"file-backed {format_bytes(whole.peak_file_delta or 0)})")
-    if shapes:
-        _print_judge(result.video, cfg.prompt)
-    written = [result.path]
-    if args.trace:
-        result.profile.save_trace(out_dir / "trace.json")
-        result.profile.plot(out_dir / "timeline.png", title="Open-Sora: T5 -> STDiT3 -> VAE under one budget")
-        written += [out_dir / "trace.json", out_dir / "timeline.png"]
-    print("wrote " + ", ".join(str(p) for p in written))
-    return 0
-
-
 def _export(args: argparse.Namespace) -> int:
+    require("export coreml", "coremltools", "transformers", "diffusers")
     from blockrt.pipelines.opensora.coreml_export import MODELS, export_opensora, tiny_random_weights
 
     from blockrt.coreml import ExportError, ExportOptions
 
     if args.weights is None:
         weights = tiny_random_weights(Path(args.cache))
-        print(f"no --weights given: exporting tiny RANDOM weights in the real layout ({weights})")
+        _sayer(args)(f"no --weights given: exporting tiny RANDOM weights in the real layout ({weights})")
     else:
         weights = Path(args.weights)
     quantize = None if args.quantize in (None, "none") else args.quantize
@@ -230,7 +170,7 @@ def _export(args: argparse.Namespace) -> int:
     bar: list = []
 
     def progress(done: int, total: int, name: str) -> None:
-        if args.no_progress:
+        if args.no_progress or args.quiet:
             return
         if not bar:
             from tqdm import tqdm
@@ -262,11 +202,30 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _generate(args: argparse.Namespace) -> int:
+    from blockrt.pipelines.cli_generate import generate
+    from blockrt.pipelines.progress import StageProgress
+
+    require("generate", "transformers", "diffusers", "sentencepiece", "imageio", "imageio_ffmpeg",
+            *(["matplotlib"] if args.trace else []))
+    progress = StageProgress(enabled=not (args.quiet or args.no_progress))
+    try:
+        return generate(args, _sayer(args), progress)
+    finally:
+        progress.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="log what blockrt does (-vv: debug)")
+    common.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and --json)")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
     parser = argparse.ArgumentParser(prog="blockrt", description="Run models larger than memory, block by block.")
+    parser.add_argument("--version", action="version", version=f"blockrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="stream a built-in transformer under a small budget and show the timeline")
-    demo.add_argument("--out", default="out/demo", help="directory for trace.json and timeline.png")
+    demo = sub.add_parser("demo", parents=[common],
+                          help="stream a built-in transformer under a small budget and show the timeline")
+    demo.add_argument("--out", default="out/toy-demo", help="directory for trace.json and timeline.png")
     demo.add_argument("--budget", default="64MB", help="memory budget, e.g. 64MB, 1GiB")
     demo.add_argument("--layers", type=_count(1), default=12)
     demo.add_argument("--dim", type=_count(8), default=512, help="model width (a multiple of 8 heads)")
@@ -276,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--read-gbps", type=float, default=IPHONE15PRO.read_bytes_per_s / 1e9,
                       help="throttle loads to this many GB/s (0 = disk speed)")
     demo.add_argument("--threads", type=_count(1), default=2, help="torch compute threads")
-    plan = sub.add_parser("plan", help="predict sequential / concurrent / retention pass times over budgets "
-                                        "(paper Eq. 10/11) from FLOPs and a device profile, without running")
+    plan = sub.add_parser("plan", parents=[common],
+                          help="predict sequential / concurrent / retention pass times over budgets "
+                               "(paper Eq. 10/11) from FLOPs and a device profile, without running")
     plan.add_argument("--profile", default="iphone15pro", help="device profile (iphone15pro, laptop-nvme, ...)")
     plan.add_argument("--budgets", default=None, help="comma-separated budgets, e.g. 64MB,128MB (default: a sweep)")
     plan.add_argument("--points", type=_count(2), default=8, help="budgets in the default sweep")
@@ -286,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--layers", type=_count(1), default=12)
     plan.add_argument("--dim", type=_count(8), default=512)
     plan.add_argument("--tokens", type=_count(1), default=256)
-    gen = sub.add_parser("generate", help="text to video with Open-Sora v1.2 (T5 -> STDiT3 -> VAE) under one budget")
-    gen.add_argument("--prompt", default=None, help=f"the text (default with the built-in model: {SHAPES_PROMPT!r})")
+    gen = sub.add_parser("generate", parents=[common],
+                         help="text to video with Open-Sora v1.2 (T5 -> STDiT3 -> VAE) under one budget")
+    gen.add_argument("--prompt", default=None, help="the text (default with the built-in model: "
+                                                    "'a red circle moving right on a blue background')")
+    gen.add_argument("--prompts", default=None, help="a text file, one prompt a line: one video each")
     gen.add_argument("--weights", default=None, help="directory with t5-v1_1-xxl/, OpenSora-STDiT-v3/, "
                                                      "OpenSora-VAE-v1.2/ (default: the small model trained on "
                                                      "synthetic shapes, shipped in pipelines/shapes/weights)")
@@ -300,14 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--cfg", type=float, default=None,
                      help="CFG scale (default: 7.0, Open-Sora's; 4.0 for the built-in shapes model)")
     gen.add_argument("--seed", type=int, default=42)
-    gen.add_argument("--lpl", type=_leap, default=None, help="leap step index (the paper: 16 of 30) or 'dynamic'")
+    gen.add_argument("--lpl", type=_leap, default=None,
+                     help="LPL: model calls before one leap to t=0 (the paper: 16 of 30), or 'dynamic'")
     gen.add_argument("--tdtm", type=_count(0), default=0, help="merge frame pairs for the first N steps")
     gen.add_argument("--budget", default="64MB", help="one budget for the whole run (3.3GB for the phone)")
     gen.add_argument("--device-profile", default=None, help="throttle loads like this device (iphone15pro)")
     gen.add_argument("--out", default="out/generate")
     gen.add_argument("--trace", action="store_true", help="also write trace.json and timeline.png of the run")
+    gen.add_argument("--json", action="store_true", help="print the run's record (profile summary per stage) as "
+                                                         "JSON on stdout; the human lines go to stderr")
     exp = sub.add_parser("export", help="export model blocks for the phone").add_subparsers(dest="format", required=True)
-    co = exp.add_parser("coreml", help="every block of Open-Sora's T5, STDiT3 and VAE as a CoreML .mlpackage")
+    co = exp.add_parser("coreml", parents=[common],
+                        help="every block of Open-Sora's T5, STDiT3 and VAE as a CoreML .mlpackage")
     co.add_argument("--weights", default=None, help="directory with t5-v1_1-xxl/, OpenSora-STDiT-v3/, "
                                                     "OpenSora-VAE-v1.2/ (default: tiny random weights)")
     co.add_argument("--cache", default="out/weights/random/export", help="where the default random weights go")
@@ -321,8 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--frames", type=_count(1), default=17)
     co.add_argument("--no-tdtm", action="store_true", help="no TDTM function in the STDiT3 block packages")
     co.add_argument("--overwrite", action="store_true", help="replace a previous export in --out")
-    co.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``blockrt`` console script: exit 0 on success, 2 with one line on stderr for any bad input or error."""
+    args = _parser().parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(name)s: %(message)s")
     try:
         return {"demo": _demo, "plan": _plan, "generate": _generate, "export": _export}[args.command](args)
     except (BlockrtError, ValueError, OSError) as e:  # bad input or a failed run: one line, no traceback

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
+
+import pytest
 
 from blockrt.pipelines.cli import main
 
@@ -26,20 +29,80 @@ def test_plan_prints_a_budget_sweep(capsys):
     assert len([line for line in out.splitlines() if line.strip().endswith("blocks")]) == 3
 
 
-def test_bad_arguments_are_clear_errors(capsys):
+def test_bad_arguments_are_clear_errors_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default --out is relative: nothing may appear here
     assert main(["plan", "--profile", "iphone99"]) == 2
     assert "known profiles" in capsys.readouterr().err
     assert main(["demo", "--budget", "3.3 gigs"]) == 2
     assert "budget must be" in capsys.readouterr().err
+    for bad in (["--budget", "3.3 gigs"], ["--device-profile", "iphone99"], ["--lpl", "31"],
+                ["--resolution", "1080p"], ["--prompts", "nofile.txt"], ["--weights", "nodir"]):
+        t0 = time.perf_counter()
+        assert main(["generate", *bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.startswith("blockrt: error: ") and err.count("\n") == 1 and "Traceback" not in err, (bad, err)
+        assert time.perf_counter() - t0 < 5, bad  # refused before any model is loaded
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_and_missing_extras(monkeypatch, capsys):
+    import importlib.util
+
+    import blockrt
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"blockrt {blockrt.__version__}"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio" else real(name, *a))
+    assert main(["generate", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "needs imageio" in err and "pip install 'blockrt[video]'" in err
+
+
+def test_prompts_file_json_and_warnings(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na red circle moving left on a blue background\n\na purple cow\n")
+    rc = main(["generate", "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--steps", "2", "--frames", "1",
+               "--json", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    records = json.loads(captured.out)  # stdout is the JSON document alone
+    assert [r["prompt"] for r in records] == ["a red circle moving left on a blue background", "a purple cow"]
+    assert all(r["model_calls"] == 2 and r["summary"]["peak_ledger_bytes"] <= r["budget"] for r in records)
+    assert set(records[0]["stages"]) == {"t5", "stdit3", "vae_temporal", "vae_spatial"}
+    assert "'a purple cow' is not a caption the built-in shapes model was trained on" in captured.err
+    for i in range(2):
+        assert (tmp_path / "out" / f"prompt-{i:03d}" / "video.mp4").stat().st_size > 0
+    assert main(["generate", "--prompts", str(prompts), "--prompt", "x"]) == 2
+
+
+def test_progress_lines_in_a_log_stay_few(capsys):
+    import io
+
+    from blockrt.pipelines.progress import StageProgress
+
+    log = io.StringIO()
+    p = StageProgress(stream=log)
+    for done in range(31):
+        p("denoising", done, 30)
+    p("VAE decode", 0, 2)
+    p.close()
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "denoising: started (30 units)" and lines[-1].startswith("VAE decode: done in")
+    assert len(lines) <= 8, lines
+    quiet = io.StringIO()
+    StageProgress(enabled=False, stream=quiet)("denoising", 1, 2)
+    assert quiet.getvalue() == ""
 
 
 def test_generate_with_random_weights(tmp_path, capsys):
     rc = main(["generate", "--random-weights", "--cache", str(tmp_path / "weights"), "--out", str(tmp_path / "out"),
-               "--steps", "3", "--lpl", "1", "--tdtm", "1", "--resolution", "144p", "--aspect", "1:1", "--trace"])
+               "--steps", "3", "--lpl", "2", "--tdtm", "1", "--resolution", "144p", "--aspect", "1:1", "--trace"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "RANDOM weights" in out
-    assert "LPL leapt at step 1" in out and "whole run: peak_ledger_bytes" in out
+    assert "3 STDiT3 calls" not in out and "2 STDiT3 calls (LPL: leapt after call 2)" in out and "whole run: peak_ledger_bytes" in out
     for name in ("video.mp4", "trace.json", "timeline.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert main(["generate", "--random-weights", "--cache", str(tmp_path / "weights"), "--out", str(tmp_path / "o2"),

@@ -16,7 +16,7 @@ from blockrt.profile import Summary
 fullscale = load_benchmark("fullscale")
 results_page = load_benchmark("results_page")
 
-TINY_ARGS = ["--size", "tiny", "--frames", "1", "--steps", "2", "--lpl", "0", "--aspect", "1:1"]
+TINY_ARGS = ["--size", "tiny", "--frames", "1", "--steps", "2", "--lpl", "1", "--aspect", "1:1"]
 MEASURES = ("peak_ledger_bytes", "peak_rss_delta", "peak_anon_delta", "peak_file_delta", "bytes_loaded",
             "roofline_ratio", "wall_s", "stage_s", "load_s", "compute_s", "params", "blocks", "passes")
 

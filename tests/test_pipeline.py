@@ -30,8 +30,8 @@ def test_streamed_equals_not_streamed_and_writes_an_mp4(weights, tmp_path):
     from blockrt.pipelines.opensora.resolution import resolve
     from blockrt.pipelines.opensora.video import read_mp4
 
-    streamed = OpenSoraPipeline(weights, budget=BUDGET).generate(small(lpl=2, merge_steps=2), out=tmp_path / "a.mp4")
-    whole = OpenSoraPipeline(weights, budget=BUDGET, stream=False).generate(small(lpl=2, merge_steps=2))
+    streamed = OpenSoraPipeline(weights, budget=BUDGET).generate(small(lpl=3, merge_steps=2), out=tmp_path / "a.mp4")
+    whole = OpenSoraPipeline(weights, budget=BUDGET, stream=False).generate(small(lpl=3, merge_steps=2))
     assert torch.equal(streamed.video, whole.video)
     assert streamed.steps_run == 3 and streamed.leapt_at == 2
     h, w = resolve("144p", "1:1")
@@ -57,7 +57,8 @@ def test_same_seed_same_video(weights):
     ({"resolution": "1080p"}, "144p"),
     ({"frames": 0}, "frames|>= 1|at least"),
     ({"steps": 0}, "steps"),
-    ({"lpl": 4}, "lpl"),
+    ({"lpl": 5}, "lpl"),
+    ({"lpl": 0}, "lpl"),
     ({"merge_steps": 5}, "merge_steps"),
 ])
 def test_bad_input_fails_before_any_work(kw, match):

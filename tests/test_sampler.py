@@ -165,7 +165,7 @@ def test_loop_bit_exact_vs_open_sora_transcription(leap_at, with_mask):
     state = gen.get_state()
     ref = _reference_rflow(_toy_model, z, ts, 7.0, mask=mask, generator=gen, leap_at=leap_at)
     gen.set_state(state)
-    policy = None if leap_at is None else FixedLeap(leap_at)
+    policy = None if leap_at is None else FixedLeap(leap_at + 1)
     res = sample(_toy_model, z, ts, cfg_scale=7.0, policy=policy, mask=mask, generator=gen)
     assert res.z.dtype == torch.float32 == ref.dtype
     assert torch.equal(res.z, ref)
@@ -207,14 +207,14 @@ def test_straight_line_flow_lands_on_x0(leap_at):
     x0, eps = _dyadic(shape, gen), _dyadic(shape, gen)
     v = x0 - eps  # exact (both on the 2^-10 grid)
     ts = timesteps(30, height=240, width=426, num_frames=51)
-    policy = None if leap_at is None else FixedLeap(leap_at)
+    policy = None if leap_at is None else FixedLeap(leap_at + 1)
     res = sample(_model_from_v(v), eps.clone(), ts, cfg_scale=7.0, policy=policy)
     steps = 30 if leap_at is None else leap_at + 1
     assert res.steps_run == steps
     assert ((res.z - x0).abs() <= _euler_bound(eps, x0, v, steps, U32)).all()
     # the same in float64: the algorithm, not the rounding, lands on x0
     res64 = sample(_model_from_v(v.double()), eps.double(), ts.double(), cfg_scale=7.0,
-                   policy=None if leap_at is None else FixedLeap(leap_at))
+                   policy=None if leap_at is None else FixedLeap(leap_at + 1))
     assert ((res64.z - x0.double()).abs() <= _euler_bound(eps, x0, v, steps, U64).double()).all()
 
 
@@ -225,7 +225,7 @@ def test_straight_line_flow_exact_on_dyadic_schedule(leap_at):
     x0, eps = _dyadic((2, 4, 3, 5, 6), gen), _dyadic((2, 4, 3, 5, 6), gen)
     ts = torch.tensor([1000.0, 750.0, 500.0, 250.0])
     res = sample(_model_from_v(x0 - eps), eps.clone(), ts, cfg_scale=7.0,
-                 policy=None if leap_at is None else FixedLeap(leap_at))
+                 policy=None if leap_at is None else FixedLeap(leap_at + 1))
     assert torch.equal(res.z, x0)
 
 
@@ -264,7 +264,7 @@ def test_mask_zero_frames_stay_exactly_the_reference():
         return _toy_model(z_in, t_in, i, x_mask)
 
     ts = timesteps(30, height=240, width=426, num_frames=51)
-    res = sample(fn, z, ts, cfg_scale=7.0, mask=mask, generator=gen, policy=FixedLeap(20))
+    res = sample(fn, z, ts, cfg_scale=7.0, mask=mask, generator=gen, policy=FixedLeap(21))
     assert torch.equal(res.z[:, :, :2], reference.float())
     assert not torch.equal(res.z[:, :, 2:], z[:, :, 2:].float())
     assert all(torch.equal(m, torch.tensor([[False, False, True, True, True]] * 2)) for m in seen)
@@ -305,7 +305,7 @@ def test_initial_noise_reproduces_seeded_randn_bf16():
 def test_progress_reports_every_step():
     calls = []
     ts = timesteps(30, height=240, width=426, num_frames=51)
-    sample(_toy_model, initial_noise((1, 4, 2, 2, 2), 0), ts, cfg_scale=7.0, policy=FixedLeap(9),
+    sample(_toy_model, initial_noise((1, 4, 2, 2, 2), 0), ts, cfg_scale=7.0, policy=FixedLeap(10),
            progress=lambda done, total: calls.append((done, total)))
     assert calls == [(k, 30) for k in range(1, 11)]
 
@@ -405,7 +405,7 @@ def test_policy_state_resets_between_samples():
     second = sample(_scripted_model(vs), torch.zeros_like(vs[0]), ts, cfg_scale=7.0, policy=policy)
     assert first.leapt_at == second.leapt_at == SCRIPTED_LEAP
     assert policy.cos_sims == first_cos and torch.equal(first.z, second.z)
-    fixed = FixedLeap(3)
+    fixed = FixedLeap(4)
     sample(_scripted_model(vs), torch.zeros_like(vs[0]), ts, cfg_scale=7.0, policy=fixed)
     assert fixed.leapt_at == 3
     fixed.reset()
@@ -413,7 +413,7 @@ def test_policy_state_resets_between_samples():
 
 
 def test_policies_satisfy_protocol():
-    for p in (NoLeap(), FixedLeap(3), DynamicLeap()):
+    for p in (NoLeap(), FixedLeap(4), DynamicLeap()):
         assert isinstance(p, LeapPolicy)
     assert SampleResult(z=torch.zeros(1), steps_run=1, leapt_at=None).cos_sims == []
 
@@ -450,12 +450,12 @@ def test_bad_leap_at_fails_before_any_model_call():
 
     ts = timesteps(30, height=240, width=426, num_frames=51)
     with pytest.raises(ValueError) as e:
-        sample(fn, initial_noise((1, 4, 2, 2, 2), 0), ts, cfg_scale=7.0, policy=FixedLeap(30))
-    _assert_clear(e, "leap_at", "0 <= leap_at < num_steps = 30", "leap_at <= 29")
+        sample(fn, initial_noise((1, 4, 2, 2, 2), 0), ts, cfg_scale=7.0, policy=FixedLeap(31))
+    _assert_clear(e, "calls", "1 <= calls <= num_steps = 30", "calls <= 30")
     assert calls == []
     with pytest.raises(ValueError) as e:
-        FixedLeap(-1)
-    _assert_clear(e, "leap_at", ">= 0")
+        FixedLeap(0)
+    _assert_clear(e, "calls", ">= 1")
 
 
 def test_bad_cfg_scale():

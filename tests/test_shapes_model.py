@@ -80,7 +80,7 @@ def test_the_judge_rejects_random_weights(tmp_path, random_checkpoints):
 def test_the_resident_generator_equals_the_pipeline():
     from blockrt.pipelines.shapes.generate import ShapesGenerator
 
-    cfg = shapes_config(steps=6, lpl=3, merge_steps=2)
+    cfg = shapes_config(steps=6, lpl=4, merge_steps=2)
     ours = ShapesGenerator().generate(cfg)
     ref = OpenSoraPipeline(WEIGHTS_DIR, stream=False).generate(cfg)
     assert torch.equal(ours.video, ref.video) and ours.steps_run == ref.steps_run == 4 and ours.leapt_at == 3

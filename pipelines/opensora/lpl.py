@@ -6,8 +6,8 @@ The sampler (``sampler.sample``) asks ``policy.should_leap(i, v, num_steps)`` on
 velocity ``v`` ``(n, C, T, H, W)`` and stops after the update of the step where it answers True.
 
 - ``NoLeap``: run every step.
-- ``FixedLeap(k)``: the On-device Sora app's static leap (``numLpltarget``, default 15 of 30): k + 1 model calls,
-  then ``z_k + sigma_k v_k``.
+- ``FixedLeap(k)``: the paper's static leap: k model calls, then ``z + sigma v`` with the k-th call's velocity
+  (the paper's "16 of 30" is ``FixedLeap(16)``; the On-device Sora app's ``numLpltarget = 15`` is the same run).
 - ``DynamicLeap``: the paper's rule (the authors' GPU code): cosine similarity of consecutive CFG velocities,
   best value tracked with a tolerance, leap when it has not improved for ``patience`` compared steps.
 
@@ -87,31 +87,37 @@ class NoLeap:
 
 @dataclass
 class FixedLeap:
-    """Leap at step index ``leap_at`` (0-based): ``leap_at + 1`` model calls, then ``z + sigma_{leap_at} v``.
+    """``calls`` model calls, then one Euler leap to t = 0 with the last one's velocity: ``z + sigma v``.
 
-    ``FixedLeap(15)`` with 30 steps is the On-device Sora app's default (16 model evaluations).
-    ``leap_at = num_steps - 1`` is the plain loop (its last step already uses ``dt = t'_{N-1}/1000``).
+    One convention everywhere (API, CLI ``--lpl``, benchmarks, README): the number counts model calls.
+    ``FixedLeap(16)`` with 30 steps is the paper's 16/30 (the On-device Sora app's default run); its leap is at
+    0-based step index ``leap_at = 15``. ``FixedLeap(num_steps)`` is the plain loop (its last step already uses
+    ``dt = t'_{N-1}/1000``).
     """
 
-    leap_at: int
+    calls: int
     leapt_at: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        if not _is_int(self.leap_at) or self.leap_at < 0:
+        if not _is_int(self.calls) or self.calls < 1:
             raise ValueError(
-                f"FixedLeap.leap_at must be an int >= 0, the 0-based step index to leap at (found {self.leap_at!r}); "
-                "e.g. FixedLeap(15) leaps after 16 of 30 steps"
+                f"FixedLeap.calls must be an int >= 1, the model calls before the leap (found {self.calls!r}); "
+                "e.g. FixedLeap(16) makes 16 of 30 calls, the paper's setting"
             )
+
+    @property
+    def leap_at(self) -> int:
+        """The 0-based step index of the leap: ``calls - 1``."""
+        return self.calls - 1
 
     def reset(self) -> None:
         self.leapt_at = None
 
     def validate(self, num_steps: int) -> None:
-        if self.leap_at >= num_steps:
+        if self.calls > num_steps:
             raise ValueError(
-                f"FixedLeap(leap_at={self.leap_at}) is outside the schedule: expected 0 <= leap_at < num_steps = "
-                f"{num_steps} (found leap_at {self.leap_at}); pass leap_at <= {num_steps - 1}, or NoLeap() to run "
-                "every step"
+                f"FixedLeap(calls={self.calls}) is outside the schedule: expected 1 <= calls <= num_steps = "
+                f"{num_steps} (found calls {self.calls}); pass calls <= {num_steps}, or NoLeap() to run every step"
             )
 
     def should_leap(self, step: int, v: torch.Tensor, num_steps: int) -> bool:

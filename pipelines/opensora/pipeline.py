@@ -15,7 +15,6 @@ Weights come from a local directory holding ``t5-v1_1-xxl/``, ``OpenSora-STDiT-v
 from __future__ import annotations
 
 import gc
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -47,7 +46,8 @@ class GenerateConfig:
         resolution, aspect: a preset (``"144p"``, ``"240p"``, ..., ``"256x256"``) and an aspect ratio ("3:4").
         frames: video frames (17 -> 5 latent frames, 68 -> 20).
         steps, cfg_scale, seed: the rectified-flow sampler's settings (30, 7.0, 42 in Open-Sora).
-        lpl: None (all steps), an int k (leap after k+1 model calls... see ``FixedLeap``), or ``"dynamic"``.
+        lpl: None (all steps), an int k: k model calls, then one leap to t = 0 (``FixedLeap(k)``; the paper's
+            16 of 30 is ``lpl=16``), or ``"dynamic"``.
         merge_steps: TDTM for the first ``merge_steps`` steps (0 = off).
         fps: frames per second of the written video (and the fps conditioning).
     """
@@ -70,9 +70,9 @@ class GenerateConfig:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an int >= 1 (Open-Sora uses 30); got {self.steps!r}")
         if self.lpl is not None and self.lpl != "dynamic":
-            if isinstance(self.lpl, bool) or not isinstance(self.lpl, int) or not 0 <= self.lpl < self.steps:
-                raise ValueError(f"lpl must be None, 'dynamic' or a step index in [0, steps={self.steps}); "
-                                 f"got {self.lpl!r} (the paper leaps at 16 of 30)")
+            if isinstance(self.lpl, bool) or not isinstance(self.lpl, int) or not 1 <= self.lpl <= self.steps:
+                raise ValueError(f"lpl must be None, 'dynamic' or the model calls before the leap, in [1, steps="
+                                 f"{self.steps}]; got {self.lpl!r} (the paper: 16 of 30 calls)")
         if isinstance(self.merge_steps, bool) or not isinstance(self.merge_steps, int) or \
                 not 0 <= self.merge_steps <= self.steps:
             raise ValueError(f"merge_steps must be an int in [0, steps={self.steps}]; got {self.merge_steps!r}")
@@ -121,17 +121,22 @@ class OpenSoraPipeline:
         self.stream = stream  # False: every model loaded whole (the reference the streamed run must equal)
 
     def generate(self, cfg: GenerateConfig, out: str | Path | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> GenerateResult:
-        """Run T5 -> STDiT3 -> VAE; write an mp4 to ``out`` if given."""
+                 progress: Callable[[str, int, int], None] | None = None) -> GenerateResult:
+        """Run T5 -> STDiT3 -> VAE; write an mp4 to ``out`` if given.
+
+        ``progress(stage, done, total)`` is called as each stage advances: ``"T5 encode"``, ``"denoising"``
+        (per model call; an LPL leap ends it early), ``"VAE decode"`` (per temporal chunk, then the spatial pass).
+        """
+        report = progress or (lambda stage, done, total: None)
         _import_models()  # library code pages and module objects are not the run's memory: load them first
         whole = Profile(budget=self.budget)
         rss = RssSampler(whole).start()
         try:
             stages: dict[str, Any] = {}
-            y, mask = self._encode(cfg, whole, stages)
-            z, steps_run, leapt_at = self._denoise(cfg, y, mask, whole, stages, progress)
+            y, mask = self._encode(cfg, whole, stages, report)
+            z, steps_run, leapt_at = self._denoise(cfg, y, mask, whole, stages, report)
             del y, mask
-            video = self._decode(cfg, z, whole, stages)
+            video = self._decode(cfg, z, whole, stages, report)
         finally:
             rss.stop()
         path = None
@@ -159,21 +164,24 @@ class OpenSoraPipeline:
                         "end_s": end, "stage_s": end - start}
         whole.absorb(rt.profile, prefix=f"{name}/")
 
-    def _encode(self, cfg: GenerateConfig, whole: Profile, stages: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, cfg: GenerateConfig, whole: Profile, stages: dict[str, Any],
+                report: Callable[[str, int, int], None]) -> tuple[torch.Tensor, torch.Tensor]:
         from blockrt.pipelines.opensora.t5 import encode_prompts, load_tokenizer
 
+        report("T5 encode", 0, 1)
         t5 = loading.load_t5(self.root / DIRS["t5"])
         tokenizer = load_tokenizer(self.root / DIRS["t5"])
         with self._run(t5.model, t5.weights) as rt:
             rt.expect_last_pass()  # one pass: no second one to prefetch for
             y, mask = encode_prompts(tokenizer, rt, [preprocess(cfg.prompt)])  # (1, 1, L, d), (1, L)
         self._finish("t5", rt, whole, stages)
+        report("T5 encode", 1, 1)
         del t5, rt
         gc.collect()
         return y, mask
 
     def _denoise(self, cfg: GenerateConfig, y: torch.Tensor, mask: torch.Tensor, whole: Profile,
-                 stages: dict[str, Any], progress: Callable[[int, int], None] | None) -> tuple[torch.Tensor, int, int | None]:
+                 stages: dict[str, Any], report: Callable[[str, int, int], None]) -> tuple[torch.Tensor, int, int | None]:
         stdit = loading.load_stdit3(self.root / DIRS["stdit3"])
         model = stdit.model.eval()
         h, w = resolve(cfg.resolution, cfg.aspect)
@@ -199,13 +207,15 @@ class OpenSoraPipeline:
                 return rt(z_in.to(model.dtype), t_in, y_in, mask=mask, x_mask=x_mask,
                           merge_frames=step < cfg.merge_steps, **side)
 
-            result = sample(model_fn, z, ts, cfg_scale=cfg.cfg_scale, policy=policy, progress=progress)
+            result = sample(model_fn, z, ts, cfg_scale=cfg.cfg_scale, policy=policy,
+                            progress=lambda done, total: report("denoising", done, total))
         self._finish("stdit3", rt, whole, stages)
         del stdit, model, rt
         gc.collect()
         return result.z, result.steps_run, result.leapt_at
 
-    def _decode(self, cfg: GenerateConfig, z: torch.Tensor, whole: Profile, stages: dict[str, Any]) -> torch.Tensor:
+    def _decode(self, cfg: GenerateConfig, z: torch.Tensor, whole: Profile, stages: dict[str, Any],
+                report: Callable[[str, int, int], None]) -> torch.Tensor:
         vae_dir = loading.load_vae(self.root / DIRS["vae"])
         vae = vae_dir.model.eval()
         source = CheckpointSource(vae_dir.weights)
@@ -215,13 +225,18 @@ class OpenSoraPipeline:
         frames = num_frames(cfg.frames)
         with torch.no_grad():
             with self._run(vae.temporal_vae.decoder, vae_dir.weights, weights_prefix="temporal_vae.decoder.") as rt:
-                chunks = [vae.temporal_vae.decode(vae.denormalize(zk), nk) for zk, nk in vae.split_chunks(z, frames)]
+                parts = vae.split_chunks(z, frames)
+                chunks = []
+                for k, (zk, nk) in enumerate(parts):
+                    report("VAE decode", k, len(parts) + 1)
+                    chunks.append(vae.temporal_vae.decode(vae.denormalize(zk), nk))
                 x_z = torch.cat(chunks, dim=2)  # (1, 4, frames, h, w): chunk by chunk, 5 latents -> 17 frames
             self._finish("vae_temporal", rt, whole, stages)
             with self._run(vae.spatial_vae.module.decoder, vae_dir.weights,
                            weights_prefix="spatial_vae.module.decoder.") as rt:
                 video = vae.spatial_vae.decode(x_z)  # (1, 3, frames, 8h, 8w), micro-batch by micro-batch
             self._finish("vae_spatial", rt, whole, stages)
+            report("VAE decode", len(parts) + 1, len(parts) + 1)
         return video[0]
 
 
@@ -261,20 +276,3 @@ class _Whole:
 
     def __exit__(self, *exc: object) -> None:
         pass
-
-
-def tqdm_progress(total: int) -> Callable[[int, int], None] | None:
-    """A tqdm bar over denoising steps when stderr is a terminal; None otherwise."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc="denoising", unit="step")
-
-    def update(done: int, n: int) -> None:
-        bar.n = done
-        bar.refresh()
-        if done >= n:
-            bar.close()
-
-    return update

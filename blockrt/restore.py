@@ -33,7 +33,7 @@ from torch import nn
 
 from . import tempdirs
 from .binding import Binder
-from .errors import BlockrtError
+from .errors import RestoreError
 from .partitioners.plan import Plan, TensorSpec
 from .safetensors_format import read_header, write_file
 from .sources import WeightSource
@@ -66,11 +66,12 @@ class Originals:
 
     def restore(self, binder: Binder) -> None:
         """Read back every tensor that is not its original and bind it into the model. Once; later calls do
-        nothing. Raises ``BlockrtError`` naming the tensors it could not put back."""
+        nothing. Gives back all it can, then raises ``RestoreError`` naming the tensors it could not put back."""
         if self.done:
             return
         self.done = True
-        failed = []
+        failed: list[str] = []
+        cause: BaseException | None = None
         for key, spec in self.specs.items():
             device, dtype, ptr = self.where[key]
             t = binder.tensor(key)
@@ -78,18 +79,24 @@ class Originals:
                     and t.data_ptr() == ptr:
                 continue  # the original itself (the pinned part on its own device)
             src = self.lossy if self.lossy is not None and key in self.lossy.segments else self.exact
-            data = src.read_tensor(key, device, dtype)  # one tensor at a time: never two copies of the model
+            try:
+                data = src.read_tensor(key, device, dtype)  # one tensor at a time: never two copies of the model
+            except Exception as e:  # noqa: BLE001 - every other tensor is still given back; reported below
+                failed.append(key)
+                cause = cause or e
+                continue
             self.bytes_read += src.segment(key).nbytes
             binder.materialize([(spec, data)])
             back = binder.tensor(key)
             if back.device != device or back.shape != data.shape:
                 failed.append(key)  # swap_tensors refused (something held the placeholder) and .data cannot cross devices
         if failed:
-            raise BlockrtError(f"the model's weights could not all be put back after the run: {failed[:5]} "
-                               f"({len(failed)} tensor(s)) stay placeholders because something else still holds them "
-                               "(a traceback's frame, say); fix: drop those references before closing the runtime, "
-                               "or stream the model again with weights=<its store or checkpoint>")
-
+            why = f"{type(cause).__name__}: {cause}" if cause is not None else \
+                "something else still holds them (a traceback's frame, say)"
+            raise RestoreError(f"the model's weights could not all be put back after the run: {failed[:5]} "
+                               f"({len(failed)} tensor(s)) stay meta placeholders ({why}); the rest was restored; "
+                               "fix: keep the store's files until close, or stream the model again with "
+                               "weights=<its store or checkpoint>")
 
 def keep_originals(model: nn.Module, plan: Plan, rows: dict[str, object], source: WeightSource,
                    tmpdir: str | None) -> Originals:

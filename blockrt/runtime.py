@@ -10,6 +10,7 @@ holds every byte against the budget, which lives there and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import weakref
 from pathlib import Path
@@ -24,7 +25,7 @@ from .budget import Floor
 from .config import RunConfig
 from .device import DeviceProfile, get_profile, resolve_budget
 from .embedding_rows import EmbeddingRows, row_streamed_tables
-from .errors import BlockrtError, PartitionError
+from .errors import BlockrtError, PartitionError, RestoreError
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, Staging
 from .malloc import trim_malloc
@@ -41,6 +42,8 @@ from .retention import Retention, RetentionState
 from .schedule import BlockTiming
 from .weights import bind_pinned, open_weights
 from .working_set import warm_up
+
+log = logging.getLogger(__name__)
 
 
 def run(model: nn.Module, budget: int | str | DeviceProfile, *, weights: str | Path | None = None,
@@ -102,6 +105,8 @@ class Runtime:
             try:
                 _shutdown(self._loader, self._rss, None)
                 self._restore()  # the model is never left with placeholders by a failed set-up
+            except RestoreError as e:
+                log.warning("%s", e)  # the set-up's own error is the one to raise
             finally:
                 _shutdown(None, None, self._tmpdir)
             raise
@@ -287,8 +292,13 @@ class Runtime:
     def __enter__(self) -> "Runtime":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self.close()
+        except RestoreError as e:
+            if exc is None:
+                raise
+            log.warning("%s", e)  # the exception leaving the with-block is the one to see
 
     def _begin_pass(self, args: tuple, kwargs: dict) -> None:
         me = threading.get_ident()

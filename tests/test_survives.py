@@ -271,3 +271,19 @@ def test_a_runtime_dropped_without_close_keeps_streaming_its_model():
     assert os.path.isdir(tmpdir)  # the store is still there: the runtime is alive
     with torch.no_grad():
         assert torch.equal(model(**inputs), ref)
+
+
+def test_a_store_file_gone_is_named_at_close_and_never_masks_the_error_in_flight(tmp_path, caplog):
+    model, inputs = build_toy(0)
+    store = tmp_path / "s"
+    rt = blockrt.run(model, budget=roomy(model), store=store)
+    (store / "blocks" / "0001.safetensors").unlink()
+    with pytest.raises(blockrt.RestoreError, match=r"layers\.1\..*FileNotFoundError.*the rest was restored"):
+        rt.close()
+    assert {n.split(".")[1] for n, p in model.named_parameters() if p.is_meta} == {"1"}  # only that block
+    rt = blockrt.run(build_toy(0)[0], budget=roomy(model), store=tmp_path / "t")
+    (tmp_path / "t" / "blocks" / "0002.safetensors").unlink()
+    with pytest.raises(Boom):  # the with-block's own exception comes out; the restore problem is logged
+        with rt:
+            raise Boom("the caller's error")
+    assert "could not all be put back" in caplog.text

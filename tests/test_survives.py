@@ -271,6 +271,9 @@ def test_a_runtime_dropped_without_close_keeps_streaming_its_model():
     assert os.path.isdir(tmpdir)  # the store is still there: the runtime is alive
     with torch.no_grad():
         assert torch.equal(model(**inputs), ref)
+    del model
+    gc.collect()  # the model gone, the runtime is collected: its finalizer removes the temporary store
+    assert not os.path.exists(tmpdir)
 
 
 def test_a_store_file_gone_is_named_at_close_and_never_masks_the_error_in_flight(tmp_path, caplog):

@@ -115,7 +115,7 @@ def main() -> None:
         except ImportError:
             rows.append(("content hash", "n/a (this version samples)"))
 
-        def fresh() -> ToyTransformer:  # a closed runtime leaves the model's weights on meta: build it again
+        def fresh() -> ToyTransformer:  # a new store each time (the spill writes it)
             shutil.rmtree(d / "s", ignore_errors=True)
             return build(args.mb, args.vocab)
 

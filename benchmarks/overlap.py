@@ -129,9 +129,10 @@ def working_set_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
 
 
 def spill(model: torch.nn.Module, budget: int, store: Path) -> None:
-    """Write ``model``'s blocks to a blockrt store once (a runtime that runs no pass). Afterwards the model's
-    streamed weights are meta placeholders: the process no longer holds the whole model."""
-    blockrt.run(model, budget=budget, store=store, config=RunConfig(prefetch_depth=0, retention=False)).close()
+    """Write ``model``'s blocks to a blockrt store once (a runtime that runs no pass). ``restore=False``: the model's
+    streamed weights stay meta placeholders, so the process no longer holds the whole model."""
+    blockrt.run(model, budget=budget, store=store,
+                config=RunConfig(prefetch_depth=0, retention=False, restore=False)).close()
 
 
 def time_streamed(mcfg: ToyConfig, ids: torch.Tensor, depth: int, budget: int, bandwidth: float,

@@ -14,7 +14,7 @@ from .device import PROFILES, DeviceProfile, get_profile, register_profile  # no
 from .memory import read_rss  # noqa: E402
 from .page_cache import drop_page_cache  # noqa: E402
 from .predict import BlockTiming, Prediction, predict, simulate  # noqa: E402
-from .errors import BlockrtError, BudgetError, LoadError, PartitionError, StoreError  # noqa: E402
+from .errors import BlockrtError, BudgetError, LoadError, PartitionError, RestoreError, StoreError  # noqa: E402
 from .partitioners.plan import Block, Plan, TensorSpec  # noqa: E402
 from .profile import Profile, Summary  # noqa: E402
 from .runtime import Runtime, run  # noqa: E402
@@ -23,6 +23,6 @@ from .conversion import convert_store  # noqa: E402
 
 __all__ = [
     "PROFILES", "BlockTiming", "DeviceProfile", "Prediction", "drop_page_cache", "get_profile", "predict",
-    "read_rss", "register_profile", "simulate", "Block", "BlockrtError", "BudgetError", "LoadError", "PartitionError", "Plan", "Profile", "RunConfig",
+    "read_rss", "register_profile", "simulate", "Block", "BlockrtError", "BudgetError", "LoadError", "PartitionError", "Plan", "Profile", "RestoreError", "RunConfig",
     "Runtime", "StoreError", "Summary", "TensorSpec", "convert_store", "meta_weights", "parse_budget", "run", "__version__",
 ]

@@ -59,6 +59,11 @@ class RunConfig:
         row_stream_min_bytes: a pinned ``nn.Embedding`` table at least this large is never read whole: each call
             reads only the rows its ids use (``embedding_rows.py``; tables tied to a non-embedding, such as an LM
             head, stay pinned). 0 = every eligible table, None = none (all pinned).
+        restore: an in-memory model gets its original weights back at ``close`` (the same Parameter objects,
+            dtypes, devices and values; ``restore.py``), read from the store, plus a restore file written at spill
+            time for tensors stored narrower (lossy ``storage_dtype``). False: the streamed tensors stay ``meta``
+            placeholders after close (no restore file, no read-back). Models streamed with ``weights=`` are
+            skeletons and stay so either way.
 
     Example:
         >>> RunConfig(prefetch_depth=2, read_bytes_per_s=1.45e9)
@@ -81,6 +86,7 @@ class RunConfig:
     store_path: str | os.PathLike | None = None
     reserve_bytes: int | None = None
     row_stream_min_bytes: int | None = DEFAULT_ROW_STREAM_MIN_BYTES
+    restore: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
@@ -109,6 +115,9 @@ class RunConfig:
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
             raise ValueError(f"row_stream_min_bytes must be an int >= 0 (0 = read every eligible embedding table by "
                              f"rows) or None (keep every table pinned); got {m!r}")
+        if not isinstance(self.restore, bool):
+            raise ValueError(f"restore must be True (give an in-memory model its weights back at close) or False; "
+                             f"got {self.restore!r}")
         if self.store_path is not None and not isinstance(self.store_path, (str, os.PathLike)):
             raise ValueError(f"store_path must be a directory path or None; got {self.store_path!r}")
 

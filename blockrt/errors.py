@@ -5,7 +5,7 @@
 
 from .partitioners.errors import BlockrtError, PartitionError
 
-__all__ = ["BlockrtError", "BudgetError", "DiskFullError", "LoadError", "PartitionError", "StoreError"]
+__all__ = ["BlockrtError", "BudgetError", "DiskFullError", "LoadError", "PartitionError", "RestoreError", "StoreError"]
 
 
 class BudgetError(BlockrtError):
@@ -23,3 +23,8 @@ class LoadError(BlockrtError):
 class DiskFullError(StoreError, OSError):
     """No space left for a store: names the path, the bytes needed and the bytes free. Also an ``OSError`` with
     ``errno.ENOSPC``, so code that handles a full disk as an ``OSError`` still does."""
+
+
+class RestoreError(BlockrtError):
+    """``close`` could not give an in-memory model all its weights back (a store file gone, say): names the
+    tensors left as ``meta`` placeholders and why; everything else was restored and the runtime is closed."""

@@ -10,6 +10,7 @@ holds every byte against the budget, which lives there and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import weakref
 from pathlib import Path
@@ -24,7 +25,7 @@ from .budget import Floor
 from .config import RunConfig
 from .device import DeviceProfile, get_profile, resolve_budget
 from .embedding_rows import EmbeddingRows, row_streamed_tables
-from .errors import BlockrtError, PartitionError
+from .errors import BlockrtError, PartitionError, RestoreError
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, Staging
 from .malloc import trim_malloc
@@ -36,10 +37,13 @@ from .predict import Prediction
 from .profile import Profile
 from .quantize import stored_dtypes
 from .residency import Residency
+from .restore import Originals, keep_originals
 from .retention import Retention, RetentionState
 from .schedule import BlockTiming
 from .weights import bind_pinned, open_weights
 from .working_set import warm_up
+
+log = logging.getLogger(__name__)
 
 
 def run(model: nn.Module, budget: int | str | DeviceProfile, *, weights: str | Path | None = None,
@@ -90,11 +94,21 @@ class Runtime:
         self._hooks: list[Any] = []
         self._tmpdir: str | None = None
         self._loader: Loader | None = None
+        self._originals: Originals | None = None  # an in-memory model's weights, given back at close
         self._rss = start_rss(self.profile, config.rss_interval_s, exact=config.exact_rss)  # before allocating
         try:
             self._setup(model, budget_bytes, weights, store, partitioner)
         except BaseException:
-            _shutdown(self._loader, self._rss, self._tmpdir)
+            for h in self._hooks:  # a failure while installing them
+                h.remove()
+            self._hooks.clear()
+            try:
+                _shutdown(self._loader, self._rss, None)
+                self._restore()  # the model is never left with placeholders by a failed set-up
+            except RestoreError as e:
+                log.warning("%s", e)  # the set-up's own error is the one to raise
+            finally:
+                _shutdown(None, None, self._tmpdir)
             raise
 
     def _setup(self, model: nn.Module, budget: int, weights: Any, store: Any, partitioner: Any) -> None:
@@ -124,6 +138,9 @@ class Runtime:
             "ledger_bytes", self.profile.now(), total))
         binder = Binder(model)
         ledger.reserve("pinned", pinned_bytes, "the pinned part")
+        if weights is None and config.restore:  # from here on the model's tensors are bound for streaming
+            self._originals = keep_originals(model, self.plan, self._rows, source, self._tmpdir)
+            self._tmpdir = self._originals.tmpdir
         bind_pinned(model, self.plan, self._rows, binder, source if weights is not None else None, self._device)
         self._loader = Loader(source, self.profile, self._device, read_bytes_per_s=self.read_bytes_per_s,
                               slot_bytes=floor.slot_bytes, staging=staging)
@@ -236,9 +253,15 @@ class Runtime:
                                        else device_profile, pass_idx)
 
     def close(self) -> None:
-        """Remove the hooks, stop the loader, free the slots and any temporary store. Idempotent.
+        """Remove the hooks, stop the loader, free the slots, give an in-memory model its weights back and remove
+        any temporary store. Idempotent.
 
-        Streamed weights stay ``meta`` placeholders in the model afterwards (it never held them all).
+        A model that was in memory when ``blockrt.run`` got it has its original weights again afterwards (the same
+        Parameter objects, dtypes and values, read back from disk; see ``restore.py``), also after a pass that
+        raised or was interrupted; ``RunConfig(restore=False)`` leaves ``meta`` placeholders instead. A model
+        streamed with ``weights=`` is a skeleton and stays one: its blocks' tensors are ``meta`` placeholders (the
+        pinned part keeps what set-up read), so calling it fails on them; stream it again with
+        ``blockrt.run(skeleton, budget, weights=...)``.
         """
         if self._closed:
             return
@@ -253,14 +276,29 @@ class Runtime:
             for h in self._hooks:
                 h.remove()
             self._hooks.clear()
-            self._finalizer()  # the loader stops, the sampler stops, a temporary store goes, whatever happened above
-            self._residency.close()
+            try:
+                try:
+                    _shutdown(self._loader, self._rss, None)  # the restore below is no part of the run's timeline
+                finally:
+                    self._residency.close()
+                self._restore()
+            finally:
+                self._finalizer()  # the loader stops, the sampler stops, a temporary store goes, whatever happened
+
+    def _restore(self) -> None:
+        if self._originals is not None:
+            self._originals.restore(Binder(self.model))
 
     def __enter__(self) -> "Runtime":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self.close()
+        except RestoreError as e:
+            if exc is None:
+                raise
+            log.warning("%s", e)  # the exception leaving the with-block is the one to see
 
     def _begin_pass(self, args: tuple, kwargs: dict) -> None:
         me = threading.get_ident()

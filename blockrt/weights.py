@@ -45,8 +45,8 @@ def open_weights(model: nn.Module, plan: Plan, config: RunConfig, storage: Any, 
     if on_meta:
         raise BlockrtError(
             f"{type(model).__name__} has weights on the meta device ({on_meta[:3]}...) and no weights= was "
-            "given (a model streamed by a closed Runtime keeps meta placeholders); fix: pass weights=<checkpoint "
-            "or blockrt store directory> to stream them")
+            "given (a skeleton, or a model a closed Runtime streamed with RunConfig(restore=False), keeps meta "
+            "placeholders); fix: pass weights=<checkpoint or blockrt store directory> to stream them")
     store = store if store is not None else config.store_path
     tmpdir = None
     if store is None:

@@ -168,16 +168,14 @@ def _named_budget(e: BudgetError) -> int:
 
 def test_the_smallest_budget_named_runs():
     """Start far too low; each BudgetError names a budget; the one named after activations were measured runs."""
-    def build():  # the same seeded weights each time (a closed runtime leaves its model's blocks on meta)
-        return build_toy(0, dim=128, n_layers=4, max_len=64)[0]
-
+    model = build_toy(0, dim=128, n_layers=4, max_len=64)[0]  # one model: each closed run gives its weights back
     ids = torch.randint(0, 128, (8, 64))  # activations larger than a block
     with torch.no_grad():
-        ref = build()(ids).clone()
+        ref = model(ids).clone()
     budget, named = 10_000, []
     for _ in range(3):
         try:
-            with blockrt.run(build(), budget=budget, config=RunConfig(retention=False)) as rt:
+            with blockrt.run(model, budget=budget, config=RunConfig(retention=False)) as rt:
                 assert torch.equal(rt(ids), ref)
                 assert torch.equal(rt(ids), ref)
             break

@@ -254,7 +254,6 @@ def test_reserve_bytes_stay_out_of_retention():
     budget = plan.pinned_bytes + 2 * blk + 256 * 1024 + 4 * blk
     kept = {}
     for reserve in (0, 2 * blk):
-        model, inputs = BUILDERS["toy"](n_layers=8)  # a closed Runtime leaves meta placeholders behind
         with blockrt.run(model, budget=budget, config=blockrt.RunConfig(reserve_bytes=reserve)) as rt:
             for _ in range(PASSES):
                 rt(**inputs)

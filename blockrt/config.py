@@ -26,7 +26,8 @@ class RunConfig:
         prefetch_depth: blocks loaded ahead of the one computing. 1 = double buffering (two slots);
             0 = load on demand, the paper's sequential baseline.
         device: where compute runs: ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
-        target_block_bytes: pack consecutive layers into blocks up to this many bytes (None = one layer each).
+        target_block_bytes: pack consecutive layers into blocks up to this many bytes (None = the partitioner's
+            default; for the whole-model partitioner, blocks up to its largest unit, at most 1/8 of the model).
         read_bytes_per_s: throttle the loader to this read bandwidth (simulates slow flash); None = the device
             profile's flash speed if there is one, else as fast as the disk.
         device_profile: simulate this device's loads (a name such as ``"iphone15pro"`` or a ``DeviceProfile``);
@@ -59,6 +60,8 @@ class RunConfig:
         row_stream_min_bytes: a pinned ``nn.Embedding`` table at least this large is never read whole: each call
             reads only the rows its ids use (``embedding_rows.py``; tables tied to a non-embedding, such as an LM
             head, stay pinned). 0 = every eligible table, None = none (all pinned).
+        pin: module paths whose weights stay resident instead of streaming, whatever the partitioner decided
+            (e.g. ``["transformer_blocks.0.norm1"]`` for a module a model calls while another block runs).
 
     Example:
         >>> RunConfig(prefetch_depth=2, read_bytes_per_s=1.45e9)
@@ -81,6 +84,7 @@ class RunConfig:
     store_path: str | os.PathLike | None = None
     reserve_bytes: int | None = None
     row_stream_min_bytes: int | None = DEFAULT_ROW_STREAM_MIN_BYTES
+    pin: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
@@ -109,6 +113,9 @@ class RunConfig:
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
             raise ValueError(f"row_stream_min_bytes must be an int >= 0 (0 = read every eligible embedding table by "
                              f"rows) or None (keep every table pinned); got {m!r}")
+        if not isinstance(self.pin, (list, tuple)) or not all(isinstance(p, str) and p for p in self.pin):
+            raise ValueError(f"pin must be a list of module paths such as ['encoder.block.0.layer.0']; got {self.pin!r}")
+        object.__setattr__(self, "pin", tuple(self.pin))
         if self.store_path is not None and not isinstance(self.store_path, (str, os.PathLike)):
             raise ValueError(f"store_path must be a directory path or None; got {self.store_path!r}")
 

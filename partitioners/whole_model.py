@@ -10,7 +10,8 @@ models work and nothing is materialised.
 The rules (``model_units``):
 
 - the *unit cap* is 1/8 of the model's bytes (``UNIT_FRACTION``); a module above it is split into its
-  children, and its direct parameters and buffers are pinned;
+  children, and its direct parameters and buffers are pinned, unless those are not small (Mixtral's fused
+  ``experts`` tensors): such a module stays one unit, above the cap;
 - a module at or below the cap is one unit (its ``forward`` is where the runtime hooks it), unless it is
   smaller than 1/64 of the cap (``SMALL_FRACTION``): then it stays pinned rather than becoming a tiny block;
 - modules without a ``forward`` of their own (``ModuleList``, ``ModuleDict``) are always split, since
@@ -84,8 +85,9 @@ def model_units(model: nn.Module, *, max_unit_bytes: int | None = None) -> list[
             nbytes = sizes.get(p, 0)
             if nbytes == 0 or isinstance(child, nn.Embedding):
                 continue  # nothing to stream, or a table the runtime pins (and reads by rows when large)
-            if _is_container(child) or (nbytes > cap and any(True for _ in child.children())):
-                visit(p, child)  # its direct parameters and buffers stay pinned
+            inner = sum(sizes.get(_join(p, n), 0) for n, _ in child.named_children())
+            if _is_container(child) or (nbytes > cap and inner > 0 and nbytes - inner < small):
+                visit(p, child)  # its direct parameters and buffers (small) stay pinned
             elif nbytes >= small:  # a leaf above the cap (one huge matrix) is a unit of its own
                 units.append((p, [p]))
 

@@ -26,7 +26,8 @@ class RunConfig:
         prefetch_depth: blocks loaded ahead of the one computing. 1 = double buffering (two slots);
             0 = load on demand, the paper's sequential baseline.
         device: where compute runs: ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
-        target_block_bytes: pack consecutive layers into blocks up to this many bytes (None = one layer each).
+        target_block_bytes: pack consecutive layers into blocks up to this many bytes (None = the partitioner's
+            default; for the whole-model partitioner, blocks up to its largest unit, at most 1/8 of the model).
         read_bytes_per_s: throttle the loader to this read bandwidth (simulates slow flash); None = the device
             profile's flash speed if there is one, else as fast as the disk.
         device_profile: simulate this device's loads (a name such as ``"iphone15pro"`` or a ``DeviceProfile``);
@@ -64,6 +65,8 @@ class RunConfig:
             time for tensors stored narrower (lossy ``storage_dtype``). False: the streamed tensors stay ``meta``
             placeholders after close (no restore file, no read-back). Models streamed with ``weights=`` are
             skeletons and stay so either way.
+        pin: module paths whose weights stay resident instead of streaming, whatever the partitioner decided
+            (e.g. ``["transformer_blocks.0.norm1"]`` for a module a model calls while another block runs).
 
     Example:
         >>> RunConfig(prefetch_depth=2, read_bytes_per_s=1.45e9)
@@ -87,6 +90,7 @@ class RunConfig:
     reserve_bytes: int | None = None
     row_stream_min_bytes: int | None = DEFAULT_ROW_STREAM_MIN_BYTES
     restore: bool = True
+    pin: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
@@ -118,6 +122,9 @@ class RunConfig:
         if not isinstance(self.restore, bool):
             raise ValueError(f"restore must be True (give an in-memory model its weights back at close) or False; "
                              f"got {self.restore!r}")
+        if not isinstance(self.pin, (list, tuple)) or not all(isinstance(p, str) and p for p in self.pin):
+            raise ValueError(f"pin must be a list of module paths such as ['encoder.block.0.layer.0']; got {self.pin!r}")
+        object.__setattr__(self, "pin", tuple(self.pin))
         if self.store_path is not None and not isinstance(self.store_path, (str, os.PathLike)):
             raise ValueError(f"store_path must be a directory path or None; got {self.store_path!r}")
 

@@ -26,6 +26,7 @@ from .config import RunConfig
 from .device import DeviceProfile, get_profile, resolve_budget
 from .embedding_rows import EmbeddingRows, row_streamed_tables
 from .errors import BlockrtError, PartitionError, RestoreError
+from .entry_points import entry_points, evicted_use_error, is_meta_failure, nested_use_error
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, Staging
 from .malloc import trim_malloc
@@ -113,7 +114,8 @@ class Runtime:
 
     def _setup(self, model: nn.Module, budget: int, weights: Any, store: Any, partitioner: Any) -> None:
         config = self.config
-        self.plan: Plan = partition(model, target_bytes=config.target_block_bytes, partitioner=partitioner)
+        self.plan: Plan = partition(model, target_bytes=config.target_block_bytes, partitioner=partitioner,
+                                    pin=config.pin)
         if not self.plan.blocks:
             raise PartitionError(f"the plan for {type(model).__name__} has no blocks to stream")
         layouts = [BlockLayout.of(b) for b in self.plan.blocks]
@@ -168,13 +170,12 @@ class Runtime:
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: setattr(self, "_pass_ok", True)))
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: self._end_pass(), always_call=True))
         self._hooks += self._rows_reader.install()
-        for i, block in enumerate(self.plan.blocks):
-            for path in block.modules:
-                sub = m.get_submodule(path)
-                last = path == block.modules[-1]
-                self._hooks.append(sub.register_forward_pre_hook(lambda mod, args, i=i: self._pre(i)))
-                self._hooks.append(sub.register_forward_hook(lambda mod, args, out, i=i, last=last: self._post(i, last),
-                                                             always_call=True))
+        for i, path, top in entry_points(m, self.plan):  # the block's modules, and param owners inside them
+            sub = m.get_submodule(path)
+            last = not top or path == self.plan.blocks[i].modules[-1]
+            self._hooks.append(sub.register_forward_pre_hook(lambda mod, args, i=i, path=path: self._pre(i, path)))
+            self._hooks.append(sub.register_forward_hook(lambda mod, args, out, i=i, last=last: self._post(i, last),
+                                                         always_call=True))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model (one pass) under ``torch.no_grad()``; same call and result as ``model(...)``.
@@ -188,8 +189,10 @@ class Runtime:
         with torch.no_grad():
             try:
                 return self.model(*args, **kwargs)
-            except BaseException:
+            except BaseException as e:
                 self._abort_pass()  # torch runs the always-call hooks for an Exception, never for KeyboardInterrupt
+                if is_meta_failure(e):
+                    raise evicted_use_error(self.plan, e) from e
                 raise
 
     @property
@@ -354,12 +357,11 @@ class Runtime:
             self._owner = None
             self._turn.notify()
 
-    def _pre(self, i: int) -> None:
+    def _pre(self, i: int, path: str) -> None:
         active = self._residency.active
         if active is not None and active != i:
             if self._running:
-                raise BlockrtError(f"block {self.plan.blocks[i].name!r} was called from inside block "
-                                   f"{self.plan.blocks[active].name!r}; nested blocks are not supported")
+                raise nested_use_error(self.plan, i, path, active)
             self._release(active)
         self._running += 1
         if self._residency.active is None:

@@ -112,6 +112,7 @@ def plan_from_units(
     *,
     target_bytes: int | None,
     partitioner: str,
+    labels: Sequence[object] | None = None,
 ) -> Plan:
     """Build a Plan from ordered units, packing consecutive units into blocks of at most ``target_bytes``.
 
@@ -126,6 +127,9 @@ def plan_from_units(
         target_bytes: block byte target; ``None`` packs one unit per block. A unit larger than the target
             becomes a block of its own.
         partitioner: recorded in ``Plan.partitioner``.
+        labels: one label per unit; only consecutive units with equal labels share a block (``None``: all
+            one group). The whole-model partitioner labels each unit by its parent module, so an encoder's
+            last layer never shares a block with a decoder's first.
     """
     check_target_bytes(target_bytes)
     unit_of: dict[str, int] = {}
@@ -177,7 +181,8 @@ def plan_from_units(
     for j in range(len(units)):
         if j > start:
             grown = size + sum(b for lo, b in ending_at[j] if lo >= start)
-            if target_bytes is not None and grown <= target_bytes:
+            same = labels is None or labels[j] == labels[start]
+            if target_bytes is not None and grown <= target_bytes and same:
                 size = grown
                 continue
             ranges.append((start, j - 1))

@@ -1,8 +1,9 @@
 """The partitioner registry: which function splits which model class into a Plan.
 
 Partitioners are chosen by model class (never by file or checkpoint names). The most specific class in
-``type(model).__mro__`` with a registered function wins; anything unregistered falls back to the generic
-partitioner, which finds the repeated layer stack by itself.
+``type(model).__mro__`` with a registered function wins; anything unregistered falls back to the
+whole-model partitioner (``whole_model.py``), which decomposes the whole module tree by bytes. ``pin``
+moves named modules' tensors out of their blocks afterwards, whichever partitioner ran.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Callable, Protocol
 from torch import nn
 
 from blockrt.partitioners.plan import Plan
-from blockrt.partitioners.generic import check_target_bytes, generic_partition
+from blockrt.partitioners.generic import check_target_bytes
+from blockrt.partitioners.pinning import pin_modules
+from blockrt.partitioners.whole_model import whole_model_partition
 
 
 class PartitionFn(Protocol):
@@ -70,19 +73,23 @@ def lookup(model_class: type) -> PartitionFn:
         fn = _REGISTRY.get(klass) or _REGISTRY.get(class_path(klass))
         if fn is not None:
             return fn
-    return generic_partition
+    return whole_model_partition
 
 
 def partition(
-    model: nn.Module, *, target_bytes: int | None = None, partitioner: PartitionFn | None = None
+    model: nn.Module, *, target_bytes: int | None = None, partitioner: PartitionFn | None = None,
+    pin: tuple[str, ...] | list[str] = (),
 ) -> Plan:
     """Split ``model`` into a Plan of streamable blocks and pinned tensors.
 
     Args:
         model: the model; it may live on the ``meta`` device (only shapes and dtypes are read).
         target_bytes: pack consecutive layers into blocks of at most this many bytes
-            (``None``: one layer per block). A single layer larger than the target is its own block.
+            (``None``: the partitioner's default; the whole-model one packs up to its largest unit, at most 1/8
+            of the model). A single layer larger than the target is its own block.
         partitioner: force this function instead of the one registered for the model's class.
+        pin: module paths whose tensors stay resident instead of streaming (``pin_modules``), e.g. a module
+            whose weights are used while another block runs.
 
     Example:
         >>> plan = partition(model, target_bytes=256 << 20)
@@ -98,4 +105,4 @@ def partition(
     if not isinstance(plan, Plan):
         name = getattr(fn, "__qualname__", repr(fn))
         raise TypeError(f"partitioner {name} returned {type(plan).__qualname__}, expected a blockrt.Plan")
-    return plan
+    return pin_modules(model, plan, pin) if pin else plan

@@ -102,7 +102,7 @@ def test_target_packs_two_equal_layers(name: str) -> None:
     model, _ = BUILDERS[name]()
     stack, n = EXPECTED_STACKS[name]
     one = generic_partition(model).blocks[0].nbytes
-    plan = partition(model, target_bytes=2 * one)
+    plan = generic_partition(model, target_bytes=2 * one)
     expected = [tuple(f"{stack}.{j}" for j in range(i, min(i + 2, n))) for i in range(0, n, 2)]
     assert [b.modules for b in plan.blocks] == expected
     assert plan.blocks[0].name == f"{stack}.0-1"
@@ -110,9 +110,9 @@ def test_target_packs_two_equal_layers(name: str) -> None:
     check_covers(plan, model)
     assert plan.total_bytes == unique_bytes(model)
     # just under two layers: back to one layer per block; a huge target: one block.
-    assert len(partition(model, target_bytes=2 * one - 1).blocks) == n
-    assert len(partition(model, target_bytes=1).blocks) == n
-    assert [b.name for b in partition(model, target_bytes=1 << 40).blocks] == [f"{stack}.0-{n - 1}"]
+    assert len(generic_partition(model, target_bytes=2 * one - 1).blocks) == n
+    assert len(generic_partition(model, target_bytes=1).blocks) == n
+    assert [b.name for b in generic_partition(model, target_bytes=1 << 40).blocks] == [f"{stack}.0-{n - 1}"]
 
 
 def test_target_t5_larger_first_block() -> None:
@@ -219,7 +219,7 @@ def test_largest_homogeneous_stack_wins() -> None:
 def test_no_stack_raises(model: nn.Module) -> None:
     name = type(model).__qualname__
     with pytest.raises(PartitionError, match=rf"no repeated layer stack in {name}.*blockrt.partitioners.register"):
-        partition(model)
+        generic_partition(model)
 
 
 def test_bad_arguments() -> None:
@@ -261,7 +261,7 @@ def test_registry_dispatch_by_mro(registered_sub) -> None:
     with torch.device("meta"):
         base, sub, subsub = ToyTransformer(cfg), _ToySub(cfg), _ToySubSub(cfg)
     assert lookup(_ToySubSub) is registered_sub
-    assert partition(base).partitioner == "generic"
+    assert partition(base).partitioner == "whole-model"  # the default for unregistered classes
     assert partition(sub).partitioner == "one_block"
     assert partition(subsub).partitioner == "one_block" and partition(subsub).model_class == "_ToySubSub"
     # forcing one overrides the registry

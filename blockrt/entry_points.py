@@ -1,0 +1,74 @@
+"""Entry points: the modules whose calls make a block resident, and the errors when a weight is used elsewhere.
+
+A block is entered through its own modules (``Block.modules``) and also through every module inside them
+that directly owns one of the block's tensors: a model may call such a module on its own, outside the
+block's main call (diffusers' ``DiTTransformer2DModel`` calls ``transformer_blocks[0].norm1.emb`` after the
+block loop), and the runtime then loads the block again for that call. Hooks go on parameter-owning
+modules only, so their number stays small.
+
+A block's module used while *another* block runs, or a weight read directly (``self.layer.weight``) outside
+any hooked call, cannot be served by streaming: the messages here name what was used, where it belongs,
+and the fix (``RunConfig(pin=[module path])`` keeps that module resident).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import BlockrtError
+from .partitioners.plan import Plan
+
+
+def owning_modules(plan: Plan, i: int) -> list[str]:
+    """Paths of the modules inside block ``i`` that directly own one of its tensors (under any alias), in
+    state-dict order, without the block's own modules."""
+    keys = set(plan.blocks[i].keys)
+    names = [*keys, *(alias for alias, owner in plan.aliases.items() if owner in keys)]
+    tops = set(plan.blocks[i].modules)
+    paths = dict.fromkeys(k.rpartition(".")[0] for k in sorted(names))
+    return [p for p in paths if p and p not in tops]
+
+
+def entry_points(model: nn.Module, plan: Plan) -> list[tuple[int, str, bool]]:
+    """``(block, module path, is_top)`` for every module whose call enters a block; a module object reached
+    under two paths is listed once."""
+    seen: set[int] = set()
+    out: list[tuple[int, str, bool]] = []
+    for i, block in enumerate(plan.blocks):
+        for path, top in [*((p, True) for p in block.modules), *((p, False) for p in owning_modules(plan, i))]:
+            sub = model.get_submodule(path)
+            if id(sub) not in seen:
+                seen.add(id(sub))
+                out.append((i, path, top))
+    return out
+
+
+def nested_use_error(plan: Plan, i: int, path: str, running: int) -> BlockrtError:
+    """Module ``path`` of block ``i`` was called while block ``running`` computes."""
+    keys = [k for k in plan.blocks[i].keys if k.rpartition(".")[0] == path] or list(plan.blocks[i].keys[:3])
+    shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+    return BlockrtError(
+        f"module {path!r} (weights {shown}) belongs to block {plan.blocks[i].name!r} but was called while block "
+        f"{plan.blocks[running].name!r} runs; one block is resident at a time, so a weight shared across blocks "
+        f"must stay pinned: pass config=RunConfig(pin=[{path!r}]) (or a partitioner that pins it)"
+    )
+
+
+def evicted_use_error(plan: Plan, cause: BaseException) -> BlockrtError:
+    """A forward failed on a ``meta`` placeholder: a streamed weight was used outside its block's modules."""
+    names = [b.name for b in plan.blocks]
+    shown = ", ".join(repr(n) for n in names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
+    return BlockrtError(
+        f"the model used a streamed weight while it was an evicted meta placeholder ({cause}). The streamed blocks "
+        f"({shown}) are resident only while one of their own modules runs, so a weight read directly (e.g. "
+        f"self.layer.weight in another module's forward) finds a placeholder: pass "
+        f"config=RunConfig(pin=['<path of the module owning it>']) to keep it pinned, or a partitioner whose "
+        f"blocks cover that use"
+    )
+
+
+def is_meta_failure(e: BaseException) -> bool:
+    """Torch's error for computing with a ``meta`` tensor next to real ones."""
+    text = str(e)
+    return isinstance(e, (RuntimeError, NotImplementedError)) and "meta" in text and (
+        "device" in text or "data" in text)

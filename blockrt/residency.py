@@ -38,6 +38,8 @@ class Residency:
         ledger.reserve("slots", staging_bytes, "the loader's staging buffer (scales, widening)")
         self.slot_of: dict[int, Slot] = {}  # streamed block -> the slot it is in (loading, loaded or active)
         self.retained: dict[int, Slot] = {}  # retained block -> its own buffer
+        self._nbytes = [b.nbytes for b in plan.blocks]  # Block.nbytes sums its specs on every read
+        self.bound: set[int] = set()  # retained blocks whose weights stay bound to the model between passes
         self.verified: set[int] = set()
         self.active: int | None = None
         self.pass_idx = -1
@@ -47,6 +49,12 @@ class Residency:
 
     def acquire(self, i: int) -> None:
         """Make block ``i`` resident and bound (waiting for its load if needed), then prefetch."""
+        if i in self.bound:  # retained, loaded and still bound from an earlier turn: the steady path
+            self.profile.record_reuse(self.plan.blocks[i].name, self.pass_idx, self._nbytes[i])
+            self.active = i
+            self._compute_start = self.profile.now()
+            self.prefetch(i)
+            return
         t0 = self.profile.now()
         slot = self.retained.get(i) or self.slot_of.get(i)
         if slot is None or slot.request is None:  # not prefetched (depth 0, or an unexpected order)
@@ -66,7 +74,7 @@ class Residency:
         if waited:
             self.profile.record("wait", name, self.pass_idx, t0, self.profile.now(), 0, "compute")
         elif i in self.retained and req.pass_idx < self.pass_idx:
-            self.profile.record_reuse(name, self.pass_idx, self.plan.blocks[i].nbytes)
+            self.profile.record_reuse(name, self.pass_idx, self._nbytes[i])
         self.verified.add(i)
         self.binder.materialize(self.layouts[i].views(slot.buf))
         self.active = i
@@ -74,19 +82,22 @@ class Residency:
         self.prefetch(i)
 
     def release(self, i: int) -> None:
-        """Unbind block ``i``; free its slot unless it is retained; prefetch into what was freed."""
+        """Block ``i`` finished: a retained block stays bound (its own buffer does not move until it is unretained);
+        a streamed one is unbound and its slot freed. Then prefetch into what was freed."""
         end = self.profile.now()
         block = self.plan.blocks[i]
         self.profile.record("compute", block.name, self.pass_idx, self._compute_start, end, 0, "compute")
-        self.binder.evict(block.tensors)
         self.active = None
-        if i not in self.retained:
+        if i in self.retained:
+            self.bound.add(i)  # its weights stay bound until it is unretained (or the runtime resets or closes)
+        else:
+            self.binder.evict(block.tensors)
             slot = self.slot_of.pop(i)
             slot.block, slot.request = None, None
             if self.device.type == "cuda":
                 slot.release_event = torch.cuda.Event()
                 slot.release_event.record()
-            self.profile.record("evict", block.name, self.pass_idx, end, self.profile.now(), block.nbytes, "compute")
+            self.profile.record("evict", block.name, self.pass_idx, end, self.profile.now(), self._nbytes[i], "compute")
         self.prefetch(i)
 
     def prefetch(self, i: int) -> None:
@@ -133,6 +144,9 @@ class Residency:
     def unretain(self, i: int) -> None:
         """Drop block ``i``'s own buffer (it is not running); it streams through the slots from now on."""
         buf = self.retained.pop(i)
+        if i in self.bound:
+            self.bound.discard(i)
+            self.binder.evict(self.plan.blocks[i].tensors)
         if buf.request is not None and not buf.request.done.is_set():
             try:
                 self.loader.wait(buf.request, self.config.load_timeout_s)
@@ -207,6 +221,7 @@ class Residency:
         self.slot_of.clear()
         self.active = None
         self.wrap = True
+        self.bound.clear()
         self.binder.evict([t for b in self.plan.blocks for t in b.tensors])
 
     def close(self) -> None:

@@ -132,7 +132,7 @@ class Runtime:
         self._retention = Retention(self.plan, layouts, self._residency, ledger, self.profile, config, floor,
                                     self.read_bytes_per_s)
         self._rows_reader = EmbeddingRows(model, self.plan, self._rows, source, binder, ledger, self.profile,
-                                          self._device, lambda: self._residency.pass_idx)
+                                          self._device, lambda: self._residency.tag)
         self._running = 0
         self._in_pass = False
         self._pass_ok = False
@@ -275,6 +275,7 @@ class Runtime:
             self._owner = me
         self._retention.begin_pass(args, kwargs)
         self._residency.pass_idx += 1
+        self._residency.in_pass = True
         self._running = 0
         self._in_pass = True
         self._pass_ok = False
@@ -288,6 +289,8 @@ class Runtime:
             self._residency.wrap = True
             if self._residency.active is not None:
                 self._release(self._residency.active)
+            self._residency.in_pass = False
+            self._residency.order.pass_ended()
             self._running = 0
             if self.config.exact_rss:
                 trim_malloc()  # freed activations that glibc served from old heap chunks leave RSS again
@@ -308,6 +311,8 @@ class Runtime:
             self._retention.end_pass(self._residency.pass_idx, ok=False)  # a partial measurement: measure again
         finally:
             self._in_pass = False
+            self._residency.in_pass = False
+            self._residency.order.pass_ended()
             self._running = 0
             self._hand_over()
 

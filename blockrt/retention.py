@@ -33,6 +33,7 @@ from .predict import Prediction, predict
 from .schedule import BlockTiming, RetentionDecision, choose_retained
 from .recording import Recording
 from .residency import Residency
+from .state import State
 from .working_set import LiveBytes
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Retention:
         self._block_ws: dict[str, int] = {}
         self._tracker: LiveBytes | None = None
         self._overrun: str | None = None  # where this pass's working set first passed the budget
+        self.state_bytes = 0  # state that outlives a pass (a KV cache), held in the ledger as "state"
 
     @property
     def retained(self) -> tuple[int, ...]:
@@ -149,6 +151,32 @@ class Retention:
         tracker.detach()
         self._ledger.release("working_set", self._ledger.held()["working_set"])
 
+    def hold_state(self, state: State) -> None:
+        """Hold ``state`` (measured at a pass's begin: a KV cache that grows every step) in the ledger as "state".
+        Retained blocks are shed to make room; when even that is not enough, ``BudgetError`` names the state, its
+        size and the budget the run needs."""
+        held = self.state_bytes
+        if state.nbytes <= held:
+            self._ledger.release("state", held - state.nbytes)
+            self.state_bytes = state.nbytes
+            return
+        while True:
+            try:
+                self._ledger.reserve("state", state.nbytes - held, f"state {state.largest}")
+                self.state_bytes = state.nbytes
+                return
+            except BudgetError:
+                if self._shed_one():
+                    continue
+                need = self._ledger.total - held + state.nbytes
+                budget = self._ledger.budget
+                raise BudgetError(
+                    f"{state.largest} holds {format_bytes(state.largest_bytes)} ({state.largest_bytes} bytes) that "
+                    f"outlive each pass (state in all: {format_bytes(state.nbytes)}); beside the pinned part, the "
+                    f"slots and the working set this run needs at least {format_bytes(need)} ({need} bytes), over the "
+                    f"budget of {format_bytes(budget)}; fix: raise the budget to at least {format_bytes(need)}, or "
+                    "generate fewer tokens or a smaller batch (the cache grows with both)") from None
+
     def block_started(self, i: int) -> None:
         if self._tracker is not None:
             self._tracker.start_window()
@@ -203,7 +231,7 @@ class Retention:
                 return
 
     def _shed_one(self) -> bool:
-        """Give up one retained block (not the running one) to make room for activations; False if none."""
+        """Give up one retained block (not the running one) to make room for activations or state; False if none."""
         candidates = [i for i in self._residency.retained if i != self._residency.active]
         if not candidates:
             return False
@@ -212,7 +240,7 @@ class Retention:
         if self.decision is not None:
             kept = tuple(i for i in self.decision.retained if i != victim)
             self.decision = replace(self.decision, retained=kept, nbytes=sum(self._layouts[i].nbytes for i in kept))
-        log.info("shed retained block %s to make room for activations", self._plan.blocks[victim].name)
+        log.info("shed retained block %s to make room for activations or state", self._plan.blocks[victim].name)
         return True
 
     def predict(self, budget: int, device_profile: DeviceProfile | None, pass_idx: int | None) -> Prediction:

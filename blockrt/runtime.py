@@ -38,6 +38,7 @@ from .quantize import stored_dtypes
 from .residency import Residency
 from .retention import Retention, RetentionState
 from .schedule import BlockTiming
+from .state import measure_state
 from .weights import bind_pinned, open_weights
 from .working_set import warm_up
 
@@ -280,6 +281,7 @@ class Runtime:
         self._in_pass = True
         self._pass_ok = False
         self.profile.begin_pass(self._residency.pass_idx, self.profile.now())
+        self._retention.hold_state(measure_state(args, kwargs))  # a KV cache passed in grows every step
 
     def _end_pass(self) -> None:
         if self._owner != threading.get_ident():  # begin_pass refused the call before it took the runtime

@@ -31,15 +31,22 @@ class Binder:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self._where: dict[str, tuple[nn.Module, str, bool]] = {}  # key -> (module, name, is_param), looked up once
+
+    def _slot(self, key: str) -> tuple[nn.Module, str, bool]:
+        where = self._where.get(key)
+        if where is None:
+            where = self._where[key] = _slot_of(self.model, key)
+        return where
 
     def tensor(self, key: str) -> torch.Tensor:
-        module, name, is_param = _slot_of(self.model, key)
+        module, name, is_param = self._slot(key)
         t = module._parameters[name] if is_param else module._buffers[name]
         assert t is not None
         return t
 
     def _swap(self, key: str, new: torch.Tensor) -> None:
-        module, name, is_param = _slot_of(self.model, key)
+        module, name, is_param = self._slot(key)
         old = module._parameters[name] if is_param else module._buffers[name]
         if old is None:
             raise KeyError(f"{key!r} is None in the model")

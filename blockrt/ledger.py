@@ -13,7 +13,8 @@ from collections.abc import Callable
 from .budget import format_bytes
 from .errors import BudgetError
 
-KINDS = ("pinned", "slots", "retained", "in_flight", "working_set", "rows")  # rows: embedding_rows.py
+KINDS = ("pinned", "slots", "retained", "in_flight", "working_set", "rows", "state")  # rows: embedding_rows.py,
+# state: tensors that outlive a pass, such as a KV cache (state.py)
 
 
 class Ledger:

@@ -3,8 +3,10 @@
 Residency owns the slots: it creates them (reserving them and the loader's staging in the ledger), hands
 them to loads and frees them at ``close``. Streamed blocks rotate through ``prefetch_depth + 1`` slots;
 retained blocks (the paper's Dynamic Loading) get a buffer of their own, loaded once and reused every pass.
-The prefetch window after block i is the next ``prefetch_depth`` blocks, cyclically, that still need
-loading, so while retained blocks compute the loader is already on the next streamed one.
+The prefetch window after block i is the next ``prefetch_depth`` blocks predicted by the order learned from
+what runs (``order.py``; plan order, cyclically, until something is observed) that still need loading, so
+while retained blocks compute the loader is already on the next streamed one. A slot is reclaimed from the
+block predicted furthest ahead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .config import RunConfig
 from .errors import LoadError
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, LoadRequest, Slot
+from .order import START, Order
 from .partitioners.plan import Plan
 
 
@@ -38,20 +41,36 @@ class Residency:
         ledger.reserve("slots", staging_bytes, "the loader's staging buffer (scales, widening)")
         self.slot_of: dict[int, Slot] = {}  # streamed block -> the slot it is in (loading, loaded or active)
         self.retained: dict[int, Slot] = {}  # retained block -> its own buffer
+        self._nbytes = [b.nbytes for b in plan.blocks]  # Block.nbytes sums its specs on every read
+        self.bound: set[int] = set()  # retained blocks whose weights stay bound to the model between passes
         self.verified: set[int] = set()
         self.active: int | None = None
         self.pass_idx = -1
+        self.in_pass = False  # blocks called between passes (an encoder via get_encoder()) belong to the next pass
+        self.order = Order(len(plan.blocks))
         self.wrap = True  # prefetch past the last block into the next pass (off for a pass known to be last)
         self._compute_start = 0.0
         self._in_flight: dict[int, tuple[str, int]] = {}  # id(request) -> (ledger kind of its buffer, bytes)
 
+    @property
+    def tag(self) -> int:
+        """The pass that what runs now counts in: the running pass, or between passes the next one."""
+        return self.pass_idx if self.in_pass else self.pass_idx + 1
+
     def acquire(self, i: int) -> None:
         """Make block ``i`` resident and bound (waiting for its load if needed), then prefetch."""
+        self.order.observe(i)
+        if i in self.bound:  # retained, loaded and still bound from an earlier turn: the steady path
+            self.profile.record_reuse(self.plan.blocks[i].name, self.tag, self._nbytes[i])
+            self.active = i
+            self._compute_start = self.profile.now()
+            self.prefetch(i)
+            return
         t0 = self.profile.now()
         slot = self.retained.get(i) or self.slot_of.get(i)
         if slot is None or slot.request is None:  # not prefetched (depth 0, or an unexpected order)
             slot = slot or self._free_slot(i)
-            self._request(i, slot, self.pass_idx)
+            self._request(i, slot, self.tag)
         req = slot.request
         assert req is not None
         waited = not req.done.is_set()
@@ -64,9 +83,9 @@ class Residency:
         self.settle(req)
         name = self.plan.blocks[i].name
         if waited:
-            self.profile.record("wait", name, self.pass_idx, t0, self.profile.now(), 0, "compute")
-        elif i in self.retained and req.pass_idx < self.pass_idx:
-            self.profile.record_reuse(name, self.pass_idx, self.plan.blocks[i].nbytes)
+            self.profile.record("wait", name, self.tag, t0, self.profile.now(), 0, "compute")
+        elif i in self.retained and req.pass_idx < self.tag:
+            self.profile.record_reuse(name, self.tag, self._nbytes[i])
         self.verified.add(i)
         self.binder.materialize(self.layouts[i].views(slot.buf))
         self.active = i
@@ -74,31 +93,33 @@ class Residency:
         self.prefetch(i)
 
     def release(self, i: int) -> None:
-        """Unbind block ``i``; free its slot unless it is retained; prefetch into what was freed."""
+        """Block ``i`` finished: a retained block stays bound (its own buffer does not move until it is unretained);
+        a streamed one is unbound and its slot freed. Then prefetch into what was freed."""
         end = self.profile.now()
         block = self.plan.blocks[i]
-        self.profile.record("compute", block.name, self.pass_idx, self._compute_start, end, 0, "compute")
-        self.binder.evict(block.tensors)
+        self.profile.record("compute", block.name, self.tag, self._compute_start, end, 0, "compute")
         self.active = None
-        if i not in self.retained:
+        if i in self.retained:
+            self.bound.add(i)  # its weights stay bound until it is unretained (or the runtime resets or closes)
+        else:
+            self.binder.evict(block.tensors)
             slot = self.slot_of.pop(i)
             slot.block, slot.request = None, None
             if self.device.type == "cuda":
                 slot.release_event = torch.cuda.Event()
                 slot.release_event.record()
-            self.profile.record("evict", block.name, self.pass_idx, end, self.profile.now(), block.nbytes, "compute")
+            self.profile.record("evict", block.name, self.tag, end, self.profile.now(), self._nbytes[i], "compute")
         self.prefetch(i)
 
     def prefetch(self, i: int) -> None:
-        """Request the next ``prefetch_depth`` blocks after ``i`` (cyclically) that still need loading."""
-        n = len(self.plan.blocks)
-        wanted = 0
-        for k in range(1, n + 1):
+        """Request the next ``prefetch_depth`` blocks predicted after ``i`` (``-1``: the start of a pass) that
+        still need loading."""
+        wanted, tag = 0, self.tag
+        for j, crossed in self.order.upcoming(START if i < 0 else i):
             if wanted >= self.config.prefetch_depth:
                 return
-            j = (i + k) % n
-            if j <= i and not self.wrap:
-                return  # the caller said no pass follows: block 0.. would be read for nothing
+            if crossed and not self.wrap:
+                return  # the caller said no pass follows: its first blocks would be read for nothing
             ret = self.retained.get(j)
             if ret is not None and ret.request is not None:
                 continue  # retained and loaded (or loading): costs the loader nothing
@@ -108,7 +129,7 @@ class Residency:
             target = ret or next((s for s in self.slots if s.block is None), None)
             if target is None:
                 return
-            self._request(j, target, self.pass_idx + (1 if j <= i or i < 0 else 0))
+            self._request(j, target, tag + (1 if crossed else 0))
 
     def retain(self, blocks: Iterable[int]) -> None:
         """Give each block a buffer of its own (reserved in the ledger). A block already loaded in a slot is
@@ -133,6 +154,9 @@ class Residency:
     def unretain(self, i: int) -> None:
         """Drop block ``i``'s own buffer (it is not running); it streams through the slots from now on."""
         buf = self.retained.pop(i)
+        if i in self.bound:
+            self.bound.discard(i)
+            self.binder.evict(self.plan.blocks[i].tensors)
         if buf.request is not None and not buf.request.done.is_set():
             try:
                 self.loader.wait(buf.request, self.config.load_timeout_s)
@@ -181,9 +205,9 @@ class Residency:
         free = [s for s in self.slots if s.block is None]
         if free:
             return free[0]
-        n = len(self.plan.blocks)
-        # reclaim the slot whose block is needed furthest in the future
-        victim = max((s for s in self.slots if s.block != self.active), key=lambda s: (s.block - i) % n)
+        # reclaim the slot whose block is predicted furthest ahead (not predicted at all: furthest)
+        ahead = self.order.distance(i)
+        victim = max((s for s in self.slots if s.block != self.active), key=lambda s: ahead.get(s.block, len(ahead)))
         assert victim.request is not None and victim.block is not None
         try:
             self.loader.wait(victim.request, self.config.load_timeout_s)
@@ -207,6 +231,7 @@ class Residency:
         self.slot_of.clear()
         self.active = None
         self.wrap = True
+        self.bound.clear()
         self.binder.evict([t for b in self.plan.blocks for t in b.tensors])
 
     def close(self) -> None:

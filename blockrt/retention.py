@@ -33,6 +33,7 @@ from .predict import Prediction, predict
 from .schedule import BlockTiming, RetentionDecision, choose_retained
 from .recording import Recording
 from .residency import Residency
+from .state import State
 from .working_set import LiveBytes
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Retention:
         self._block_ws: dict[str, int] = {}
         self._tracker: LiveBytes | None = None
         self._overrun: str | None = None  # where this pass's working set first passed the budget
+        self.state_bytes = 0  # state that outlives a pass (a KV cache), held in the ledger as "state"
 
     @property
     def retained(self) -> tuple[int, ...]:
@@ -149,6 +151,32 @@ class Retention:
         tracker.detach()
         self._ledger.release("working_set", self._ledger.held()["working_set"])
 
+    def hold_state(self, state: State) -> None:
+        """Hold ``state`` (measured at a pass's begin: a KV cache that grows every step) in the ledger as "state".
+        Retained blocks are shed to make room; when even that is not enough, ``BudgetError`` names the state, its
+        size and the budget the run needs."""
+        held = self.state_bytes
+        if state.nbytes <= held:
+            self._ledger.release("state", held - state.nbytes)
+            self.state_bytes = state.nbytes
+            return
+        while True:
+            try:
+                self._ledger.reserve("state", state.nbytes - held, f"state {state.largest}")
+                self.state_bytes = state.nbytes
+                return
+            except BudgetError:
+                if self._shed_one():
+                    continue
+                need = self._ledger.total - held + state.nbytes
+                budget = self._ledger.budget
+                raise BudgetError(
+                    f"{state.largest} holds {format_bytes(state.largest_bytes)} ({state.largest_bytes} bytes) that "
+                    f"outlive each pass (state in all: {format_bytes(state.nbytes)}); beside the pinned part, the "
+                    f"slots and the working set this run needs at least {format_bytes(need)} ({need} bytes), over the "
+                    f"budget of {format_bytes(budget)}; fix: raise the budget to at least {format_bytes(need)}, or "
+                    "generate fewer tokens or a smaller batch (the cache grows with both)") from None
+
     def block_started(self, i: int) -> None:
         if self._tracker is not None:
             self._tracker.start_window()
@@ -162,9 +190,14 @@ class Retention:
         """Fill the free budget with retained blocks, chosen on the simulated schedule of the timing pass."""
         budget = self._ledger.budget
         free = max(0, budget - self._ledger.total - self._config.reserve_for(budget))
-        timings, head = self.timings()
-        self.decision = choose_retained(timings, prefetch_depth=self._config.prefetch_depth, free_bytes=free,
-                                        head_s=head)
+        # simulated in the order the timing pass ran its blocks (not plan order: a mid block registered after the
+        # up blocks, two stacks), positions mapped back to block indices
+        order = execution_order(self._profile, self._plan, self.timing_pass)
+        timings, head = measured_timings(self._profile, self._plan, self._layouts, self.timing_pass,
+                                         self._read_bytes_per_s, order)
+        chosen = choose_retained(timings, prefetch_depth=self._config.prefetch_depth, free_bytes=free, head_s=head)
+        self.decision = replace(chosen, retained=tuple(sorted(order[k] for k in chosen.retained)),
+                                reasons={order[k]: why for k, why in chosen.reasons.items()})
         self._residency.retain(self.decision.retained)
 
     def budget_changed(self) -> None:
@@ -198,7 +231,7 @@ class Retention:
                 return
 
     def _shed_one(self) -> bool:
-        """Give up one retained block (not the running one) to make room for activations; False if none."""
+        """Give up one retained block (not the running one) to make room for activations or state; False if none."""
         candidates = [i for i in self._residency.retained if i != self._residency.active]
         if not candidates:
             return False
@@ -207,7 +240,7 @@ class Retention:
         if self.decision is not None:
             kept = tuple(i for i in self.decision.retained if i != victim)
             self.decision = replace(self.decision, retained=kept, nbytes=sum(self._layouts[i].nbytes for i in kept))
-        log.info("shed retained block %s to make room for activations", self._plan.blocks[victim].name)
+        log.info("shed retained block %s to make room for activations or state", self._plan.blocks[victim].name)
         return True
 
     def predict(self, budget: int, device_profile: DeviceProfile | None, pass_idx: int | None) -> Prediction:
@@ -238,11 +271,23 @@ def signature_of(args: tuple, kwargs: dict) -> tuple:
                  for x in leaves)
 
 
+def execution_order(profile: Recording, plan: Plan, p: int) -> list[int]:
+    """Block indices in the order pass ``p`` first ran them, then the blocks it did not run (in plan order)."""
+    index = {b.name: i for i, b in enumerate(plan.blocks)}
+    ran: dict[int, None] = {}
+    for e in sorted((e for e in profile.events if e.pass_idx == p and e.kind == "compute"), key=lambda e: e.start):
+        if e.block in index:
+            ran.setdefault(index[e.block])
+    return [*ran, *(i for i in range(len(plan.blocks)) if i not in ran)]
+
+
 def measured_timings(profile: Recording, plan: Plan, layouts: Sequence[BlockLayout], p: int,
-                     read_bytes_per_s: float | None) -> tuple[list[BlockTiming], float]:
+                     read_bytes_per_s: float | None, order: Sequence[int] | None = None
+                     ) -> tuple[list[BlockTiming], float]:
     """Per-block load/compute/gap seconds measured in pass ``p`` of ``profile``, and ``head_s`` (the pinned
-    compute before block 0). ``gap_s`` runs until the next block is entered (its wait, else its compute),
-    for the last block until the pass ends."""
+    compute before the first block). ``gap_s`` runs until the next block is entered (its wait, else its
+    compute), for the last block until the pass ends. One timing per block in ``order`` (block indices;
+    default: plan order)."""
     events = [e for e in profile.events if e.pass_idx == p]
     span = next(((s, e) for q, s, e in profile.passes if q == p), None)
     if span is None:
@@ -252,21 +297,22 @@ def measured_timings(profile: Recording, plan: Plan, layouts: Sequence[BlockLayo
              if e.kind == "load" and e.pass_idx <= p}
     waits = {e.block: (e.start, e.end) for e in events if e.kind == "wait"}
     computes = {e.block: e for e in events if e.kind == "compute"}
-    blocks = plan.blocks
+    order = list(range(len(plan.blocks))) if order is None else list(order)
+    blocks = [plan.blocks[k] for k in order]
 
     def began(name: str) -> float:  # when the block was entered: its wait's start, else its compute's
         return waits[name][0] if name in waits else computes[name].start
 
     head = began(blocks[0].name) - span[0] if blocks[0].name in computes else 0.0
     out = []
-    for k, b in enumerate(blocks):
+    for pos, b in enumerate(blocks):
         c = computes.get(b.name)
         if c is None:
             compute, gap = 0.0, 0.0
         else:
             compute = c.end - c.start
-            nxt = blocks[k + 1].name if k + 1 < len(blocks) else None
+            nxt = blocks[pos + 1].name if pos + 1 < len(blocks) else None
             gap = (began(nxt) if nxt in computes else span[1]) - c.end if nxt else span[1] - c.end
         default = b.nbytes / read_bytes_per_s if read_bytes_per_s else 0.0
-        out.append(BlockTiming(b.name, layouts[k].nbytes, loads.get(b.name, default), compute, max(gap, 0.0)))
+        out.append(BlockTiming(b.name, layouts[order[pos]].nbytes, loads.get(b.name, default), compute, max(gap, 0.0)))
     return out, max(head, 0.0)

@@ -41,6 +41,7 @@ from .residency import Residency
 from .restore import Originals, keep_originals
 from .retention import Retention, RetentionState
 from .schedule import BlockTiming
+from .state import measure_state
 from .weights import bind_pinned, open_weights
 from .working_set import warm_up
 
@@ -151,7 +152,7 @@ class Runtime:
         self._retention = Retention(self.plan, layouts, self._residency, ledger, self.profile, config, floor,
                                     self.read_bytes_per_s)
         self._rows_reader = EmbeddingRows(model, self.plan, self._rows, source, binder, ledger, self.profile,
-                                          self._device, lambda: self._residency.pass_idx)
+                                          self._device, lambda: self._residency.tag)
         self._running = 0
         self._in_pass = False
         self._pass_ok = False
@@ -316,10 +317,12 @@ class Runtime:
             self._owner = me
         self._retention.begin_pass(args, kwargs)
         self._residency.pass_idx += 1
+        self._residency.in_pass = True
         self._running = 0
         self._in_pass = True
         self._pass_ok = False
         self.profile.begin_pass(self._residency.pass_idx, self.profile.now())
+        self._retention.hold_state(measure_state(args, kwargs))  # a KV cache passed in grows every step
 
     def _end_pass(self) -> None:
         if self._owner != threading.get_ident():  # begin_pass refused the call before it took the runtime
@@ -329,6 +332,8 @@ class Runtime:
             self._residency.wrap = True
             if self._residency.active is not None:
                 self._release(self._residency.active)
+            self._residency.in_pass = False
+            self._residency.order.pass_ended()
             self._running = 0
             if self.config.exact_rss:
                 trim_malloc()  # freed activations that glibc served from old heap chunks leave RSS again
@@ -349,6 +354,8 @@ class Runtime:
             self._retention.end_pass(self._residency.pass_idx, ok=False)  # a partial measurement: measure again
         finally:
             self._in_pass = False
+            self._residency.in_pass = False
+            self._residency.order.pass_ended()
             self._running = 0
             self._hand_over()
 

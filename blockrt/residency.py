@@ -178,8 +178,8 @@ class Residency:
         if j not in self.retained:
             self.slot_of[j] = slot
         kind = "retained" if j in self.retained else "slots"
-        self.ledger.move(kind, "in_flight", slot.buf.numel())
-        self._in_flight[id(slot.request)] = (kind, slot.buf.numel())
+        self._in_flight[id(slot.request)] = (kind, slot.buf.numel())  # first: an interrupt between the two
+        self.ledger.move(kind, "in_flight", slot.buf.numel())  # lines leaves a record _settle_all can trim
         self.loader.submit(slot.request)
 
     def settle(self, req: LoadRequest | None) -> None:
@@ -189,9 +189,12 @@ class Residency:
             self.ledger.move("in_flight", entry[0], entry[1])
 
     def _settle_all(self) -> None:
-        """Every load is over (drained or the loader stopped): no buffer's bytes are in flight any more."""
+        """Every load is over (drained or the loader stopped): no buffer's bytes are in flight any more. A record
+        whose move an interrupt cut off moves only what the ledger holds in flight."""
         for kind, n in self._in_flight.values():
-            self.ledger.move("in_flight", kind, n)
+            n = min(n, self.ledger.held().get("in_flight", 0))
+            if n:
+                self.ledger.move("in_flight", kind, n)
         self._in_flight.clear()
 
     def _forget(self, i: int, slot: Slot) -> None:

@@ -154,6 +154,7 @@ class Runtime:
         self._rows_reader = EmbeddingRows(model, self.plan, self._rows, source, binder, ledger, self.profile,
                                           self._device, lambda: self._residency.tag)
         self._running = 0
+        self.paused = False  # exporters set it while they call block modules with weights bound by themselves
         self._in_pass = False
         self._pass_ok = False
         self._turn = threading.Condition()  # guards _owner: the thread whose pass is running, or None
@@ -365,6 +366,8 @@ class Runtime:
             self._turn.notify()
 
     def _pre(self, i: int, path: str) -> None:
+        if self.paused:
+            return
         active = self._residency.active
         if active is not None and active != i:
             if self._running:
@@ -376,6 +379,8 @@ class Runtime:
             self._retention.block_started(i)
 
     def _post(self, i: int, last: bool) -> None:
+        if self.paused:
+            return
         self._running = max(0, self._running - 1)
         if last and not self._running and self._residency.active == i:
             self._release(i)

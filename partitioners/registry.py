@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 from torch import nn
 
 from blockrt.partitioners.plan import Plan
-from blockrt.partitioners.generic import check_target_bytes
+from blockrt.partitioners.generic import check_target_bytes, generic_partition
 from blockrt.partitioners.pinning import pin_modules
 from blockrt.partitioners.whole_model import whole_model_partition
 
@@ -74,6 +74,13 @@ def lookup(model_class: type) -> PartitionFn:
         if fn is not None:
             return fn
     return whole_model_partition
+
+
+def layer_partitioner(model_class: type) -> PartitionFn:
+    """For exporters that want one package per layer: the registered partitioner, else the layer-stack one
+    (``generic_partition``) instead of the whole-model default."""
+    fn = lookup(model_class)
+    return generic_partition if fn is whole_model_partition else fn
 
 
 def partition(

@@ -19,6 +19,7 @@ from blockrt.coreml import ExportError, ExportOptions, capture_blocks, export_mo
 from blockrt.coreml.capture import PINNED  # noqa: E402
 from models import BUILDERS, build_toy  # noqa: E402
 from blockrt.partitioners import partition  # noqa: E402
+from blockrt.partitioners.registry import layer_partitioner  # noqa: E402
 
 SEQ_RANGE = (1, 32)
 
@@ -50,7 +51,7 @@ def t5_flexible(cb) -> dict:
 def test_replays_reproduce_every_block_bit_for_bit(name) -> None:
     model, inputs = BUILDERS[name]()
     captured = capture_blocks(model, (), inputs)
-    plan = partition(model)
+    plan = partition(model, partitioner=layer_partitioner(type(model)))
     assert [cb.block.name for cb in captured] == [b.name for b in plan.blocks]
     for cb in captured:
         assert cb.replay_equal(), (name, cb.name)
@@ -158,7 +159,7 @@ def test_streamed_skeleton_exports_the_same_packages_one_block_at_a_time(t5_expo
 
 def test_toy_export_int8_through_a_runtime(tmp_path) -> None:
     model, inputs = build_toy(n_layers=2)
-    with blockrt.run(model, budget=1 << 30) as rt:
+    with blockrt.run(model, budget=1 << 30, partitioner=layer_partitioner(type(model))) as rt:  # a layer a block
         manifest = export_model(rt, (), inputs, tmp_path / "export", ExportOptions(quantize="int8"))
         out = rt(**inputs)  # the runtime still works afterwards
     assert [p.name for p in manifest.packages] == ["layers_0", "layers_1"]

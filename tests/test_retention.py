@@ -230,13 +230,15 @@ def test_a_flag_that_changes_memory_is_measured_too():
 
 
 def test_a_new_input_kind_sheds_retained_blocks_instead_of_failing():
+    from blockrt.partitioners.generic import generic_partition
+
     model, inputs = BUILDERS["toy"](n_layers=6)
-    plan = partition(model)
+    plan = partition(model, partitioner=generic_partition)  # a layer a block, so the sizes below mean layers
     blk = slot_bytes(plan)
     budget = plan.pinned_bytes + 2 * blk + 4 * blk + 200_000  # room for 4 retained blocks, little else
     long_ids = torch.randint(0, 128, (8, 32))
     ref_long = reference(model, {"ids": long_ids})
-    with blockrt.run(model, budget=budget) as rt:
+    with blockrt.run(model, budget=budget, partitioner=generic_partition) as rt:
         for _ in range(3):
             rt(**inputs)
         held = len(rt.retention.retained)

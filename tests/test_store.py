@@ -327,10 +327,10 @@ def test_a_loader_failure_surfaces_in_the_callers_thread(tmp_path, monkeypatch, 
 
 
 def test_a_model_the_partitioner_cannot_split():
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
-    with pytest.raises(PartitionError, match="no repeated layer stack in Sequential") as e:
+    model = nn.Sequential(nn.ReLU(), nn.Dropout())  # no weights at all
+    with pytest.raises(PartitionError, match="found nothing to stream in Sequential") as e:
         blockrt.run(model, budget=BUDGET)
-    assert "register a partitioner for Sequential" in str(e.value)
+    assert "register a partitioner" in str(e.value)
 
 
 def test_no_file_handles_leak(tmp_path):

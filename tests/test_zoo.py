@@ -43,16 +43,32 @@ def test_streams_bit_exact_under_half_the_bytes(name: str) -> None:
         assert rt.ledger.peak <= budget
 
 
+class _CallsPeer(nn.Module):
+    """A layer whose forward may call another layer's norm (kept as a plain attribute: not a submodule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.norm = nn.Linear(64, 64), nn.LayerNorm(64)
+        self.peer: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.peer is not None:
+            x = self.peer(x)
+        return self.norm(self.lin(x))
+
+
 class _Nested(nn.Module):
     """Layer 1 calls layer 0's norm inside its own forward: a nested use of another block's module."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64)) for _ in range(4))
+        self.layers = nn.ModuleList(_CallsPeer() for _ in range(4))
+        object.__setattr__(self.layers[1], "peer", self.layers[0].norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers[0](x)
-        return self.layers[1](self.layers[0][1](x))
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 class _Reader(nn.Module):
@@ -68,23 +84,25 @@ class _Reader(nn.Module):
         return x @ self.layers[0].weight
 
 
-@pytest.mark.xfail(reason="toy case does not trigger the error yet (unfinished at the deadline)", strict=False)
 def test_nested_use_names_module_blocks_and_fix() -> None:
+    from blockrt.partitioners.generic import generic_partition  # a layer a block: layer 1 runs as one module
+
     torch.manual_seed(0)
     model, x = _Nested().eval(), torch.randn(2, 64)
     with torch.no_grad():
         ref = model(x)
-    with blockrt.run(model, budget=1 << 20) as rt, pytest.raises(
-            BlockrtError, match=r"'layers\.0\.1'.*block 'layers\.0'.*block 'layers\.1'.*RunConfig\(pin="):
+    with blockrt.run(model, budget=1 << 20, partitioner=generic_partition) as rt, pytest.raises(
+            BlockrtError, match=r"'layers\.0\.norm'.*block 'layers\.0'.*block 'layers\.1'.*RunConfig\(pin="):
         rt(x)
-    torch.manual_seed(0)
-    model = _Nested().eval()
-    with blockrt.run(model, budget=1 << 20, config=RunConfig(pin=["layers.0.1"])) as rt:
-        assert "layers.0.1.weight" in [t.key for t in rt.plan.pinned]
+    with blockrt.run(model, budget=1 << 20, partitioner=generic_partition,
+                     config=RunConfig(pin=["layers.0.norm"])) as rt:
+        assert "layers.0.norm.weight" in [t.key for t in rt.plan.pinned]
         assert torch.equal(rt(x), ref)
 
 
-@pytest.mark.xfail(reason="toy case does not trigger the error yet (unfinished at the deadline)", strict=False)
+@pytest.mark.xfail(reason="known hole: torch 2.13's CPU matmul with a meta operand returns uninitialised memory "
+                          "instead of raising, so a direct read of an evicted weight outside any module call is not "
+                          "caught (see the issue 15 note)", strict=True)
 def test_stray_use_of_evicted_weight_is_a_blockrt_error() -> None:
     model, x = _Reader().eval(), torch.randn(2, 64)
     with blockrt.run(model, budget=1 << 20) as rt, pytest.raises(BlockrtError, match=r"evicted meta placeholder.*pin="):

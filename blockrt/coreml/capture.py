@@ -184,7 +184,7 @@ def capture_blocks(model: nn.Module, example_args: tuple, example_kwargs: dict |
     Args:
         model: the model (in memory), the model a ``runtime`` streams, or that ``blockrt.Runtime`` itself.
         example_args / example_kwargs: one pass's inputs, as for ``model(*args, **kwargs)``.
-        plan: the blocks (default: ``runtime.plan``, else ``blockrt.partitioners.partition(model)``).
+        plan: the blocks (default: ``runtime.plan``, else one block per layer of the stack or the registered plan).
         runtime: a ``blockrt.Runtime`` streaming ``model``: the pass runs through it (its hooks load each
             block), and the replays bypass its hooks. Replaying then needs the block's weights bound.
 
@@ -201,8 +201,9 @@ def capture_blocks(model: nn.Module, example_args: tuple, example_kwargs: dict |
             plan = runtime.plan
         else:
             from blockrt.partitioners import partition
+            from blockrt.partitioners.registry import layer_partitioner
 
-            plan = partition(model)
+            plan = partition(model, partitioner=layer_partitioner(type(model)))  # one package per layer
     call = runtime if runtime is not None else model
     calls, used_outside, result = record_pass(model, plan, call, tuple(example_args), example_kwargs)
     model_inputs = _arg_names(model.forward, tuple(example_args), example_kwargs)

@@ -112,7 +112,9 @@ class _Session:
                 raise ValueError("export_model got a Runtime and a different plan; the runtime streams its own plan")
             self.runtime, self.model, self.plan = model, model.model, model.plan
         elif weights is not None:
-            partitioner = (lambda m, *, target_bytes=None: plan) if plan is not None else None
+            from ..partitioners.registry import layer_partitioner
+
+            partitioner = (lambda m, *, target_bytes=None: plan) if plan is not None else layer_partitioner(type(model))
             self.runtime = run(model, UNLIMITED if budget is None else budget, weights=weights, partitioner=partitioner)
             self._own_runtime = True
             self.model, self.plan = model, self.runtime.plan
@@ -137,18 +139,29 @@ class _Session:
 
     @contextlib.contextmanager
     def bound(self, block: Block) -> Iterator[None]:
-        """Bind ``block``'s tensors for the duration (read from the source when streaming), then evict them."""
+        """Bind ``block``'s tensors for the duration (read from the source when streaming), then evict them; a
+        runtime's hooks are paused meanwhile (tracing calls the block's modules outside any pass)."""
         if self.runtime is None:
             yield
             return
+        own = not all(_bound(self.binder.tensor(s.key), s) for s in block.tensors)  # else retained: stays bound
+        self.runtime.paused = True
         try:
-            self.binder.materialize((s, self.runtime.read_tensor(s.key)) for s in block.tensors)
+            if own:
+                self.binder.materialize((s, self.runtime.read_tensor(s.key)) for s in block.tensors)
             yield
         finally:
-            self.binder.evict(block.tensors)
+            if own:
+                self.binder.evict(block.tensors)
+            self.runtime.paused = False
 
     def __enter__(self) -> "_Session":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.finish_pass()
+
+
+def _bound(t: torch.Tensor, spec: Any) -> bool:
+    """A tensor holds real data of its planned shape (not a meta or emptied placeholder)."""
+    return not t.is_meta and tuple(t.shape) == tuple(spec.shape)

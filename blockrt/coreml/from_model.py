@@ -162,6 +162,6 @@ class _Session:
         self.finish_pass()
 
 
-def _bound(t: torch.Tensor, spec: Any) -> bool:
+def _bound(t: Any, spec: Any) -> bool:
     """A tensor holds real data of its planned shape (not a meta or emptied placeholder)."""
     return not t.is_meta and tuple(t.shape) == tuple(spec.shape)

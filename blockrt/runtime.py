@@ -182,20 +182,21 @@ class Runtime:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model (one pass) under ``torch.no_grad()``; same call and result as ``model(...)``.
 
-        Calls from several threads are serialised: one pass at a time, the others wait their turn. However a
-        pass ends (it returns, raises, or is interrupted by ``KeyboardInterrupt``) the runtime is ready for
-        the next call and nothing is left installed in the process.
-        """
+        Calls from several threads are serialised. However a pass ends (returns, raises, ``KeyboardInterrupt``)
+        the runtime is ready for the next call and nothing is left installed in the process."""
         if self._closed:
             raise BlockrtError("this Runtime is closed; create a new one with blockrt.run(...)")
-        with torch.no_grad():
-            try:
-                return self.model(*args, **kwargs)
-            except BaseException as e:
-                self._abort_pass()  # torch runs the always-call hooks for an Exception, never for KeyboardInterrupt
-                if is_meta_failure(e):
-                    raise evicted_use_error(self.plan, e) from e
-                raise
+        grad = torch.is_grad_enabled()  # restored in `finally`: a Ctrl-C inside no_grad's own exit left it off
+        try:
+            torch.set_grad_enabled(False)
+            return self.model(*args, **kwargs)
+        except BaseException as e:
+            self._abort_pass()  # torch runs the always-call hooks for an Exception, never for KeyboardInterrupt
+            if is_meta_failure(e):
+                raise evicted_use_error(self.plan, e) from e
+            raise
+        finally:
+            torch.set_grad_enabled(grad)
 
     @property
     def budget(self) -> int:

@@ -128,6 +128,7 @@ def test_random_sigint_never_leaves_a_wrong_output_or_a_tracker(tmp_path):
             finally:
                 _no_alarm()
             assert _get_current_dispatch_mode() is None
+            assert torch.is_grad_enabled()  # the caller's grad mode is back, wherever the interrupt landed
             for _ in range(2):
                 assert torch.equal(rt(**inputs), ref)
     clean_process()

@@ -13,6 +13,9 @@ and the fix (``RunConfig(pin=[module path])`` keeps that module resident).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from torch import nn
 
 from .errors import BlockrtError
@@ -41,6 +44,23 @@ def entry_points(model: nn.Module, plan: Plan) -> list[tuple[int, str, bool]]:
                 seen.add(id(sub))
                 out.append((i, path, top))
     return out
+
+
+def install_block_hooks(model: nn.Module, plan: Plan, pre: Callable[[int, str], None],
+                        post: Callable[[int, bool], None], enter: Callable[[int, str], None]) -> list[Any]:
+    """Hook every entry point: a block's own modules get ``pre(i, path)`` and an always-called ``post(i, last)``
+    (``last``: the block's last module); the weight owners inside them only ``enter(i, path)``, a pre-hook (cheap
+    on the steady path; a block called from outside its top module still loads). Returns the removable handles."""
+    hooks = []
+    for i, path, top in entry_points(model, plan):
+        sub = model.get_submodule(path)
+        if not top:
+            hooks.append(sub.register_forward_pre_hook(lambda mod, args, i=i, path=path: enter(i, path)))
+            continue
+        last = path == plan.blocks[i].modules[-1]
+        hooks.append(sub.register_forward_pre_hook(lambda mod, args, i=i, path=path: pre(i, path)))
+        hooks.append(sub.register_forward_hook(lambda mod, args, out, i=i, last=last: post(i, last), always_call=True))
+    return hooks
 
 
 def nested_use_error(plan: Plan, i: int, path: str, running: int) -> BlockrtError:

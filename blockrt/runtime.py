@@ -2,9 +2,8 @@
 
 A thin facade over its private collaborators: removable forward hooks on the user's own modules drive
 everything (``forward`` is never rewritten). A block's pre-hook makes it resident (``residency.py``); the
-post-hook of its last module (also when forward raises) releases it. Hooks on the root module mark the
-passes, which drive the measuring cycle and the retained set (``retention.py``). The ledger (``ledger.py``)
-holds every byte against the budget, which lives there and nowhere else.
+post-hook of its last module (also when forward raises) releases it (``entry_points.py``). Root hooks mark the
+passes, which drive the measuring cycle and the retained set (``retention.py``); the ledger holds every byte.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from .config import RunConfig
 from .device import DeviceProfile, get_profile, resolve_budget
 from .embedding_rows import EmbeddingRows, row_streamed_tables
 from .errors import BlockrtError, PartitionError, RestoreError
-from .entry_points import entry_points, evicted_use_error, is_meta_failure, nested_use_error
+from .entry_points import evicted_use_error, install_block_hooks, is_meta_failure, nested_use_error
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, Staging
 from .malloc import trim_malloc
@@ -166,18 +165,13 @@ class Runtime:
         self._residency.prefetch(-1)  # block 0 (and beyond) start loading now, before the first call
 
     def _install_hooks(self) -> None:
-        m = self.model
+        m = self.model  # the root's hooks mark the passes; the blocks' load and release them
         self._hooks.append(m.register_forward_pre_hook(lambda mod, args, kwargs: self._begin_pass(args, kwargs),
                                                        with_kwargs=True))
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: setattr(self, "_pass_ok", True)))
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: self._end_pass(), always_call=True))
         self._hooks += self._rows_reader.install()
-        for i, path, top in entry_points(m, self.plan):  # the block's modules, and param owners inside them
-            sub = m.get_submodule(path)
-            last = not top or path == self.plan.blocks[i].modules[-1]
-            self._hooks.append(sub.register_forward_pre_hook(lambda mod, args, i=i, path=path: self._pre(i, path)))
-            self._hooks.append(sub.register_forward_hook(lambda mod, args, out, i=i, last=last: self._post(i, last),
-                                                         always_call=True))
+        self._hooks += install_block_hooks(m, self.plan, self._pre, self._post, self._enter)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model (one pass) under ``torch.no_grad()``; same call and result as ``model(...)``.
@@ -378,6 +372,12 @@ class Runtime:
         if self._residency.active is None:
             self._residency.acquire(i)
             self._retention.block_started(i)
+
+    def _enter(self, i: int, path: str) -> None:
+        """A module inside block ``i`` ran: load the block unless active (it stays until the next one or the end)."""
+        if not self.paused and self._residency.active != i:
+            self._pre(i, path)
+            self._running -= 1
 
     def _post(self, i: int, last: bool) -> None:
         if self.paused:

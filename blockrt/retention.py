@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_leaves
 
 from .budget import Floor, format_bytes
@@ -147,7 +148,8 @@ class Retention:
         self._overrun = None
         if tracker is None:
             return
-        tracker.__exit__(None, None, None)
+        if tracker in _get_current_dispatch_mode_stack():  # not when a Ctrl-C cut its __enter__ short
+            tracker.__exit__(None, None, None)
         tracker.detach()
         self._ledger.release("working_set", self._ledger.held()["working_set"])
 

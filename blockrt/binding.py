@@ -1,9 +1,9 @@
 """Binding: the one materialize/evict pair that moves a block's weights in and out of the user's model.
 
 The user's ``nn.Parameter`` (and buffer) objects keep their identity: ``torch.utils.swap_tensors``
-exchanges their contents with either a view into a slot (materialize) or a ``meta``-device placeholder of
-the same shape and dtype (evict), so a stray use of an evicted weight fails loudly instead of computing
-on stale data. Tied names share one object, so binding the owner binds every alias.
+exchanges their contents with either a view into a slot (materialize) or an ``Evicted`` placeholder of the
+same shape and dtype (evict: ``meta`` device, ``placeholder.py``), so a stray use of an evicted weight raises
+a ``BlockrtError`` naming it instead of computing on stale data. Tied names share one object, so binding the owner binds every alias.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .partitioners.plan import TensorSpec, dtype_from_name
+from .placeholder import Evicted
 
 
 def _slot_of(model: nn.Module, key: str) -> tuple[nn.Module, str, bool]:
@@ -50,8 +51,13 @@ class Binder:
         old = module._parameters[name] if is_param else module._buffers[name]
         if old is None:
             raise KeyError(f"{key!r} is None in the model")
+        if is_param and isinstance(new, Evicted):
+            new.requires_grad_(old.requires_grad)
+            new._is_param = True  # what nn.Parameter marks on a subclass, without its detach (a dispatched op)
+        elif is_param:
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
         try:
-            torch.utils.swap_tensors(old, nn.Parameter(new, requires_grad=old.requires_grad) if is_param else new)
+            torch.utils.swap_tensors(old, new)
         except RuntimeError:
             # something else still holds the tensor (a view of a weight in a traceback's frame, say): move the
             # data alone. Across devices (meta) that is impossible: an empty tensor then fails any stray use.
@@ -62,10 +68,10 @@ class Binder:
         for spec, data in pairs:
             self._swap(spec.key, data)
 
-    def evict(self, specs: Iterable[TensorSpec]) -> None:
-        """Replace each named tensor's data by a meta placeholder of the same shape and dtype."""
+    def evict(self, specs: Iterable[TensorSpec], block: str) -> None:
+        """Replace each named tensor's data by an ``Evicted`` placeholder (same shape and dtype) of ``block``."""
         for spec in specs:
-            self._swap(spec.key, torch.empty(spec.shape, dtype=dtype_from_name(spec.dtype), device="meta"))
+            self._swap(spec.key, Evicted(spec.shape, dtype_from_name(spec.dtype), spec.key, block))
 
 
 def meta_leftovers(model: nn.Module, streamed: set[str]) -> list[str]:

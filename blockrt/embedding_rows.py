@@ -140,7 +140,7 @@ class EmbeddingRows:
         held = self._held.pop(spec.key, None)
         if held is None:  # the pre-hook failed before holding anything
             return
-        self.binder.evict([spec])
+        self.binder.evict([spec], f"rows of {spec.key}")
         module.padding_idx = held.padding_idx
         self.ledger.release("rows", held.reserved)
         self.ledger.move("rows", "working_set", held.moved)  # before the buffer dies: the tracker releases it then

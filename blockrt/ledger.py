@@ -65,6 +65,16 @@ class Ledger:
             self._held[src] -= nbytes
             self._held[dst] += nbytes
 
+    def correct(self, truth: dict[str, int]) -> None:
+        """Set the named kinds to the bytes their owner counted (after an interrupt cut a change in half: a Ctrl-C
+        can land between any two lines, inside this class too); the peak keeps any total this reaches."""
+        with self._lock:
+            self._held.update(truth)
+            total = sum(self._held.values())
+            self._peak = max(self._peak, total)
+        if self._on_change:
+            self._on_change(total)
+
     @property
     def total(self) -> int:
         with self._lock:

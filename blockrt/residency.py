@@ -102,7 +102,7 @@ class Residency:
         if i in self.retained:
             self.bound.add(i)  # its weights stay bound until it is unretained (or the runtime resets or closes)
         else:
-            self.binder.evict(block.tensors)
+            self.binder.evict(block.tensors, block.name)
             slot = self.slot_of.pop(i)
             slot.block, slot.request = None, None
             if self.device.type == "cuda":
@@ -114,6 +114,8 @@ class Residency:
     def prefetch(self, i: int) -> None:
         """Request the next ``prefetch_depth`` blocks predicted after ``i`` (``-1``: the start of a pass) that
         still need loading."""
+        if len(self.bound) == len(self.plan.blocks):
+            return  # every block retained and bound: nothing can need loading (the steady state, kept O(1))
         wanted, tag = 0, self.tag
         for j, crossed in self.order.upcoming(START if i < 0 else i):
             if wanted >= self.config.prefetch_depth:
@@ -156,7 +158,7 @@ class Residency:
         buf = self.retained.pop(i)
         if i in self.bound:
             self.bound.discard(i)
-            self.binder.evict(self.plan.blocks[i].tensors)
+            self.binder.evict(self.plan.blocks[i].tensors, self.plan.blocks[i].name)
         if buf.request is not None and not buf.request.done.is_set():
             try:
                 self.loader.wait(buf.request, self.config.load_timeout_s)
@@ -225,7 +227,10 @@ class Residency:
         anywhere, inside this class too): every submitted load finished, no block bound, the streamed slots
         free; a retained buffer stays loaded if its load completed, else it loads again on its next turn."""
         self.loader.drain(self.config.load_timeout_s)
-        self._settle_all()
+        self._in_flight.clear()
+        retained = self.retained.values()  # the buffers themselves are the truth, whatever move an interrupt cut
+        self.ledger.correct({"in_flight": 0, "retained": sum(b.buf.numel() for b in retained),
+                             "slots": sum(s.buf.numel() for s in self.slots) + self._staging_bytes})
         for s in self.slots:
             s.block, s.request = None, None
         for buf in self.retained.values():
@@ -235,7 +240,8 @@ class Residency:
         self.active = None
         self.wrap = True
         self.bound.clear()
-        self.binder.evict([t for b in self.plan.blocks for t in b.tensors])
+        for b in self.plan.blocks:
+            self.binder.evict(b.tensors, b.name)
 
     def close(self) -> None:
         """Return every buffer's bytes to the ledger and drop the buffers (the loader has stopped)."""

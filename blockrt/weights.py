@@ -72,7 +72,7 @@ def bind_pinned(model: nn.Module, plan: Plan, rows: dict[str, Any], binder: Bind
     else:
         pairs = [(s, binder.tensor(s.key).detach().to(device)) for s in pinned]
     binder.materialize(pairs)
-    binder.evict([s for s in plan.pinned if s.key in rows])  # read by rows on each call
+    binder.evict([s for s in plan.pinned if s.key in rows], "pinned (read by rows)")  # read by rows on each call
     streamed = {k for b in plan.blocks for k in b.keys} | set(plan.aliases) | set(rows)
     leftovers = meta_leftovers(model, streamed)
     if leftovers:
@@ -82,4 +82,4 @@ def bind_pinned(model: nn.Module, plan: Plan, rows: dict[str, Any], binder: Bind
             "fix: build the skeleton inside `with blockrt.meta_weights():` (computed buffers stay real), "
             "or materialise those tensors before blockrt.run")
     for block in plan.blocks:
-        binder.evict(block.tensors)
+        binder.evict(block.tensors, block.name)

@@ -103,9 +103,6 @@ def _no_alarm() -> None:
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
-@pytest.mark.xfail(strict=False, reason="known race (issue 15 note, 2026-12-05): a SIGINT at a rare point of the "
-                   "residency's new retained/bound bookkeeping can leave the ledger's slot bytes in another kind "
-                   "('moving 132352 bytes from slots but only 0 held'); seen in about 1 of 3 full runs")
 def test_random_sigint_never_leaves_a_wrong_output_or_a_tracker(tmp_path):
     """Real Ctrl-C at random moments of the first (measuring) and later passes, inside blockrt's own code too:
     the next call is right and no dispatch mode is left behind."""

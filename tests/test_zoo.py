@@ -100,12 +100,12 @@ def test_nested_use_names_module_blocks_and_fix() -> None:
         assert torch.equal(rt(x), ref)
 
 
-@pytest.mark.xfail(reason="known hole: torch 2.13's CPU matmul with a meta operand returns uninitialised memory "
-                          "instead of raising, so a direct read of an evicted weight outside any module call is not "
-                          "caught (see the issue 15 note)", strict=True)
 def test_stray_use_of_evicted_weight_is_a_blockrt_error() -> None:
     model, x = _Reader().eval(), torch.randn(2, 64)
-    with blockrt.run(model, budget=1 << 20) as rt, pytest.raises(BlockrtError, match=r"evicted meta placeholder.*pin="):
+    """torch 2.13's CPU matmul with a plain ``meta`` operand returns uninitialised memory instead of raising: the
+    evicted placeholder (``blockrt/placeholder.py``) must catch the direct read of an evicted weight."""
+    with blockrt.run(model, budget=1 << 20) as rt, pytest.raises(
+            BlockrtError, match=r"'layers\.0\.weight' \(block .*evicted meta placeholder.*pin=\['layers\.0'\]"):
         rt(x)
 
 

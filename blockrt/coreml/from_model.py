@@ -152,7 +152,7 @@ class _Session:
             yield
         finally:
             if own:
-                self.binder.evict(block.tensors)
+                self.binder.evict(block.tensors, block.name)
             self.runtime.paused = False
 
     def __enter__(self) -> "_Session":

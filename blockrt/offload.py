@@ -28,6 +28,7 @@ What stays resident, outside every runtime: an autoencoder's parts other than it
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from torch import nn
 from . import tempdirs
 from .config import RunConfig
 from .device import DeviceProfile, resolve_budget
-from .errors import BlockrtError, BudgetError
+from .errors import BlockrtError, BudgetError, RestoreError
 from .stages import Stage, resident_bytes, stage_roots
 
 log = logging.getLogger(__name__)
@@ -96,14 +97,19 @@ class Offload:
             raise BudgetError(f"budget {self.budget} bytes is below the {self.resident_bytes} bytes that stay resident "
                               "(autoencoder parts outside its encoder and decoder); fix: a larger budget")
         self._tmpdir = tempdirs.create()
+        self._finalizer = weakref.finalize(self, tempdirs.remove, self._tmpdir)  # interpreter exit, SIGTERM
         self.stages: dict[str, Stage] = {}
         self.active: Stage | None = None
         self._hooks: list[Any] = []
         self._marked: list[nn.Module] = []
         self._closed = False
         try:
+            seen: set[int] = set()  # a module two components share is one stage
             for name, pairs in roots.items():
                 for stage_name, module in pairs:
+                    if id(module) in seen:
+                        continue
+                    seen.add(id(module))
                     stage = Stage(stage_name, module, Path(self._tmpdir) / stage_name, self.config, partitioner)
                     stage.spill()
                     self.stages[stage_name] = stage
@@ -121,13 +127,16 @@ class Offload:
     def _check_floors(self) -> None:
         """Every stage must fit the budget on its own: fail now, naming the stage, not in the middle of a call."""
         from .budget import Floor
+        from .embedding_rows import row_streamed_tables
         from .loader import BlockLayout
 
         for s in self.stages.values():
             big = max((BlockLayout.of(b) for b in s.plan.blocks), key=lambda lay: lay.nbytes)
             n_slots = min(self.config.prefetch_depth + 1, len(s.plan.blocks))
+            rows = row_streamed_tables(s.module, s.plan, self.config.row_stream_min_bytes)  # never held whole
+            pinned = sum(t.nbytes for t in s.plan.pinned if t.key not in rows)
             try:
-                Floor(s.plan.pinned_bytes, big.nbytes, n_slots, 0, 0, big.block.name, self.config.prefetch_depth
+                Floor(pinned, big.nbytes, n_slots, 0, 0, big.block.name, self.config.prefetch_depth
                       ).check(self.stage_budget)
             except BudgetError as e:
                 raise BudgetError(f"stage {s.name!r}: {e}") from None
@@ -176,25 +185,25 @@ class Offload:
         if self._closed:
             return
         self._closed = True
-        try:
-            self.release()
-            for h in self._hooks:
-                h.remove()
-            self._hooks.clear()
-            for m in self._marked:
-                if isinstance(getattr(m, "_hf_hook", None), _ExecutionDevice):
-                    del m._hf_hook
-            self._marked.clear()
-            errors = []
-            for s in self.stages.values():
-                try:
-                    s.restore()
-                except BlockrtError as e:  # the other stages are still restored; the first error is raised
-                    errors.append(e)
-            if errors:
-                raise errors[0]
-        finally:
-            tempdirs.remove(self._tmpdir)
+        self.release()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for m in self._marked:
+            if isinstance(getattr(m, "_hf_hook", None), _ExecutionDevice):
+                del m._hf_hook
+        self._marked.clear()
+        failed: list[str] = []
+        for s in self.stages.values():
+            try:
+                s.restore()
+            except BlockrtError as e:  # the other stages are still restored
+                failed.append(f"{s.name}: {e}")
+        if failed:
+            self._finalizer.detach()  # the stores hold the only copy of what was not given back: keep them
+            raise RestoreError(f"blockrt.offload could not give back every weight; the stores are kept in "
+                               f"{self._tmpdir}; " + " | ".join(failed))
+        self._finalizer()  # the stores go
 
     close = remove
 

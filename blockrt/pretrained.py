@@ -13,8 +13,10 @@ own: diffusers' ``config.json`` names it (``_class_name``), transformers' lists 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from torch import nn
 from .cache_dir import converted_store_path
 from .config import RunConfig
 from .device import DeviceProfile
-from .errors import StoreError
+from .errors import BlockrtError, StoreError
 from .hub import resolve_model_dir
 from .runtime import Runtime, run
 from .skeleton import meta_weights
@@ -68,7 +70,7 @@ def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceP
     config = config or RunConfig()
     if config.storage_dtype is not None and config.store_path is None:
         what = [type(model).__name__, config.storage_dtype, config.weights_prefix]
-        config = RunConfig(**{**config.__dict__, "store_path": converted_store_path(weights, what, cache_dir)})
+        config = replace(config, store_path=converted_store_path(weights, what, cache_dir))
     return run(model, budget, weights=weights, partitioner=partitioner, config=config)
 
 
@@ -94,8 +96,16 @@ def build_skeleton(directory: str | os.PathLike, model_class: Any = None) -> nn.
     return model.eval()
 
 
+def _require(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise BlockrtError(f"this checkpoint is a {name} model and {name} is not installed ({e}); "
+                         "fix: pip install 'blockrt[hf]'") from e
+
+
 def _diffusers_model(directory: Path, raw: dict, model_class: Any) -> nn.Module:
-    import diffusers
+    diffusers = _require("diffusers")
 
     cls = model_class or getattr(diffusers, str(raw["_class_name"]), None)
     if cls is None:
@@ -106,7 +116,7 @@ def _diffusers_model(directory: Path, raw: dict, model_class: Any) -> nn.Module:
 
 
 def _transformers_model(directory: Path, raw: dict, model_class: Any) -> nn.Module:
-    import transformers
+    transformers = _require("transformers")
 
     cfg = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     cls = model_class

@@ -29,6 +29,7 @@ from .errors import BlockrtError, StoreError
 from .hub import resolve_model_dir
 from .runtime import Runtime, run
 from .skeleton import meta_weights
+from .sources import CheckpointSource
 
 STEMS = ("model", "diffusion_pytorch_model")  # transformers' and diffusers' weight file names
 
@@ -54,6 +55,11 @@ def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceP
         cache_dir: blockrt's cache for converted stores (default ``$BLOCKRT_CACHE``, else the user cache directory).
         hf_cache_dir: the Hugging Face hub cache to read (default ``$HF_HUB_CACHE``, else huggingface_hub's).
 
+    A transformers base model (``model_class=GPT2Model``) reads a checkpoint saved with a head under its
+    ``base_model_prefix`` (``transformer.``), as transformers does. An autoencoder is called through ``decode()``,
+    which no hook sees: stream its decoder (``blockrt.run(vae.decoder, ..., RunConfig(weights_prefix="decoder."))``)
+    or the whole pipeline with ``blockrt.offload``.
+
     Returns:
         The ``Runtime`` streaming the model: call it like the model (``rt(input_ids)``), or use the model itself,
         ``rt.model``, wherever it is called through ``__call__`` (``rt.model.generate(...)`` under the runtime's
@@ -68,6 +74,10 @@ def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceP
     model = build_skeleton(directory, model_class)
     weights = checkpoint_file(directory, variant)
     config = config or RunConfig()
+    base = getattr(model, "base_model_prefix", "")
+    if base and not config.weights_prefix and not hasattr(model, base) and \
+            any(k.startswith(base + ".") for k in CheckpointSource(weights).segments):
+        config = replace(config, weights_prefix=base + ".")  # a base model out of a checkpoint with a head
     if config.storage_dtype is not None and config.store_path is None:
         what = [type(model).__name__, config.storage_dtype, config.weights_prefix]
         config = replace(config, store_path=converted_store_path(weights, what, cache_dir))

@@ -49,6 +49,8 @@ def test_offload_equals_plain_pipeline(name: str) -> None:
         assert off.peak_ledger_bytes <= BUDGET
         assert rss.peak_anon_delta <= BUDGET + RSS_SLACK
         assert torch.equal(output(pipe(**kwargs())), want)  # a second call: every stage opens again
+        off.release()  # the last stage's runtime closes: the models hold nothing again
+        assert off.active is None and all(t.is_meta for k, t in _tensors(pipe).items() if k in streamed)
     finally:
         off.remove()
     after = _tensors(pipe)

@@ -94,6 +94,22 @@ def test_repo_id_from_offline_hub_cache(tmp_path: Path, monkeypatch, read_only) 
     assert tree_state(cache) == before
 
 
+def test_model_class_auto_and_base_model(tmp_path: Path) -> None:
+    """An Auto class builds the checkpoint's architecture; a base model reads the head checkpoint's prefix."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel, GPT2Model
+
+    ckpt = save_gpt2(tmp_path / "gpt2")
+    plain = aligned(GPT2LMHeadModel.from_pretrained(ckpt).eval())
+    ids = _ids()
+    with torch.no_grad():
+        want = plain.transformer(ids).last_hidden_state
+    with blockrt.from_pretrained(ckpt, budget=BUDGET, model_class=AutoModelForCausalLM) as rt:
+        assert isinstance(rt.model, GPT2LMHeadModel)
+    with blockrt.from_pretrained(ckpt, budget=BUDGET, model_class=GPT2Model) as rt:
+        assert isinstance(rt.model, GPT2Model)
+        assert torch.equal(rt(ids).last_hidden_state, want)
+
+
 def test_repo_id_not_cached_says_how_to_fetch(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     with pytest.raises(NotCachedError) as e:

@@ -22,7 +22,8 @@ sequential offload uses for the same situation), naming ``RunConfig.device``, so
 ``get_module_execution_device`` put latents and ids there. ``remove()`` takes it away again.
 
 What stays resident, outside every runtime: an autoencoder's parts other than its encoder and decoder (a few
-1x1 convolutions). Their bytes are taken off the budget, so the runtimes' peak ledger plus them stays within it.
+1x1 convolutions), and a module too small for the partitioner to split into blocks. Their bytes are taken off the
+budget, so the runtimes' peak ledger plus them stays within it.
 """
 
 from __future__ import annotations
@@ -91,11 +92,6 @@ class Offload:
             raise BlockrtError(f"{type(pipe).__name__} has no torch modules among its components "
                                f"{sorted(components)}; nothing to offload")
         roots = {n: stage_roots(n, m) for n, m in self.modules.items()}
-        self.resident_bytes = sum(resident_bytes(m, [r for _, r in roots[n]]) for n, m in self.modules.items())
-        self.stage_budget = self.budget - self.resident_bytes
-        if self.stage_budget <= 0:
-            raise BudgetError(f"budget {self.budget} bytes is below the {self.resident_bytes} bytes that stay resident "
-                              "(autoencoder parts outside its encoder and decoder); fix: a larger budget")
         self._tmpdir = tempdirs.create()
         self._finalizer = weakref.finalize(self, tempdirs.remove, self._tmpdir)  # interpreter exit, SIGTERM
         self.stages: dict[str, Stage] = {}
@@ -105,21 +101,25 @@ class Offload:
         self._closed = False
         try:
             seen: set[int] = set()  # a module two components share is one stage
-            for name, pairs in roots.items():
+            for pairs in roots.values():
                 for stage_name, module in pairs:
-                    if id(module) in seen:
-                        continue
-                    seen.add(id(module))
-                    stage = Stage(stage_name, module, Path(self._tmpdir) / stage_name, self.config, partitioner)
-                    stage.spill()
-                    self.stages[stage_name] = stage
-                    self._hooks.append(module.register_forward_pre_hook(self._hook(stage), prepend=True,
-                                                                        with_kwargs=True))
+                    if id(module) not in seen:
+                        seen.add(id(module))
+                        stage = Stage(stage_name, module, Path(self._tmpdir) / stage_name, self.config, partitioner)
+                        if stage.plan.blocks:  # a module too small to split stays resident, as a VAE's 1x1 convs
+                            self.stages[stage_name] = stage
+            streamed = [s.module for s in self.stages.values()]
+            self.resident_bytes = sum(resident_bytes(m, streamed) for m in self.modules.values())
+            self.stage_budget = self.budget - self.resident_bytes
+            self._check_floors()  # before anything is written
+            for stage in self.stages.values():
+                stage.spill()
+                self._hooks.append(stage.module.register_forward_pre_hook(self._hook(stage), prepend=True,
+                                                                          with_kwargs=True))
             for m in self.modules.values():
                 if not hasattr(m, "_hf_hook"):
                     m._hf_hook = _ExecutionDevice(self.config.device)
                     self._marked.append(m)
-            self._check_floors()
         except BaseException:
             self.remove()
             raise
@@ -130,6 +130,10 @@ class Offload:
         from .embedding_rows import row_streamed_tables
         from .loader import BlockLayout
 
+        if self.stage_budget <= 0:
+            raise BudgetError(f"budget {self.budget} bytes is below the {self.resident_bytes} bytes that stay resident "
+                              "(modules outside every streamed one, such as a VAE's quant convolutions); fix: a "
+                              "larger budget")
         for s in self.stages.values():
             big = max((BlockLayout.of(b) for b in s.plan.blocks), key=lambda lay: lay.nbytes)
             n_slots = min(self.config.prefetch_depth + 1, len(s.plan.blocks))

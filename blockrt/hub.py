@@ -6,6 +6,8 @@ blockrt never downloads. A repo id (``"gpt2"``, ``"black-forest-labs/FLUX.1-dev"
 hub library's job (``huggingface-cli download <id>``). Snapshots are only read, never written (they may be
 read-only or shared between users).
 
+``blockrt.run(..., weights="org/name")`` resolves a repo id the same way (``resolve_weights``).
+
 The cache searched: ``hf_cache_dir`` if given, else the environment's ``HF_HUB_CACHE``, else ``$HF_HOME/hub``,
 else huggingface_hub's default (read when called, so a changed environment is seen).
 """
@@ -16,6 +18,8 @@ import os
 from pathlib import Path
 
 from .errors import NotCachedError, StoreError
+
+STEMS = ("model", "diffusion_pytorch_model")  # transformers' and diffusers' weight file names
 
 
 def hf_cache_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -89,3 +93,30 @@ def _cached_snapshot(repo_id: str, revision: str | None, cache: Path) -> Path:
         raise NotCachedError(f"{repo_id!r}{at} is not in the local Hugging Face cache ({cache}) and is not a local "
                              f"directory; blockrt reads models offline and never downloads; {fetch}") from e
     return Path(found)
+
+
+def checkpoint_file(directory: str | os.PathLike, variant: str | None = None) -> Path:
+    """The safetensors checkpoint of a model folder: its sharded index if there is one, else its single file
+    (``model`` for transformers, ``diffusion_pytorch_model`` for diffusers; ``variant`` as ``model.fp16``)."""
+    directory = Path(directory)
+    suffix = f".{variant}" if variant else ""
+    for stem in STEMS:
+        for name in (f"{stem}.safetensors.index{suffix}.json", f"{stem}{suffix}.safetensors.index.json",
+                     f"{stem}{suffix}.safetensors"):
+            if (directory / name).is_file():
+                return directory / name
+    found = sorted(p.name for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".json"))
+    pickled = [n for n in found if n.endswith((".bin", ".pt"))]
+    fix = ("fix: convert it to safetensors once (load it with transformers/diffusers and save_pretrained(..., "
+           "safe_serialization=True)); blockrt never unpickles checkpoints" if pickled and not variant else
+           "fix: pass variant= to match the files" if found else "fix: download the weights too")
+    raise StoreError(f"{directory}: expected {STEMS[0]}{suffix}.safetensors(.index.json) or "
+                     f"{STEMS[1]}{suffix}.safetensors(.index.json); found {found or 'no weight files'}; {fix}")
+
+
+def resolve_weights(weights: str | os.PathLike) -> str | os.PathLike:
+    """``blockrt.run(weights=...)``: a path as given; a repo id (not a path, and nothing there) as its checkpoint
+    in the local Hugging Face cache (``NotCachedError`` if it is not there, saying how to fetch it)."""
+    if Path(weights).expanduser().exists() or _looks_local(str(weights)):
+        return weights
+    return checkpoint_file(resolve_model_dir(weights))

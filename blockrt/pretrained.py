@@ -26,13 +26,10 @@ from .cache_dir import converted_store_path
 from .config import RunConfig
 from .device import DeviceProfile
 from .errors import BlockrtError, StoreError
-from .hub import resolve_model_dir
+from .hub import checkpoint_file, resolve_model_dir
 from .runtime import Runtime, run
 from .skeleton import meta_weights
 from .sources import CheckpointSource
-
-STEMS = ("model", "diffusion_pytorch_model")  # transformers' and diffusers' weight file names
-
 
 def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceProfile, *, subfolder: str = "",
                     revision: str | None = None, variant: str | None = None, model_class: Any = None,
@@ -141,22 +138,3 @@ def _transformers_model(directory: Path, raw: dict, model_class: Any) -> nn.Modu
         if hasattr(cls, "from_config"):  # the Auto* classes
             return cls.from_config(cfg)
         return cls._from_config(cfg) if hasattr(cls, "_from_config") else cls(cfg)
-
-
-def checkpoint_file(directory: str | os.PathLike, variant: str | None = None) -> Path:
-    """The safetensors checkpoint of a model folder: its sharded index if there is one, else its single file
-    (``model`` for transformers, ``diffusion_pytorch_model`` for diffusers; ``variant`` as ``model.fp16``)."""
-    directory = Path(directory)
-    suffix = f".{variant}" if variant else ""
-    for stem in STEMS:
-        for name in (f"{stem}.safetensors.index{suffix}.json", f"{stem}{suffix}.safetensors.index.json",
-                     f"{stem}{suffix}.safetensors"):
-            if (directory / name).is_file():
-                return directory / name
-    found = sorted(p.name for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".json"))
-    pickled = [n for n in found if n.endswith((".bin", ".pt"))]
-    fix = ("fix: convert it to safetensors once (load it with transformers/diffusers and save_pretrained(..., "
-           "safe_serialization=True)); blockrt never unpickles checkpoints" if pickled and not variant else
-           "fix: pass variant= to match the files" if found else "fix: download the weights too")
-    raise StoreError(f"{directory}: expected {STEMS[0]}{suffix}.safetensors(.index.json) or "
-                     f"{STEMS[1]}{suffix}.safetensors(.index.json); found {found or 'no weight files'}; {fix}")

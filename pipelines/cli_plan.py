@@ -16,10 +16,10 @@ import torch
 
 from blockrt.budget import format_bytes, parse_budget
 from blockrt.device import get_profile
-from blockrt.hub import resolve_model_dir
 from blockrt.partitioners import partition
 from blockrt.planning import block_flops, flop_timings, plan_sweep
-from blockrt.pretrained import build_skeleton, checkpoint_file
+from blockrt.hub import checkpoint_file, resolve_model_dir
+from blockrt.pretrained import build_skeleton
 from blockrt.sources import CheckpointSource
 
 

@@ -110,10 +110,30 @@ def test_model_class_auto_and_base_model(tmp_path: Path) -> None:
         assert torch.equal(rt(ids).last_hidden_state, want)
 
 
-def test_repo_id_not_cached_says_how_to_fetch(tmp_path: Path, monkeypatch) -> None:
+def test_run_weights_repo_id(tmp_path: Path, monkeypatch) -> None:
+    """``blockrt.run(skeleton, weights="org/name")`` reads the cached checkpoint too."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    saved = save_gpt2(tmp_path / "saved")
+    fake_hub_cache(tmp_path / "hub", "org/tiny-gpt2", saved)
+    plain = aligned(GPT2LMHeadModel.from_pretrained(saved).eval())
+    with blockrt.meta_weights():
+        skeleton = GPT2LMHeadModel(GPT2Config.from_pretrained(saved)).eval()
+    with torch.no_grad():
+        want = plain(_ids()).logits
+    with blockrt.run(skeleton, budget=BUDGET, weights="org/tiny-gpt2") as rt:
+        assert torch.equal(rt(_ids()).logits, want)
+
+
+@pytest.mark.parametrize("call", ["from_pretrained", "run"])
+def test_repo_id_not_cached_says_how_to_fetch(tmp_path: Path, monkeypatch, call: str) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     with pytest.raises(NotCachedError) as e:
-        blockrt.from_pretrained("gpt2", budget="1GB")
+        if call == "run":
+            blockrt.run(torch.nn.Sequential(torch.nn.Linear(2, 2)), budget="1GB", weights="gpt2")
+        else:
+            blockrt.from_pretrained("gpt2", budget="1GB")
     msg = str(e.value)
     assert "'gpt2' is not in the local Hugging Face cache" in msg and str(tmp_path / "empty-hub") in msg
     assert "huggingface-cli download gpt2" in msg and "does not exist" not in msg

@@ -52,6 +52,8 @@ def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceP
         cache_dir: blockrt's cache for converted stores (default ``$BLOCKRT_CACHE``, else the user cache directory).
         hf_cache_dir: the Hugging Face hub cache to read (default ``$HF_HUB_CACHE``, else huggingface_hub's).
 
+    dtype: a transformers model is built in the dtype its config records (``_from_config``, as transformers'
+    ``from_pretrained`` does by default), a diffusers model in float32; a narrower checkpoint widens as it loads.
     A transformers base model (``model_class=GPT2Model``) reads a checkpoint saved with a head under its
     ``base_model_prefix`` (``transformer.``), as transformers does. An autoencoder is called through ``decode()``,
     which no hook sees: stream its decoder (``blockrt.run(vae.decoder, ..., RunConfig(weights_prefix="decoder."))``)

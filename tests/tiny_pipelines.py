@@ -10,7 +10,9 @@ a tensor (``output_type="pt"``). ``scale`` widens the models (the benchmark uses
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from collections.abc import Callable
 from functools import lru_cache
@@ -42,6 +44,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 @lru_cache(maxsize=1)
 def _clip_files() -> tuple[str, str]:
     d = Path(tempfile.mkdtemp(prefix="tiny-clip-tokenizer-"))
+    atexit.register(shutil.rmtree, d, True)  # the tokenizer reads them once, when built
     chars = list(_bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})

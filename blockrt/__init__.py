@@ -20,9 +20,12 @@ from .profile import Profile, Summary  # noqa: E402
 from .runtime import Runtime, run  # noqa: E402
 from .skeleton import meta_weights  # noqa: E402
 from .conversion import convert_store  # noqa: E402
+from .pretrained import from_pretrained  # noqa: E402
+from .offload import Offload, offload  # noqa: E402
+from .errors import NotCachedError  # noqa: E402
 
 __all__ = [
     "PROFILES", "BlockTiming", "DeviceProfile", "Prediction", "drop_page_cache", "get_profile", "predict",
     "read_rss", "register_profile", "simulate", "Block", "BlockrtError", "BudgetError", "LoadError", "PartitionError", "Plan", "Profile", "RestoreError", "RunConfig",
-    "Runtime", "StoreError", "Summary", "TensorSpec", "convert_store", "meta_weights", "parse_budget", "run", "__version__",
+    "NotCachedError", "Offload", "Runtime", "StoreError", "Summary", "TensorSpec", "convert_store", "from_pretrained", "meta_weights", "offload", "parse_budget", "run", "__version__",
 ]

@@ -5,7 +5,8 @@
 
 from .partitioners.errors import BlockrtError, PartitionError
 
-__all__ = ["BlockrtError", "BudgetError", "DiskFullError", "LoadError", "PartitionError", "RestoreError", "StoreError"]
+__all__ = ["BlockrtError", "BudgetError", "DiskFullError", "LoadError", "NotCachedError", "PartitionError", "RestoreError",
+           "StoreError"]
 
 
 class BudgetError(BlockrtError):
@@ -28,3 +29,8 @@ class DiskFullError(StoreError, OSError):
 class RestoreError(BlockrtError):
     """``close`` could not give an in-memory model all its weights back (a store file gone, say): names the
     tensors left as ``meta`` placeholders and why; everything else was restored and the runtime is closed."""
+
+
+class NotCachedError(BlockrtError):
+    """A model id given to ``blockrt.from_pretrained`` is not in the local Hugging Face cache (blockrt reads the
+    cache offline and never downloads): names the id, the cache searched and the command that fetches it."""

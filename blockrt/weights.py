@@ -15,6 +15,7 @@ from .binding import Binder, meta_leftovers
 from .config import RunConfig
 from .conversion import converted_store
 from .errors import BlockrtError
+from .hub import resolve_weights
 from .partitioners.plan import Plan, dtype_from_name
 from .quantize import stored_dtypes
 from .sources import CheckpointSource, WeightSource
@@ -28,6 +29,7 @@ def open_weights(model: nn.Module, plan: Plan, config: RunConfig, storage: Any, 
     storage dtypes asked for."""
     verify = config.verify != "never"  # the pinned file's crc32 on opening a store (blocks': as they load)
     if weights is not None:
+        weights = resolve_weights(weights)  # a repo id: its checkpoint in the local Hugging Face cache
         if store is not None:
             raise ValueError("pass either weights= (stream from a checkpoint) or store= (spill the model), not both")
         if (Path(weights) / "manifest.json").exists():

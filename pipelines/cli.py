@@ -126,7 +126,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    if args.weights is not None:
+        require("plan --weights", "transformers", "diffusers", "huggingface_hub")
+        from blockrt.pipelines.cli_plan import plan_model
+
+        return plan_model(args)
     from blockrt.partitioners import partition
+    from blockrt.pipelines.cli_plan import print_sweep
     from blockrt.pipelines.toy import ToyConfig, ToyTransformer
 
     from blockrt.planning import block_flops, flop_timings, plan_sweep
@@ -145,11 +151,8 @@ def _plan(args: argparse.Namespace) -> int:
           f"{format_bytes(plan.pinned_bytes)} pinned; per block {flops[0] / 1e9:.2f} GFLOP = "
           f"{timings[0].compute_s * 1e3:.1f} ms compute vs {timings[0].load_s * 1e3:.1f} ms load at "
           f"{profile.read_bytes_per_s / 1e9:.2f} GB/s; working set assumed {format_bytes(ws)}")
-    print(f"{'budget':>12} {'sequential':>12} {'concurrent':>12} {'+ retention':>12} {'speedup':>8}  retained")
-    for p in plan_sweep(timings, pinned_bytes=plan.pinned_bytes, working_set_bytes=ws,
-                        prefetch_depth=args.prefetch, head_s=head, budgets=budgets, points=args.points):
-        print(f"{format_bytes(p.budget):>12} {p.sequential_s:>11.3f}s {p.concurrent_s:>11.3f}s "
-              f"{p.retention_s:>11.3f}s {p.sequential_s / p.retention_s:>7.2f}x  {len(p.retention.retained)} blocks")
+    print_sweep(plan_sweep(timings, pinned_bytes=plan.pinned_bytes, working_set_bytes=ws,
+                           prefetch_depth=args.prefetch, head_s=head, budgets=budgets, points=args.points))
     return 0
 
 
@@ -238,6 +241,10 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", parents=[common],
                           help="predict sequential / concurrent / retention pass times over budgets "
                                "(paper Eq. 10/11) from FLOPs and a device profile, without running")
+    plan.add_argument("--weights", default=None,
+                      help="a transformers/diffusers model: a local directory or a repo id in the local Hugging Face "
+                           "cache (default: the built-in demo transformer, sized by --layers/--dim)")
+    plan.add_argument("--subfolder", default=None, help="the model's folder in a diffusers pipeline (transformer, unet)")
     plan.add_argument("--profile", default="iphone15pro", help="device profile (iphone15pro, laptop-nvme, ...)")
     plan.add_argument("--budgets", default=None, help="comma-separated budgets, e.g. 64MB,128MB (default: a sweep)")
     plan.add_argument("--points", type=_count(2), default=8, help="budgets in the default sweep")
@@ -245,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--working-set", default=None, help="activation bytes to reserve, e.g. 20MB (default 0)")
     plan.add_argument("--layers", type=_count(1), default=12)
     plan.add_argument("--dim", type=_count(8), default=512)
-    plan.add_argument("--tokens", type=_count(1), default=256)
+    plan.add_argument("--tokens", type=_count(1), default=256, help="tokens of the example pass (FLOPs)")
     gen = sub.add_parser("generate", parents=[common],
                          help="text to video with Open-Sora v1.2 (T5 -> STDiT3 -> VAE) under one budget")
     gen.add_argument("--prompt", default=None, help="the text (default with the built-in model: "

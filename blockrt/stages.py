@@ -89,7 +89,7 @@ class Stage:
                                verify=self.config.verify != "never")
         del tensors
         self._originals = keep_originals(self.module, self.plan, {}, source, str(self.store.parent))
-        binder.evict(self.plan.all_specs().values())
+        binder.evict(self.plan.all_specs().values(), f"stage {self.name!r} (not running)")
 
     def activate(self, budget: int) -> Runtime:
         """Open the runtime streaming this stage from its store under ``budget``."""
@@ -107,7 +107,7 @@ class Stage:
             self.record(rt)
             rt.close()
         finally:
-            Binder(self.module).evict(self.plan.pinned)
+            Binder(self.module).evict(self.plan.pinned, "an offloaded stage's pinned part (not running)")
 
     def record(self, rt: Runtime) -> None:
         """Fold a closing runtime's figures into the stage's totals."""

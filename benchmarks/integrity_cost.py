@@ -145,6 +145,7 @@ def main() -> None:
 
         ckpt = d / "ckpt"
         ckpt.mkdir()
+        os.environ["BLOCKRT_CACHE"] = str(d / "cache")  # the converted stores, in this run's temporary directory
         owned = partition(model).all_specs()  # tied tensors once
         save_file({k: v.contiguous() for k, v in model.state_dict().items() if k in owned}, ckpt / "model.safetensors")
         half = blockrt.RunConfig(retention=False, storage_dtype="float16")
@@ -155,7 +156,7 @@ def main() -> None:
         def skeleton(clear: bool = False, touch: bool = False):
             def setup() -> ToyTransformer:
                 if clear:
-                    shutil.rmtree(ckpt / ".blockrt", ignore_errors=True)
+                    shutil.rmtree(d / "cache", ignore_errors=True)
                 if touch:
                     os.utime(ckpt / "model.safetensors")
                 return build(args.mb, args.vocab, meta=True)

@@ -53,7 +53,7 @@ class RunConfig:
             The loader dequantises into the compute dtype; pinned tensors are always in the compute dtype.
         store_path: where a store is written: the spilled in-memory model's store (as ``store=``), or the store
             a checkpoint is converted into once when ``storage_dtype`` asks for another dtype than it holds
-            (default then: ``<checkpoint dir>/.blockrt/<hash>``).
+            (default then: ``<user cache>/stores/<hash>``, see ``cache_dir.py``; never inside the checkpoint).
         reserve_bytes: budget the retention planner leaves unfilled for memory the runtime does not own
             (allocator slack, thread stacks, kernels' scratch), so the process RSS, not only the ledger, stays
             under the budget; None = 3% of the budget, at most 128 MiB. Feasibility checks ignore it.

@@ -12,9 +12,11 @@ together with each checkpoint file's identity (path, size, mtime, ctime, inode, 
   uses, about 0.6 s per GB when cached), and the store is reused only for the same fingerprint; its recorded
   identity is then refreshed so the next reopen is cheap again.
 
-The default cache is ``<checkpoint dir>/.blockrt/<key>-<fingerprint>``, ``key`` hashing the checkpoint's file
-names, the plan, the stored dtypes and the prefix: a changed checkpoint gets a new directory, and a store
-another process may be streaming is never rewritten. A store path given by the caller holds one conversion:
+The default cache is ``<user cache>/stores/<key>-<fingerprint>`` (``cache_dir.py``: ``$BLOCKRT_CACHE``, else
+``$XDG_CACHE_HOME/blockrt``, else ``~/.cache/blockrt``), never inside the checkpoint (a hub snapshot may be
+read-only or shared); ``key`` hashes the checkpoint's real path and file names, the plan, the stored dtypes and
+the prefix: a changed checkpoint gets a new directory, and a store another process may be streaming is never
+rewritten. A store path given by the caller holds one conversion:
 another checkpoint's is refused.
 """
 
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .cache_dir import user_cache_dir
 from .errors import StoreError
 from .guards import WriteLock, remove_stale
 from .integrity import fingerprint
@@ -107,11 +110,10 @@ def converted_store(source: CheckpointSource, plan: Plan, storage: dict[str, str
         _refresh(found, ident)
         return found
 
-    home = source.path if source.path.is_dir() else source.path.parent
-    cache = home / ".blockrt"
+    cache = user_cache_dir() / "stores"
     names = [Path(p).name for p in source.files()]
-    base = hashlib.blake2b(json.dumps([names, prefix, plan.to_dict(), sorted(wanted.items())]).encode(),
-                           digest_size=8).hexdigest()
+    base = hashlib.blake2b(json.dumps([str(source.path.resolve()), names, prefix, plan.to_dict(),
+                                       sorted(wanted.items())]).encode(), digest_size=8).hexdigest()
 
     def cached(fp: str | None) -> tuple[StoreSource | None, str | None]:
         """A cached store for this checkpoint (by identity, else by content), and the content hash if computed."""
@@ -132,11 +134,18 @@ def converted_store(source: CheckpointSource, plan: Plan, storage: dict[str, str
     if found is not None:
         remove_stale(cache / base)
         return found
-    if not os.access(cache if cache.exists() else home, os.W_OK):
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
         raise StoreError(f"storage dtypes other than those {source.description} holds need a converted store, "
-                         f"and {home} is not writable for its cache; fix: pass RunConfig(store_path=<a writable "
-                         "directory>) or convert ahead of time with blockrt.convert_store")
-    cache.mkdir(exist_ok=True)
+                         f"and blockrt's cache {cache} cannot be created ({e.strerror or e}); fix: set $BLOCKRT_CACHE "
+                         "to a writable directory, pass RunConfig(store_path=<a writable directory>) or convert "
+                         "ahead of time with blockrt.convert_store") from e
+    if not os.access(cache, os.W_OK):
+        raise StoreError(f"storage dtypes other than those {source.description} holds need a converted store, "
+                         f"and blockrt's cache {cache} is not writable; fix: set $BLOCKRT_CACHE to a writable "
+                         "directory, pass RunConfig(store_path=<a writable directory>) or convert ahead of time "
+                         "with blockrt.convert_store")
     with WriteLock(cache / base) as lock:
         lock.remove_stale()
         found, fp = cached(fp)  # another process may have converted it while we waited

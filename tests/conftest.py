@@ -1,5 +1,6 @@
 """Shared pytest setup: the tiny-model builders of ``tests/models.py`` as a fixture, and tiny random Open-Sora
-checkpoints written once per session. The package is imported as installed (``make .venv/.installed``, an
+checkpoints written once per session. blockrt's user cache (converted stores) is a per-test temporary directory,
+so no test writes into the home directory or sees another test's stores. The package is imported as installed (``make .venv/.installed``, an
 editable install), as ``blockrt``, ``blockrt.partitioners`` and ``blockrt.pipelines``."""
 
 from __future__ import annotations
@@ -10,6 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def blockrt_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``$BLOCKRT_CACHE`` for this test: where stores converted from a checkpoint go (``blockrt/cache_dir.py``)."""
+    cache = tmp_path / "blockrt-cache"
+    monkeypatch.setenv("BLOCKRT_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture(params=["toy", "t5_encoder", "bert", "gpt2", "llama"])

@@ -46,7 +46,7 @@ def test_a_checkpoint_replaced_with_the_same_size_and_mtime_is_converted_again(t
     assert torch.equal(stream(ckpt.parent, config), expected)
 
 
-def test_an_unchanged_checkpoint_is_not_hashed_and_a_touched_one_once(tmp_path, monkeypatch):
+def test_an_unchanged_checkpoint_is_not_hashed_and_a_touched_one_once(tmp_path, monkeypatch, blockrt_cache):
     ckpt = checkpoint(tmp_path / "ckpt")
     config = RunConfig(storage_dtype="float16")
     ref = stream(ckpt.parent, config)
@@ -59,7 +59,7 @@ def test_an_unchanged_checkpoint_is_not_hashed_and_a_touched_one_once(tmp_path, 
     os.utime(ckpt)  # touched: same bytes, new times
     for _ in range(2):
         assert torch.equal(stream(ckpt.parent, config), ref)
-    assert hashed == [1] and len(list((ckpt.parent / ".blockrt").iterdir())) == 1  # reused, identity refreshed
+    assert hashed == [1] and len(list((blockrt_cache / "stores").iterdir())) == 1  # reused, identity refreshed
 
 
 def test_a_bin_checkpoint_replaced_with_the_same_size_and_mtime_is_converted_again(tmp_path):

@@ -319,26 +319,28 @@ def run_skeleton(weights: Path, inputs, config: RunConfig | None = None) -> torc
         return output(skeleton, inputs, rt)
 
 
-def test_a_checkpoint_is_converted_once_and_cached(tmp_path):
+def test_a_checkpoint_is_converted_once_and_cached(tmp_path, blockrt_cache):
     ckpt = write_checkpoint(tmp_path / "ckpt")
     _, inputs = build_toy(0)
     expected = build_toy(0)[0]
     as_stored(expected, "int8")
     ref = output(expected, inputs)
     assert torch.equal(run_skeleton(ckpt, inputs, RunConfig(storage_dtype="int8")), ref)
-    caches = list((ckpt / ".blockrt").iterdir())
+    caches = list((blockrt_cache / "stores").iterdir())
     assert len(caches) == 1 and not [p for p in caches if ".tmp-" in p.name]
     before = snapshot(caches[0])
     assert torch.equal(run_skeleton(ckpt, inputs, RunConfig(storage_dtype="int8")), ref)
-    assert snapshot(caches[0]) == before and list((ckpt / ".blockrt").iterdir()) == caches  # reused
+    assert snapshot(caches[0]) == before and list((blockrt_cache / "stores").iterdir()) == caches  # reused
     run_skeleton(ckpt, inputs, RunConfig(storage_dtype="float16"))
-    assert len(list((ckpt / ".blockrt").iterdir())) == 2  # another storage dtype: another store
+    assert len(list((blockrt_cache / "stores").iterdir())) == 2  # another storage dtype: another store
     plain = build_toy(0)
     assert torch.equal(run_skeleton(ckpt, inputs), output(*plain))  # None: streamed in place, nothing converted
-    assert len(list((ckpt / ".blockrt").iterdir())) == 2
+    assert len(list((blockrt_cache / "stores").iterdir())) == 2
     own = tmp_path / "mine"
     assert torch.equal(run_skeleton(ckpt, inputs, RunConfig(storage_dtype="int8", store_path=str(own))), ref)
     assert (own / "manifest.json").exists()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors"]  # nothing beside it: a hub snapshot
+    # may be read-only or shared; the converted stores are in blockrt's user cache
 
 
 def test_convert_store_ahead_of_time(tmp_path):
@@ -360,14 +362,14 @@ def test_convert_store_ahead_of_time(tmp_path):
         blockrt.convert_store(skeleton, ckpt, out, {"layers.[0-3]": "int8"})
 
 
-def test_a_bfloat16_checkpoint_streams_into_a_float32_model(tmp_path):
+def test_a_bfloat16_checkpoint_streams_into_a_float32_model(tmp_path, blockrt_cache):
     ckpt = write_checkpoint(tmp_path / "ckpt", torch.bfloat16)
     expected, inputs = build_toy(0)
     with torch.no_grad():
         for p in expected.parameters():
             p.copy_(p.to(torch.bfloat16).float())
     assert torch.equal(run_skeleton(ckpt, inputs), output(expected, inputs))  # widened by the loader
-    assert not (ckpt / ".blockrt").exists()
+    assert not (ckpt / ".blockrt").exists() and not blockrt_cache.exists()  # widened on load: nothing converted
 
 
 def test_an_unwritable_checkpoint_directory_needs_a_store_path(tmp_path, monkeypatch):

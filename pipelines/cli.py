@@ -273,6 +273,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--lpl", type=_leap, default=None,
                      help="LPL: model calls before one leap to t=0 (the paper: 16 of 30), or 'dynamic'")
     gen.add_argument("--tdtm", type=_count(0), default=0, help="merge frame pairs for the first N steps")
+    gen.add_argument("--tdtm-positions", choices=("index", "centre"), default="index",
+                     help="RoPE positions of merged frames: index 0..T'-1 (the paper's) or centre 2g+0.5")
+    gen.add_argument("--tdtm-blocks", choices=("all", "spatial", "temporal"), default="all",
+                     help="which blocks merge frames (the paper: all)")
+    gen.add_argument("--tdtm-when", choices=("first", "last"), default="first",
+                     help="merge in the first N steps (the paper's) or the last N")
     gen.add_argument("--budget", default="64MB", help="one budget for the whole run (3.3GB for the phone)")
     gen.add_argument("--device-profile", default=None, help="throttle loads like this device (iphone15pro)")
     gen.add_argument("--out", default="out/generate")

@@ -65,7 +65,8 @@ def prepare(args: argparse.Namespace, say: Any) -> tuple[list[GenerateConfig], b
                              "point --weights at the directory of the three downloads")
     configs = [GenerateConfig(prompt=p, resolution=args.resolution, aspect=args.aspect, frames=args.frames,
                               steps=args.steps, cfg_scale=args.cfg, seed=args.seed, lpl=args.lpl,
-                              merge_steps=args.tdtm) for p in prompts]
+                              merge_steps=args.tdtm, merge_positions=args.tdtm_positions,
+                              merge_blocks=args.tdtm_blocks, merge_when=args.tdtm_when) for p in prompts]
     if shapes:
         from blockrt.pipelines.shapes.dataset import parse_caption
 
@@ -129,7 +130,7 @@ def generate(args: argparse.Namespace, say: Any, progress: Any) -> int:
         calls = result.steps_run
         leap = f" (LPL: leapt after call {result.leapt_at + 1})" if result.leapt_at is not None else ""
         say(f"{cfg.prompt!r}: {cfg.frames} frames at {cfg.resolution} {cfg.aspect}, {calls} STDiT3 calls{leap}, "
-            f"TDTM for {cfg.merge_steps} steps, budget {format_bytes(pipe.budget)}: {wall:.1f} s")
+            f"TDTM for {cfg.merge_steps} steps{_variant(cfg)}, budget {format_bytes(pipe.budget)}: {wall:.1f} s")
         for name, stage in result.stages.items():
             s = stage["summary"]
             say(f"  {name:<13} {s.passes:>3} passes  wall {s.wall_s:7.2f} s  roofline_ratio {s.roofline_ratio:5.2f}  "
@@ -139,7 +140,9 @@ def generate(args: argparse.Namespace, say: Any, progress: Any) -> int:
             f"peak_rss_delta {format_bytes(whole.peak_rss_delta or 0)} (anon {format_bytes(whole.peak_anon_delta or 0)}"
             f", file-backed {format_bytes(whole.peak_file_delta or 0)})")
         record: dict[str, Any] = {"prompt": cfg.prompt, "video": str(result.path), "model_calls": calls,
-                                  "leapt_at": result.leapt_at, "merge_steps": cfg.merge_steps, "wall_s": wall,
+                                  "leapt_at": result.leapt_at, "merge_steps": cfg.merge_steps,
+                                  "merge_positions": cfg.merge_positions, "merge_blocks": cfg.merge_blocks,
+                                  "merge_when": cfg.merge_when, "wall_s": wall,
                                   "budget": pipe.budget, "summary": {k: _clean(v) for k, v in whole.to_dict().items()},
                                   "stages": {n: {**{k: _clean(v) for k, v in st["summary"].to_dict().items()},
                                                  "peak_ledger_bytes": st["peak_ledger_bytes"]}
@@ -172,3 +175,10 @@ def _judge(video: Any, prompt: str, say: Any) -> dict[str, Any]:
         ok, verdict = None, "the prompt is outside the training captions"
     say(f"judge: a {v.colour} {v.shape} moving {v.direction} on a {v.background} background: {verdict}")
     return {"colour": v.colour, "shape": v.shape, "direction": v.direction, "background": v.background, "matches": ok}
+
+
+def _variant(cfg: GenerateConfig) -> str:
+    """The TDTM variant where it is not the paper's (positions, blocks, steps), e.g. " (centre, spatial, last)"."""
+    parts = [v for v, paper in ((cfg.merge_positions, "index"), (cfg.merge_blocks, "all"), (cfg.merge_when, "first"))
+             if v != paper]
+    return f" ({', '.join(parts)})" if parts and cfg.merge_steps else ""

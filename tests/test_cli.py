@@ -98,10 +98,11 @@ def test_progress_lines_in_a_log_stay_few(capsys):
 
 def test_generate_with_random_weights(tmp_path, capsys):
     rc = main(["generate", "--random-weights", "--cache", str(tmp_path / "weights"), "--out", str(tmp_path / "out"),
-               "--steps", "3", "--lpl", "2", "--tdtm", "1", "--resolution", "144p", "--aspect", "1:1", "--trace"])
+               "--steps", "3", "--lpl", "2", "--tdtm", "1", "--tdtm-positions", "centre", "--tdtm-blocks", "spatial",
+               "--resolution", "144p", "--aspect", "1:1", "--trace"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "RANDOM weights" in out
+    assert "RANDOM weights" in out and "TDTM for 1 steps (centre, spatial)" in out
     assert "3 STDiT3 calls" not in out and "2 STDiT3 calls (LPL: leapt after call 2)" in out and "whole run: peak_ledger_bytes" in out
     for name in ("video.mp4", "trace.json", "timeline.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
@@ -142,6 +143,7 @@ def test_bad_numbers_and_budgets_are_one_line_errors(tmp_path, capsys):
     _fails_in_one_line(["demo", "--threads", "0"], capsys, "--threads: expected a whole number >= 1")
     _fails_in_one_line(["demo", "--dim", "12", "--out", str(tmp_path)], capsys, "divisible")
     _fails_in_one_line(["generate", "--lpl", "abc"], capsys, "'dynamic'")
+    _fails_in_one_line(["generate", "--tdtm-positions", "middle"], capsys, "'centre'")
     _fails_in_one_line(["plan", "--prefetch", "-1"], capsys, "--prefetch: expected a whole number >= 0")
 
 

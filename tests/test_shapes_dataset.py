@@ -60,6 +60,24 @@ def test_judge_reads_the_generators_clean_clips():
     assert np.mean([v.background == c.spec.background for v, c in zip(verdicts, clips)]) >= MIN_JUDGE_ACCURACY
 
 
+def test_judge_reads_every_shape_of_the_generators_clips():
+    """The shape check (fill ratio of the mask's bounding box) on clean clips of two other seeds: 100%."""
+    clips = [make_clip(seed, i) for seed in (12, 13) for i in range(JUDGE_CLIPS // 2)]
+    verdicts = [judge(c.frames) for c in clips]
+    assert [v.shape for v in verdicts] == [c.spec.shape for c in clips]
+    assert {c.spec.shape for c in clips} == set(SHAPES)
+    assert fidelity(verdicts, [c.spec.caption for c in clips], shape=True) == 1.0
+
+
+def test_shape_counts_only_when_asked():
+    spec = sample_spec(np.random.default_rng(0), shape="square", colour="red", direction="left", background="white")
+    v = judge(render(spec))
+    assert v.shape == "square"
+    wrong_shape = caption("circle", "red", "left", "white")
+    assert matches(v, wrong_shape)  # the default fidelity: colour and direction
+    assert not matches(v, wrong_shape, shape=True) and matches(v, spec.caption, shape=True)
+
+
 def test_judge_rejects_what_the_caption_does_not_say():
     rng = np.random.default_rng(0)
     spec = sample_spec(rng, shape="square", colour="red", direction="left", background="white")

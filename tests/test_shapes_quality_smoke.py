@@ -19,3 +19,35 @@ def test_quality_benchmark_quick(tmp_path, capsys):
     assert all(0.0 <= r["fidelity"] <= 1.0 for r in rows.values())
     assert (tmp_path / "quality.md").read_text().startswith("# LPL / TDTM quality")
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 5
+    # interleaved (video by video, every setting in turn): the same videos, so the same scores
+    assert quality.main(["--quick", "--interleave", "--out", str(tmp_path / "interleaved")]) == 0
+    again = json.loads((tmp_path / "interleaved" / "results.json").read_text())["rows"]
+    for name, row in rows.items():
+        assert {k: again[name][k] for k in ("matches", "ssim", "psnr_db", "model_calls")} == \
+            {k: row[k] for k in ("matches", "ssim", "psnr_db", "model_calls")}, name
+
+
+def test_tdtm_rows_and_target():
+    """TDTM row names parse to their variant; the TDTM target takes the fastest row within 3 points of steps30's
+    fidelity with SSIM >= 0.90 and a speedup, and says MISS when none is."""
+    quality = load_benchmark("quality")
+    s = quality.tdtm_setting("tdtm20-centre-spatial-last")
+    assert (s.merge_steps, s.merge_positions, s.merge_blocks, s.merge_when) == (20, "centre", "spatial", "last")
+    s = quality.tdtm_setting("tdtm10")
+    assert (s.merge_steps, s.merge_positions, s.merge_blocks, s.merge_when) == (10, "index", "all", "first")
+    assert quality.tdtm_setting("tdtm31") is None and quality.tdtm_setting("tdtm10-middle") is None
+    assert quality.parse_args(["--rows", "tdtm7-centre"]).rows == ["tdtm7-centre"]
+    rows = [quality.Setting("steps30"), quality.tdtm_setting("tdtm10"), quality.tdtm_setting("tdtm30-centre"),
+            quality.tdtm_setting("tdtm10-last")]
+
+    def res(fid, ssim, speedup):
+        return {"fidelity": fid, "ssim": ssim, "speedup": speedup}
+
+    results = {"steps30": res(0.90, 1.0, 1.0), "tdtm10": res(0.80, 0.95, 1.05), "tdtm30-centre": res(0.88, 0.91, 1.2),
+               "tdtm10-last": res(0.90, 0.99, 1.1)}
+    ok, text = quality.tdtm_target(results, rows)
+    assert ok and "PASS" in text and "row tdtm30-centre" in text and "passing: tdtm30-centre, tdtm10-last" in text
+    results["tdtm30-centre"]["ssim"] = 0.89
+    results["tdtm10-last"]["speedup"] = 0.99
+    ok, text = quality.tdtm_target(results, rows)
+    assert not ok and "MISS" in text and "closest (best SSIM) row tdtm10-last:" in text

@@ -10,7 +10,16 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 import blockrt
 from blockrt import RunConfig
 from blockrt.pipelines.opensora.stdit3 import STDiT3, STDiT3Config
-from blockrt.pipelines.opensora.tdtm import check_x_mask, merge, merge_tokens, merged_frames, unmerge, unmerge_tokens
+from blockrt.pipelines.opensora.pipeline import GenerateConfig
+from blockrt.pipelines.opensora.tdtm import (
+    check_x_mask,
+    merge,
+    merge_tokens,
+    merged_frames,
+    merged_positions,
+    unmerge,
+    unmerge_tokens,
+)
 
 L, C, NUM_HEADS = 12, 64, 4  # tiny config: caption tokens, hidden size
 FPS, HEIGHT, WIDTH = 24.0, 240, 426
@@ -191,6 +200,106 @@ def test_frame_constant_video_matches_up_to_rounding(T: int) -> None:
     x, y = group_constant_latent(1)
     x = x.expand(-1, -1, T, -1, -1).contiguous()
     torch.testing.assert_close(run(model, x, y, merge_frames=True), run(model, x, y), atol=CLOSE_ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Variants: RoPE positions of the merged frames, which blocks merge, which steps
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_merged_positions() -> None:
+    assert merged_positions(5).tolist() == [0.0, 1.0, 2.0]  # the paper's: 0..T'-1
+    assert merged_positions(5, "centre").tolist() == [0.5, 2.5, 4.0]  # pairs at 2g + 0.5, the lone frame 4 at 4
+    assert merged_positions(6, "centre").tolist() == [0.5, 2.5, 4.5]
+    assert merged_positions(1, "centre").tolist() == [0.0]
+    assert merged_positions(15, "centre").tolist() == [2 * g + 0.5 for g in range(7)] + [14.0]
+    with pytest.raises(ValueError, match="merge positions must be one of"):
+        merged_positions(5, "middle")
+
+
+def _block_calls(model: STDiT3, **kw) -> tuple[torch.Tensor, list[dict]]:
+    """The output and, per block in call order, the ``merge_frames`` and ``rope`` it was given."""
+    seen: list[dict] = []
+    hooks = [b.register_forward_pre_hook(lambda m, a, k: seen.append({"merge": k["merge_frames"], "rope": k.get("rope")}),
+                                         with_kwargs=True) for b in (*model.spatial_blocks, *model.temporal_blocks)]
+    try:
+        x, y = group_constant_latent(5, H=5, W=7)
+        x = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))  # frames differ in pairs
+        return run(model, x, y, **kw), seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_default_variant_is_the_papers_bit_for_bit() -> None:
+    """merge_frames=True alone: every block merges, RoPE positions 0..T'-1 (what STDiT3 did before the variants
+    existed), and the named paper values give the same bits."""
+    model = tiny_model()
+    out, seen = _block_calls(model, merge_frames=True)
+    assert [c["merge"] for c in seen] == [True] * 4
+    cos, sin = model.rope.cos_sin(merged_frames(5), torch.float32, torch.device("cpu"))  # arange(T')
+    assert all(torch.equal(c["rope"][0], cos) and torch.equal(c["rope"][1], sin) for c in seen if c["rope"])
+    same, _ = _block_calls(model, merge_frames=True, merge_positions="index", merge_blocks="all")
+    assert torch.equal(out, same)
+    cfg = GenerateConfig("a red circle", steps=30, merge_steps=10)  # the pipeline's defaults: the paper's
+    assert [cfg.merge_args(i) for i in (0, 9, 10, 29)] == [
+        {"merge_frames": m, "merge_positions": "index", "merge_blocks": "all"} for m in (True, True, False, False)]
+
+
+def test_centre_positions_reach_the_temporal_blocks_and_change_the_output() -> None:
+    model = tiny_model()
+    out, seen = _block_calls(model, merge_frames=True, merge_positions="centre")
+    cos, sin = model.rope.cos_sin(3, torch.float32, torch.device("cpu"), torch.tensor([0.5, 2.5, 4.0]))
+    ropes = [c["rope"] for c in seen if c["rope"] is not None]
+    assert len(ropes) == 2 and all(torch.equal(r[0], cos) and torch.equal(r[1], sin) for r in ropes)
+    freqs = model.rope.freqs.repeat_interleave(2)  # (head_dim,): the angle of position p is p * freqs
+    torch.testing.assert_close(cos[1], torch.cos(2.5 * freqs))
+    index, _ = _block_calls(model, merge_frames=True)
+    assert out.isfinite().all() and not torch.allclose(out, index, atol=1e-4)
+
+
+def test_centre_positions_keep_the_trained_distances() -> None:
+    """RoPE attention depends on position differences only: merged pairs at centres 0.5, 2.5, 4.5 attend as
+    frames 0, 2, 4 do (2 apart, as trained), where the paper's positions 0, 1, 2 make them 1 apart."""
+    model = tiny_model()
+    attn = model.temporal_blocks[0].attn
+    h = torch.randn(6, 3, C, generator=torch.Generator().manual_seed(0))  # (B*S, T', C) merged tokens
+    cpu = torch.device("cpu")
+
+    def at(positions: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return attn(h, model.rope.cos_sin(3, torch.float32, cpu, positions))
+
+    trained = at(torch.tensor([0.0, 2.0, 4.0]))
+    torch.testing.assert_close(at(merged_positions(6, "centre")), trained, atol=CLOSE_ATOL, rtol=0)
+    assert not torch.allclose(at(merged_positions(6)), trained, atol=1e-3)
+
+
+@pytest.mark.parametrize("blocks, spatial, temporal", [("spatial", True, False), ("temporal", False, True)])
+def test_merge_blocks_picks_which_blocks_merge(blocks: str, spatial: bool, temporal: bool) -> None:
+    model = tiny_model()
+    out, seen = _block_calls(model, merge_frames=True, merge_blocks=blocks)
+    assert [c["merge"] for c in seen] == [spatial, temporal] * 2  # spatial_blocks[i], then temporal_blocks[i]
+    assert all(c["rope"][0].shape[0] == (3 if temporal else 5) for c in seen if c["rope"] is not None)
+    every, _ = _block_calls(model, merge_frames=True)
+    none, _ = _block_calls(model)
+    assert not torch.allclose(out, every, atol=1e-4) and not torch.allclose(out, none, atol=1e-4)
+    off, _ = _block_calls(model, merge_blocks=blocks)  # without merge_frames the variant does nothing
+    assert torch.equal(off, none)
+
+
+def test_merge_when_and_bad_variants() -> None:
+    first = GenerateConfig("a red circle", steps=30, merge_steps=10)
+    last = GenerateConfig("a red circle", steps=30, merge_steps=10, merge_when="last")
+    assert [i for i in range(30) if first.merges(i)] == list(range(10))
+    assert [i for i in range(30) if last.merges(i)] == list(range(20, 30))
+    assert not any(GenerateConfig("a red circle", merge_when="last").merges(i) for i in range(30))  # merge_steps 0
+    for kw, match in (({"merge_positions": "middle"}, "merge positions"), ({"merge_blocks": "mlp"}, "merge blocks"),
+                      ({"merge_when": "middle"}, "merge_when")):
+        with pytest.raises(ValueError, match=match):
+            GenerateConfig("a red circle", merge_steps=10, **kw)
+    with pytest.raises(ValueError, match="merge blocks"):
+        run(tiny_model(), *group_constant_latent(2), merge_frames=True, merge_blocks="mlp")
 
 
 # ------------------------------------------------------------------------------------------------------

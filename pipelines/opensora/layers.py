@@ -208,14 +208,21 @@ class RotaryEmbedding(nn.Module):
         self.dim = dim
         self.freqs = nn.Parameter(rope_frequencies(dim), requires_grad=False)
 
-    def cos_sin(self, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, n: int, dtype: torch.dtype, device: torch.device,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of the angles ``pos·freqs[j//2]`` for positions 0..n-1, each ``(n, dim)`` in ``dtype``.
 
         Follows the original's roundings: positions are made in the activations' ``dtype``, then the
         product, its cos and sin are computed in the dtype of ``freqs`` (bf16 in the bf16 original).
+        ``positions`` ``(n,)``: other positions than 0..n-1 (TDTM's group centres), rounded the same way.
         """
         freqs = self.freqs.to(device)
-        pos = torch.arange(n, device=device, dtype=dtype).to(freqs.dtype)  # (n,)
+        if positions is None:
+            pos = torch.arange(n, device=device, dtype=dtype).to(freqs.dtype)  # (n,)
+        else:
+            if positions.shape != (n,):
+                raise ValueError(f"positions must have shape ({n},), got {tuple(positions.shape)}")
+            pos = positions.to(device=device, dtype=dtype).to(freqs.dtype)  # (n,)
         angles = (pos[:, None] * freqs[None]).repeat_interleave(2, dim=-1)  # (n, dim), pairs share an angle
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -28,12 +28,15 @@ from blockrt.memory import RssSampler
 from blockrt.profile import Profile
 from blockrt.sources import CheckpointSource
 from blockrt.pipelines.opensora import loading
+from blockrt.pipelines.opensora.conditioning import model_inputs
 from blockrt.pipelines.opensora.lpl import DynamicLeap, FixedLeap, LeapPolicy, NoLeap
 from blockrt.pipelines.opensora.prompt import preprocess
 from blockrt.pipelines.opensora.resolution import latent_size, num_frames, resolve
 from blockrt.pipelines.opensora.sampler import initial_noise, sample, timesteps
+from blockrt.pipelines.opensora.tdtm import check_variant
 from blockrt.pipelines.opensora.video import save_video
 
+MERGE_WHEN = ("first", "last")  # which steps TDTM merges: the first merge_steps (the paper) or the last
 DIRS = {"t5": "t5-v1_1-xxl", "stdit3": "OpenSora-STDiT-v3", "vae": "OpenSora-VAE-v1.2"}
 
 
@@ -48,8 +51,14 @@ class GenerateConfig:
         steps, cfg_scale, seed: the rectified-flow sampler's settings (30, 7.0, 42 in Open-Sora).
         lpl: None (all steps), an int k: k model calls, then one leap to t = 0 (``FixedLeap(k)``; the paper's
             16 of 30 is ``lpl=16``), or ``"dynamic"``.
-        merge_steps: TDTM for the first ``merge_steps`` steps (0 = off).
-        fps: frames per second of the written video (and the fps conditioning).
+        merge_steps: TDTM for ``merge_steps`` steps (0 = off): the first ones (the paper), or see ``merge_when``.
+        merge_positions: TDTM's RoPE positions of the merged frames: ``"index"`` 0..T'-1 (the paper's) or
+            ``"centre"`` (each pair at ``2g + 0.5``, the temporal distances the model was trained with).
+        merge_blocks: which blocks merge: ``"all"`` (the paper's), ``"spatial"`` or ``"temporal"``.
+        merge_when: ``"first"``: the first ``merge_steps`` steps (the paper's); ``"last"``: the last
+            ``merge_steps`` steps of the ``steps`` schedule (an LPL leap may end the run before them).
+        fps: frames per second of the written video and the fps conditioning (a single frame is conditioned on
+            120, as Open-Sora v1.2 does for images).
     """
 
     prompt: str
@@ -62,6 +71,9 @@ class GenerateConfig:
     lpl: int | str | None = None
     merge_steps: int = 0
     fps: int = 24
+    merge_positions: str = "index"
+    merge_blocks: str = "all"
+    merge_when: str = "first"
 
     def __post_init__(self) -> None:
         preprocess(self.prompt)  # an empty prompt fails here
@@ -76,6 +88,20 @@ class GenerateConfig:
         if isinstance(self.merge_steps, bool) or not isinstance(self.merge_steps, int) or \
                 not 0 <= self.merge_steps <= self.steps:
             raise ValueError(f"merge_steps must be an int in [0, steps={self.steps}]; got {self.merge_steps!r}")
+        check_variant(self.merge_positions, self.merge_blocks)
+        if self.merge_when not in MERGE_WHEN:
+            raise ValueError(f"merge_when must be one of {MERGE_WHEN} (the paper: 'first'); got {self.merge_when!r}")
+
+    def merges(self, step: int) -> bool:
+        """Whether TDTM merges frames at ``step`` (0-based) of the ``steps`` schedule."""
+        if self.merge_when == "first":
+            return step < self.merge_steps
+        return step >= self.steps - self.merge_steps
+
+    def merge_args(self, step: int) -> dict[str, Any]:
+        """STDiT3's TDTM keyword arguments at ``step``: ``merge_frames``, ``merge_positions``, ``merge_blocks``."""
+        return {"merge_frames": self.merges(step), "merge_positions": self.merge_positions,
+                "merge_blocks": self.merge_blocks}
 
     def policy(self) -> LeapPolicy:
         if self.lpl is None:
@@ -191,8 +217,8 @@ class OpenSoraPipeline:
         z = initial_noise((1, model.config.in_channels, lt, lh, lw), cfg.seed)
         with self._run(model, stdit.weights) as rt:
             y_in = torch.cat([y, model.null_caption(1)])  # cond row first, then the learned null caption
-            side = {"fps": torch.tensor([float(cfg.fps)]), "height": torch.tensor([float(h)]),
-                    "width": torch.tensor([float(w)])}
+            # fps/height/width in the model dtype (bf16 rounds the sizes) and fps 120 for an image, as the original
+            side = model_inputs(height=h, width=w, frames=frames, fps=cfg.fps, dtype=model.dtype)
 
             policy = cfg.policy()
             # the step of the last STDiT3 call, where known in advance (dynamic LPL decides as it goes)
@@ -204,8 +230,7 @@ class OpenSoraPipeline:
                     rt.expect_last_pass()
                 # STDiT3 casts x to its weights' dtype first; casting here keeps every step one input kind for
                 # the runtime (step 0's latent is bf16 noise, later ones fp32) without changing a bit
-                return rt(z_in.to(model.dtype), t_in, y_in, mask=mask, x_mask=x_mask,
-                          merge_frames=step < cfg.merge_steps, **side)
+                return rt(z_in.to(model.dtype), t_in, y_in, mask=mask, x_mask=x_mask, **cfg.merge_args(step), **side)
 
             result = sample(model_fn, z, ts, cfg_scale=cfg.cfg_scale, policy=policy,
                             progress=lambda done, total: report("denoising", done, total))

@@ -40,7 +40,14 @@ from blockrt.pipelines.opensora.layers import (
     select_frames,
     t2i_modulate,
 )
-from blockrt.pipelines.opensora.tdtm import check_x_mask, merge_tokens, merged_frames, unmerge_tokens
+from blockrt.pipelines.opensora.tdtm import (
+    check_variant,
+    check_x_mask,
+    merge_tokens,
+    merged_frames,
+    merged_positions,
+    unmerge_tokens,
+)
 
 
 @dataclass
@@ -306,6 +313,8 @@ class STDiT3(nn.Module):
         height: torch.Tensor | float | None = None,
         width: torch.Tensor | float | None = None,
         merge_frames: bool = False,
+        merge_positions: str = "index",
+        merge_blocks: str = "all",
         **kwargs: Any,
     ) -> torch.Tensor:
         """Predict the velocity (channels 0..in_channels-1) and the unused sigma channels.
@@ -320,7 +329,11 @@ class STDiT3(nn.Module):
             height, width: ``(n,)`` pixel size of the video (the first entry is used) or numbers.
             merge_frames: TDTM: every block's self- and cross-attention runs on ``ceil(T/2)`` merged frames
                 (pairs averaged, an odd last frame alone; RoPE positions 0..ceil(T/2)-1). The sampler sets it
-                for the first ``merge_steps`` steps. With ``x_mask``, each pair must share one mask value.
+                for the steps ``GenerateConfig.merges`` picks. With ``x_mask``, each pair must share one mask value.
+            merge_positions: TDTM's RoPE positions of the merged frames (``tdtm.merged_positions``): ``"index"``
+                0..ceil(T/2)-1 (the paper's), or ``"centre"`` (``2g + 0.5``: the trained distances kept).
+            merge_blocks: which blocks merge with ``merge_frames``: ``"all"`` (the paper's), ``"spatial"``,
+                ``"temporal"``; the others run on every frame.
             **kwargs: ignored (the sampler also passes ``num_frames``, ``ar``).
 
         Returns:
@@ -328,6 +341,7 @@ class STDiT3(nn.Module):
         """
         cfg = self.config
         dtype = self.dtype
+        check_variant(merge_positions, merge_blocks)
         B, _, Tx, Hx, Wx = x.shape
         device = x.device
         x, y = x.to(dtype), y.to(dtype)
@@ -365,11 +379,18 @@ class STDiT3(nn.Module):
         x = self.x_embedder(x)  # (B, T*S, C)
         x = (x.reshape(B, T, S, -1) + pos_emb).view(B, T * S, -1)  # (B, T*S, C)
 
-        rope = self.rope.cos_sin(merged_frames(T) if merge_frames else T, dtype, device)  # 2 x (T or T', head_dim)
-        kw = dict(y_mask=y_mask, x_mask=x_mask, t0_mlp=t0_mlp, merge_frames=merge_frames)
+        merge_s = merge_frames and merge_blocks in ("all", "spatial")
+        merge_t = merge_frames and merge_blocks in ("all", "temporal")
+        if not merge_t:
+            rope = self.rope.cos_sin(T, dtype, device)  # 2 x (T, head_dim)
+        elif merge_positions == "index":
+            rope = self.rope.cos_sin(merged_frames(T), dtype, device)  # 2 x (T', head_dim): positions 0..T'-1
+        else:  # 2 x (T', head_dim) at the groups' centre frame indices
+            rope = self.rope.cos_sin(merged_frames(T), dtype, device, merged_positions(T, merge_positions))
+        kw = dict(y_mask=y_mask, x_mask=x_mask, t0_mlp=t0_mlp)
         for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
-            x = spatial(x, y, t_mlp, T, S, **kw)
-            x = temporal(x, y, t_mlp, T, S, rope=rope, **kw)
+            x = spatial(x, y, t_mlp, T, S, merge_frames=merge_s, **kw)
+            x = temporal(x, y, t_mlp, T, S, rope=rope, merge_frames=merge_t, **kw)
 
         x = self.final_layer(x, t, T, S, x_mask=x_mask, t0=t0)  # (B, T*S, prod(patch)*C_out)
         return unpatchify(x, (T, H, W), cfg.patch_size, cfg.out_channels, (Tx, Hx, Wx)).float()

@@ -16,6 +16,15 @@ So ``unmerge(merge(x, T), T) == x`` bit for bit whenever ``x`` is constant withi
 odd ``T``. (The authors' code drops the last frame of an odd ``T`` and guesses the length back, which is
 wrong for e.g. T = 13.)
 
+Variants (training-free, next to the paper's behaviour, which stays the default):
+
+- ``positions``: the RoPE positions of the merged frames in the temporal attention. ``"index"`` (the paper's
+  code) numbers the groups 0..T'-1, which halves every temporal distance the model was trained with;
+  ``"centre"`` places each group at the mean of its frame indices (``2g + 0.5`` for a pair, ``T - 1`` for an
+  odd last frame alone), so merged frames keep their trained distances (``merged_positions``).
+- ``blocks``: which blocks merge: ``"all"`` (the paper), ``"spatial"`` (the temporal blocks see every frame, so
+  their positions never change) or ``"temporal"``.
+
 ``x_mask`` (I2V / extension conditioning frames, which use the t=0 modulation): a group may only merge
 frames that are treated alike, so with ``merge_frames`` every pair must have one ``x_mask`` value in each
 sample (``check_x_mask``); an all-True mask (what the T2V sampler passes) always qualifies. A mixed pair
@@ -25,6 +34,36 @@ is an error rather than a silent average of a clean conditioning frame with a no
 from __future__ import annotations
 
 import torch
+
+POSITIONS = ("index", "centre")  # RoPE positions of the merged frames: the paper's 0..T'-1, or group centres
+BLOCKS = ("all", "spatial", "temporal")  # which blocks merge (the paper: all)
+
+
+def check_variant(positions: str, blocks: str) -> None:
+    """Raise unless ``positions`` is one of ``POSITIONS`` and ``blocks`` one of ``BLOCKS``."""
+    if positions not in POSITIONS:
+        raise ValueError(f"merge positions must be one of {POSITIONS} (the paper: 'index'), got {positions!r}")
+    if blocks not in BLOCKS:
+        raise ValueError(f"merge blocks must be one of {BLOCKS} (the paper: 'all'), got {blocks!r}")
+
+
+def merged_positions(T: int, positions: str = "index") -> torch.Tensor:
+    """RoPE positions ``(T',)`` fp32 of the ``ceil(T/2)`` merged frames.
+
+    ``"index"``: ``0, 1, ..., T'-1`` (the paper's). ``"centre"``: the mean frame index of each group,
+    ``2g + 0.5`` for the pair ``(2g, 2g+1)`` and ``T - 1`` for an odd last frame alone.
+
+    Example: T = 5 → index ``[0, 1, 2]``, centre ``[0.5, 2.5, 4.0]``.
+    """
+    check_variant(positions, "all")
+    Tm = merged_frames(T)
+    g = torch.arange(Tm, dtype=torch.float32)
+    if positions == "index":
+        return g
+    centre = 2 * g + 0.5
+    if T % 2:
+        centre[-1] = T - 1  # the last frame is a group of its own
+    return centre
 
 
 def merged_frames(T: int) -> int:

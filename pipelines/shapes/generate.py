@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from blockrt.pipelines.opensora import loading
+from blockrt.pipelines.opensora.conditioning import model_inputs
 from blockrt.pipelines.opensora.pipeline import DIRS, GenerateConfig
 from blockrt.pipelines.opensora.prompt import preprocess
 from blockrt.pipelines.opensora.resolution import latent_size, num_frames, resolve
@@ -80,12 +81,10 @@ class ShapesGenerator:
         ts = timesteps(cfg.steps, height=h, width=w, num_frames=frames)
         z = initial_noise((1, model.config.in_channels, lt, lh, lw), cfg.seed)
         y_in = torch.cat([y, model.null_caption(1)])  # cond row first, then the null caption
-        side = {"fps": torch.tensor([float(cfg.fps)]), "height": torch.tensor([float(h)]),
-                "width": torch.tensor([float(w)])}
+        side = model_inputs(height=h, width=w, frames=frames, fps=cfg.fps, dtype=model.dtype)
 
         def model_fn(z_in: torch.Tensor, t_in: torch.Tensor, step: int, x_mask: torch.Tensor | None) -> torch.Tensor:
-            return model(z_in.to(model.dtype), t_in, y_in, mask=mask, x_mask=x_mask,
-                         merge_frames=step < cfg.merge_steps, **side)
+            return model(z_in.to(model.dtype), t_in, y_in, mask=mask, x_mask=x_mask, **cfg.merge_args(step), **side)
 
         t0 = time.perf_counter()
         result = sample(model_fn, z, ts, cfg_scale=cfg.cfg_scale, policy=cfg.policy())

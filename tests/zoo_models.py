@@ -308,10 +308,11 @@ ZOO: dict[str, Callable[[], Built]] = {
     "unet_sdxl": unet_sdxl,
 }
 
-# Near-copies of a default architecture (a Llama-like decoder, BERT, the towers of the whole CLIP): run with
-# ``-m slow`` so the default zoo stays short on a shared 2-core machine; the benchmark runs every one.
+# Near-copies of a default architecture (a Llama-like decoder, BERT, the towers of the whole CLIP, PixArt's
+# transformer blocks): run with ``-m slow`` so the default zoo stays short on a shared 2-core machine; the
+# benchmark runs every one.
 SLOW = frozenset({"mistral", "qwen2", "qwen3", "gemma", "phi", "gpt_neox", "opt", "roberta", "clip_text",
-                  "clip_vision"})
+                  "clip_vision", "transformer2d"})
 
 
 def build(name: str, seed: int = 0) -> Built:

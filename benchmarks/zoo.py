@@ -7,7 +7,7 @@ the plain one, and after ``close()`` the model's own output checked equal again 
 per architecture: blocks, pinned share, peak ledger / budget, ``peak_rss_delta``, wall per call vs plain, parity;
 writes ``results.json``/``results.csv`` into ``--out``.
 
-    .venv/bin/python benchmarks/zoo.py             # ~1 minute on the 2-core dev machine
+    .venv/bin/python benchmarks/zoo.py             # 36 architectures: ~3 minutes on 2 idle cores, ~10 loaded
 """
 
 from __future__ import annotations
@@ -88,13 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     zoo = _zoo()
     names = args.models.split(",") if args.models else list(zoo.ZOO)
     rows = []
-    print(f"{'model':<12} {'MB':>6} {'blocks':>6} {'pinned':>7} {'peak ledger/budget':>19} {'rss delta':>10} "
+    print(f"{'model':<14} {'MB':>6} {'blocks':>6} {'pinned':>7} {'peak ledger/budget':>19} {'rss delta':>10} "
           f"{'plain ms':>9} {'blockrt ms':>10} {'ratio':>6}  equal / after close")
     for name in names:
         r = bench_one(name, zoo, args.calls)
         rows.append(r)
         rss = "-" if r["peak_rss_delta"] is None else f"{r['peak_rss_delta'] / 1e6:.2f} MB"
-        print(f"{name:<12} {r['model_bytes'] / 1e6:>6.2f} {r['blocks']:>6} {100 * r['pinned_share']:>6.1f}% "
+        print(f"{name:<14} {r['model_bytes'] / 1e6:>6.2f} {r['blocks']:>6} {100 * r['pinned_share']:>6.1f}% "
               f"{r['peak_ledger_bytes'] / 1e6:>8.2f} / {r['budget'] / 1e6:>6.2f} MB {rss:>10} {r['plain_ms']:>9.2f} "
               f"{r['streamed_ms']:>10.2f} {r['ratio']:>6.2f}  {'yes' if r['equal'] else 'NO'} / "
               f"{'yes' if r['equal_after_close'] else 'NO'}", flush=True)

@@ -290,3 +290,25 @@ def test_a_store_file_gone_is_named_at_close_and_never_masks_the_error_in_flight
         with rt:
             raise Boom("the caller's error")
     assert "could not all be put back" in caplog.text
+
+
+def test_after_generate_with_a_cache_the_model_fds_and_threads_come_back():
+    """T5's generate (the encoder through get_encoder(), a cache as state) at two budgets on the same model: both
+    bit-exact, then the plain model equal again and no file descriptor or thread left behind."""
+    from test_generate import _generate, _same, _t5
+
+    ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(1))
+    model = _t5()
+    ref = _generate(model, ids, new=4)
+    plan = partition(model)
+    with blockrt.run(model, budget=10**10) as rt:  # every block retained; lazy imports and torch's pools first
+        assert _same(_generate(model, ids, new=4), ref)
+    gc.collect()
+    fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+    with blockrt.run(model, budget=plan.total_bytes // 2) as rt:  # streamed
+        assert _same(_generate(model, ids, new=4), ref)
+        assert len(rt.retention.retained) < len(rt.plan.blocks)
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert threading.active_count() == threads, [t.name for t in threading.enumerate()]
+    assert _same(_generate(model, ids, new=4), ref)

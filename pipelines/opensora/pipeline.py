@@ -35,6 +35,7 @@ from blockrt.pipelines.opensora.sampler import initial_noise, sample, timesteps
 from blockrt.pipelines.opensora.video import save_video
 
 DIRS = {"t5": "t5-v1_1-xxl", "stdit3": "OpenSora-STDiT-v3", "vae": "OpenSora-VAE-v1.2"}
+STAGE_LABELS = {"t5": "T5", "stdit3": "STDiT3", "vae_temporal": "VAE temporal", "vae_spatial": "VAE spatial"}
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ class OpenSoraPipeline:
         stages[name] = {"summary": s, "peak_ledger_bytes": rt.ledger.peak, "blocks": len(rt.plan.blocks),
                         "retained": list(rt.retention.retained) if rt.retention else [],
                         "end_s": end, "stage_s": end - start}
-        whole.absorb(rt.profile, prefix=f"{name}/")
+        whole.absorb(rt.profile, prefix=f"{name}/", stage=STAGE_LABELS.get(name, name))
 
     def _encode(self, cfg: GenerateConfig, whole: Profile, stages: dict[str, Any],
                 report: Callable[[str, int, int], None]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -269,3 +269,10 @@ def test_refused_schedulers_pipelines_and_settings(built):
             cap.remove()
         assert cap.calls == []  # refused before the first model call
     assert b.pipe.scheduler is original
+
+
+def test_benchmark_prints_calls_for_each_mode(capsys):
+    assert bench.main(["--size", "tiny", "--steps", "4", "--calls", "2", "--pipelines", "flux", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("flux ")}
+    assert rows["full"][2:4] == ["4", "4"] and rows["LPL"][3:5] == ["2", "2"]  # model calls and forwards

@@ -14,10 +14,10 @@ from typing import Any
 
 from .budget import format_bytes
 from .files import write_atomic
-from .recording import EVENT_KINDS, Event, Recording
+from .recording import EVENT_KINDS, Event, Recording, Stage
 from .timeline import plot_timeline
 
-__all__ = ["EVENT_KINDS", "Event", "Profile", "Summary"]
+__all__ = ["EVENT_KINDS", "Event", "Profile", "Stage", "Summary"]
 
 
 def _fmt_s(s: float) -> str:
@@ -158,24 +158,49 @@ class Profile(Recording):
         return str(self.summary())
 
     def trace_events(self) -> list[dict[str, Any]]:
-        """The Chrome trace events (metadata, complete and counter events), times in microseconds."""
-        events, passes, counters = self.events, self.passes, self.counters
+        """The Chrome trace events (metadata, complete and counter events), times in microseconds.
+
+        Process 1 is the whole run (its counters, and a ``stages`` track when stages were absorbed); each absorbed
+        stage (``T5``, ``STDiT3``, ...) is a process of its own holding its blocks' lanes and passes."""
+        events, passes, counters, stages = self.events, self.passes, self.counters, self.stages
         lanes = sorted({ev.lane for ev in events} | {"compute"}, key=lambda n: (n != "compute", n))
         tids = {name: i + 1 for i, name in enumerate(lanes)}
         tids["passes"] = len(lanes) + 1
-        out: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 1, "tid": 0,
-                                      "args": {"name": f"blockrt ({self.device})"}}]
-        for name, tid in tids.items():
-            out.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}})
-            out.append({"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid,
-                        "args": {"sort_index": tid}})
+        names = {1: f"blockrt ({self.device})", **{i + 2: st.name for i, st in enumerate(stages)}}
+        by_prefix = sorted(((st.prefix, i + 2) for i, st in enumerate(stages) if st.prefix), key=lambda x: -len(x[0]))
+
+        def pid_of_block(block: str) -> int:
+            return next((pid for prefix, pid in by_prefix if block.startswith(prefix)), 1)
+
+        def pid_of_span(s: float, e: float) -> int:
+            return next((i + 2 for i, st in enumerate(stages) if st.start <= s and e <= st.end), 1)
+
+        body: list[dict[str, Any]] = []
+        thread_names = {tid: lane for lane, tid in tids.items()}
+        if stages:
+            thread_names[len(lanes) + 2] = "stages"
+            body += [{"name": st.name, "cat": "stage", "ph": "X", "pid": 1, "tid": len(lanes) + 2,
+                      "ts": st.start * 1e6, "dur": (st.end - st.start) * 1e6, "args": {"prefix": st.prefix}}
+                     for st in stages]
         for idx, s, e in passes:
-            out.append({"name": f"pass {idx}", "cat": "pass", "ph": "X", "pid": 1, "tid": tids["passes"],
-                        "ts": s * 1e6, "dur": (e - s) * 1e6, "args": {"pass": idx}})
+            body.append({"name": f"pass {idx}", "cat": "pass", "ph": "X", "pid": pid_of_span(s, e),
+                         "tid": tids["passes"], "ts": s * 1e6, "dur": (e - s) * 1e6, "args": {"pass": idx}})
         for ev in events:
-            out.append({"name": f"{ev.kind} {ev.block}", "cat": ev.kind, "ph": "X", "pid": 1,
-                        "tid": tids[ev.lane], "ts": ev.start * 1e6, "dur": (ev.end - ev.start) * 1e6,
-                        "args": {"pass": ev.pass_idx, "bytes": ev.nbytes}})
+            body.append({"name": f"{ev.kind} {ev.block}", "cat": ev.kind, "ph": "X", "pid": pid_of_block(ev.block),
+                         "tid": tids[ev.lane], "ts": ev.start * 1e6, "dur": (ev.end - ev.start) * 1e6,
+                         "args": {"pass": ev.pass_idx, "bytes": ev.nbytes}})
+        # every process is named; its threads are named where they hold events (all lanes of a single run)
+        used = {(ev["pid"], ev["tid"]) for ev in body} | ({(1, tid) for tid in tids.values()} if not stages else set())
+        out: list[dict[str, Any]] = []
+        for pid, name in names.items():
+            out.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}})
+            out.append({"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}})
+            for tid in sorted(t for p, t in used if p == pid):
+                out.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid,
+                            "args": {"name": thread_names[tid]}})
+                out.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid,
+                            "args": {"sort_index": tid}})
+        out += body
         for name, series in counters.items():
             key = "bytes" if name.endswith("bytes") else "value"
             for t, v in series:

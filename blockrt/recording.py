@@ -32,6 +32,17 @@ class Event:
         return self.thread or ("loader" if self.kind == "load" else "compute")
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a multi-stage run (a model of a pipeline, absorbed with :meth:`Recording.absorb`): its label,
+    the prefix its block names carry, and its extent in seconds since t0."""
+
+    name: str  # label for people: "T5", "STDiT3", "VAE temporal"
+    prefix: str  # block-name prefix of its events: "t5/"
+    start: float
+    end: float
+
+
 class Recording:
     """Events, counters and passes of one runtime, recorded from the loader and compute threads (thread-safe);
     ``budget`` and ``device`` as :class:`~blockrt.profile.Profile`, which adds the reading side."""
@@ -47,6 +58,7 @@ class Recording:
         self._materialised: list[tuple[str, int, int]] = []  # (block, pass_idx, nbytes) of each load
         self._open: dict[int, float] = {}  # pass_idx -> start of a begun pass
         self._passes: list[tuple[int, float, float]] = []
+        self._stages: list[Stage] = []
 
     def now(self) -> float:
         """Seconds since this profile's t0 (``time.perf_counter`` based)."""
@@ -102,9 +114,12 @@ class Recording:
                 raise ValueError(f"pass {pass_idx} ends at {t!r} before it began at {start!r}")
             self._passes.append((pass_idx, start, float(t)))
 
-    def absorb(self, other: "Recording", prefix: str = "") -> None:
+    def absorb(self, other: "Recording", prefix: str = "", stage: str | None = None) -> None:
         """Add ``other``'s events, reuses, counters and passes to this profile, on this profile's clock, with
-        block names prefixed and pass indices placed after this profile's (a whole run made of stages)."""
+        block names prefixed and pass indices placed after this profile's (a whole run made of stages).
+
+        ``stage`` (default: ``prefix`` without its trailing ``/``, when there is one) names the absorbed run as a
+        :class:`Stage` spanning its passes and events: the timeline labels it, the trace makes it a process."""
         shift = other._t0 - self._t0
         with self._lock:
             offset = 1 + max([i for i, _, _ in self._passes] + [i for i in self._open] + [-1])
@@ -122,6 +137,10 @@ class Recording:
             self._passes += [(p + offset, a + shift, b + shift) for p, a, b in passes]
             for name, series in counters.items():
                 self._counters.setdefault(name, []).extend((t + shift, v) for t, v in series)
+            label = stage if stage is not None else prefix.rstrip("/")
+            times = [t for _, a, b in passes for t in (a, b)] + [t for e in events for t in (e.start, e.end)]
+            if label and times:
+                self._stages.append(Stage(label, prefix, min(times) + shift, max(times) + shift))
 
     @property
     def events(self) -> list[Event]:
@@ -136,6 +155,12 @@ class Recording:
             return list(self._passes)
 
     @property
+    def stages(self) -> list[Stage]:
+        """The absorbed stages, in absorption order (empty for a single run)."""
+        with self._lock:
+            return list(self._stages)
+
+    @property
     def counters(self) -> dict[str, list[tuple[float, float]]]:
         """A copy of the counter series: name -> ``[(t, value), ...]`` in recording order."""
         with self._lock:
@@ -144,5 +169,6 @@ class Recording:
     def reset(self) -> None:
         """Drop all events, counters, reuses and passes; t0 stays, so later times remain comparable."""
         with self._lock:
-            for store in (self._events, self._counters, self._reuse, self._materialised, self._open, self._passes):
+            for store in (self._events, self._counters, self._reuse, self._materialised, self._open, self._passes,
+                          self._stages):
                 store.clear()

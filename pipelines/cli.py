@@ -24,8 +24,8 @@ from blockrt.runtime import run
 from blockrt.version import __version__
 
 # what each optional package is for, and the extra that installs it
-_EXTRAS = {"matplotlib": "plot", "imageio": "video", "imageio_ffmpeg": "video", "transformers": "hf",
-           "diffusers": "hf", "sentencepiece": "hf", "coremltools": "coreml"}
+_EXTRAS = {"matplotlib": "plot", "av": "video", "transformers": "hf", "diffusers": "hf", "sentencepiece": "hf",
+           "google.protobuf": "hf", "ftfy": "hf", "coremltools": "coreml"}
 
 
 def _count(low: int):
@@ -53,9 +53,16 @@ def _leap(text: str) -> int | str:
                                          f"or 'dynamic'; got {text!r}") from None
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing ("google.protobuf")
+        return False
+
+
 def require(command: str, *modules: str) -> None:
     """Fail before any work when an optional package ``command`` needs is missing, naming the pip command."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if not _installed(m)]
     if missing:
         extras = sorted({_EXTRAS.get(m, "all") for m in missing})
         raise BlockrtError(f"blockrt {command} needs {', '.join(missing)}, which is not installed; fix: "
@@ -209,7 +216,7 @@ def _generate(args: argparse.Namespace) -> int:
     from blockrt.pipelines.cli_generate import generate
     from blockrt.pipelines.progress import StageProgress
 
-    require("generate", "transformers", "diffusers", "sentencepiece", "imageio", "imageio_ffmpeg",
+    require("generate", "transformers", "diffusers", "sentencepiece", "google.protobuf", "ftfy", "av",
             *(["matplotlib"] if args.trace else []))
     progress = StageProgress(enabled=not (args.quiet or args.no_progress))
     try:

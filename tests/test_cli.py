@@ -54,10 +54,10 @@ def test_version_and_missing_extras(monkeypatch, capsys):
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"blockrt {blockrt.__version__}"
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "av" else real(name, *a))
     assert main(["generate", "--out", "unused"]) == 2
     err = capsys.readouterr().err
-    assert "needs imageio" in err and "pip install 'blockrt[video]'" in err
+    assert "needs av" in err and "pip install 'blockrt[video]'" in err
 
 
 def test_prompts_file_json_and_warnings(tmp_path, capsys):

@@ -22,8 +22,8 @@ from blockrt.pipelines.opensora import checkpoint_layout as layout
 from blockrt.pipelines.opensora import random_weights as rw
 from blockrt.pipelines.opensora import tensor_files
 from blockrt.pipelines.opensora.loading import CheckpointError, check_weights, load_bin, load_stdit3, load_t5, load_vae
-from blockrt.pipelines.opensora.t5 import (MAX_LENGTH, encode_prompts, load_tokenizer, t5_tiny_config, t5_xxl_config,
-                                   tokenize, train_tiny_tokenizer)
+from blockrt.pipelines.opensora.t5 import (MAX_LENGTH, encode_prompts, load_tokenizer, precompiled_charsmap,
+                                   t5_tiny_config, t5_xxl_config, tokenize, train_tiny_tokenizer)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opensora_keys"
 BUDGET = "64MB"
@@ -93,6 +93,21 @@ def test_tokenization_pads_truncates_and_masks_as_open_sora(tok_dir):
 def test_tokenizer_refuses_a_directory_without_spiece_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="spiece.model"):
         load_tokenizer(tmp_path)
+
+
+def test_precompiled_charsmap_is_the_models_normaliser(tok_dir):
+    """Read through SentencePiece's own ModelProto: the NFKC map the trainer compiled in; garbage is refused."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    data = (tok_dir / "spiece.model").read_bytes()
+    charsmap = precompiled_charsmap(data)
+    assert isinstance(charsmap, bytes) and len(charsmap) > 1000  # nmt_nfkc: a compiled table, not the identity
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(data)
+    proto.normalizer_spec.precompiled_charsmap = b""
+    assert precompiled_charsmap(proto.SerializeToString()) is None  # identity normaliser
+    with pytest.raises(ValueError, match="not a SentencePiece model"):
+        precompiled_charsmap(b"\xff\xff\xff not a protobuf")
 
 
 def test_configs():

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +287,71 @@ def test_profile_import_does_not_need_matplotlib() -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
+
+
+def staged_profile() -> Profile:
+    """A whole-run profile made of three absorbed stages, as the Open-Sora pipeline builds it."""
+    whole = Profile(budget=64_000_000)
+    for name, label in (("t5", "T5"), ("stdit3", "STDiT3"), ("vae", None)):
+        stage = Profile()
+        for i in range(3 if name == "stdit3" else 1):
+            t = stage.now()
+            stage.begin_pass(i, t)
+            stage.record("load", f"block.{i}", i, t, t + 1e-4, nbytes=10, thread="loader")
+            stage.record("compute", f"block.{i}", i, t + 1e-4, t + 2e-4, thread="compute")
+            stage.counter("ledger_bytes", t, 5_000_000.0)
+            stage.end_pass(i, t + 2e-4)
+        while stage.now() < stage.passes[-1][2]:  # the next stage starts after this one's last (made-up) time
+            time.sleep(1e-4)
+        whole.absorb(stage, prefix=f"{name}/", stage=label)
+    return whole
+
+
+def test_absorbed_stages_are_named_spans_and_trace_processes(tmp_path: Path) -> None:
+    p = staged_profile()
+    assert [(s.name, s.prefix) for s in p.stages] == [("T5", "t5/"), ("STDiT3", "stdit3/"), ("vae", "vae/")]
+    for st in p.stages:  # each spans exactly its own passes and events, in order
+        mine = [ev for ev in p.events if ev.block.startswith(st.prefix)]
+        assert st.start == min(ev.start for ev in mine) and st.end == max(ev.end for ev in mine)
+    assert all(a.end <= b.start for a, b in zip(p.stages, p.stages[1:]))
+    p.save_trace(tmp_path / "trace.json")
+    events = validate_chrome_trace(json.loads((tmp_path / "trace.json").read_text()))
+    procs = {ev["pid"]: ev["args"]["name"] for ev in events if ev["name"] == "process_name"}
+    assert procs == {1: "blockrt (cpu)", 2: "T5", 3: "STDiT3", 4: "vae"}
+    x = [ev for ev in events if ev["ph"] == "X" and ev.get("cat") in EVENT_KINDS]
+    assert {procs[ev["pid"]] for ev in x if ev["name"].endswith("stdit3/block.2")} == {"STDiT3"}
+    assert all(procs[ev["pid"]] == {"t5": "T5", "stdit3": "STDiT3", "vae": "vae"}[ev["name"].split()[1].split("/")[0]]
+               for ev in x)
+    passes = [ev for ev in events if ev.get("cat") == "pass"]
+    assert sorted(procs[ev["pid"]] for ev in passes) == ["STDiT3"] * 3 + ["T5", "vae"]
+    threads = {(ev["pid"], ev["args"]["name"]) for ev in events if ev["name"] == "thread_name"}
+    assert (3, "loader") in threads and (1, "stages") in threads and (1, "loader") not in threads
+    assert [ev["name"] for ev in events if ev.get("cat") == "stage"] == ["T5", "STDiT3", "vae"]
+    assert {ev["pid"] for ev in events if ev["ph"] == "C"} == {1}
+    # a single run keeps one process with its lanes
+    single = two_pass_profile().trace_events()
+    assert {ev["pid"] for ev in single} == {1} and not two_pass_profile().stages
+
+
+def test_timeline_units_and_labels_that_do_not_overprint(tmp_path: Path) -> None:
+    from blockrt.timeline import CHAR_PX, _fitting, memory_unit
+
+    assert memory_unit(64e6) == ("MB", 1e6) and memory_unit(3.3e9) == ("GB", 1e9)
+    assert memory_unit(5e3) == ("kB", 1e3) and memory_unit(12) == ("B", 1.0)
+    # 40 passes of uneven width at 10 px/s: each label inside its own pass and clear of the previous one
+    spans, t = [], 0.0
+    for i in range(40):
+        w = 0.5 + (i % 7) * 0.8
+        spans.append((t, t + w, [f"pass {i}", str(i)]))
+        t += w
+    placed = _fitting(spans, px_per_s=10.0)
+    assert 5 < len(placed) < 40
+    edges = []
+    for centre, text in placed:
+        start, end, candidates = next(s for s in spans if s[0] <= centre <= s[1])
+        half = (CHAR_PX * len(text)) / 2 / 10.0
+        assert text in candidates and start <= centre - half and centre + half <= end
+        edges.append((centre - half, centre + half))
+    assert all(a[1] <= b[0] for a, b in zip(edges, edges[1:]))
+    staged_profile().plot(tmp_path / "staged.png")
+    assert (tmp_path / "staged.png").read_bytes()[:8] == PNG_MAGIC

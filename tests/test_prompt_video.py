@@ -98,6 +98,21 @@ def test_clean_caption_is_lowercase_and_stable():
         clean_caption(None)  # type: ignore[arg-type]
 
 
+def test_clean_caption_fixes_text_with_ftfy(monkeypatch):
+    import sys
+
+    import ftfy
+
+    seen = []
+    real = ftfy.fix_text
+    monkeypatch.setattr(ftfy, "fix_text", lambda text: seen.append(text) or real(text))
+    assert clean_caption("A “quoted” ﬁsh\r\nline") == "a \"quoted\" fish line"
+    assert seen == ['a "quoted" ﬁsh\r\nline']  # step 8: after the quotes step, before the codes step
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # not installed
+    with pytest.raises(ImportError, match=r"pip install 'blockrt\[hf\]'"):
+        clean_caption("a cat")
+
+
 @pytest.mark.parametrize("bad", ["", "   ", "\n\t"])
 def test_empty_prompt_raises(bad):
     with pytest.raises(ValueError, match="prompt is empty"):

@@ -38,6 +38,7 @@ from blockrt.pipelines.opensora.video import save_video
 
 MERGE_WHEN = ("first", "last")  # which steps TDTM merges: the first merge_steps (the paper) or the last
 DIRS = {"t5": "t5-v1_1-xxl", "stdit3": "OpenSora-STDiT-v3", "vae": "OpenSora-VAE-v1.2"}
+STAGE_LABELS = {"t5": "T5", "stdit3": "STDiT3", "vae_temporal": "VAE temporal", "vae_spatial": "VAE spatial"}
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ class OpenSoraPipeline:
         stages[name] = {"summary": s, "peak_ledger_bytes": rt.ledger.peak, "blocks": len(rt.plan.blocks),
                         "retained": list(rt.retention.retained) if rt.retention else [],
                         "end_s": end, "stage_s": end - start}
-        whole.absorb(rt.profile, prefix=f"{name}/")
+        whole.absorb(rt.profile, prefix=f"{name}/", stage=STAGE_LABELS.get(name, name))
 
     def _encode(self, cfg: GenerateConfig, whole: Profile, stages: dict[str, Any],
                 report: Callable[[str, int, int], None]) -> tuple[torch.Tensor, torch.Tensor]:

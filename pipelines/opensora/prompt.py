@@ -13,19 +13,17 @@ So ``"A beautiful waterfall"`` becomes ``"a beautiful waterfall aesthetic score:
 
 ``clean_caption`` here is a re-implementation of the original's *behaviour* (the original is AGPL-3.0; this
 file is written from a description of its steps). Its steps, in order, are listed in ``clean_caption``'s
-docstring. The original depends on two libraries that are not installed here; their roles are re-implemented
-with the standard library:
+docstring. The original depends on two libraries:
 
+- ``ftfy.fix_text`` is called as the original calls it (``ftfy`` is in the ``hf`` extra): entity unescaping,
+  terminal escapes, C1 controls, ligatures and full-width forms, curly quotes, line breaks, surrogates, control
+  characters, NFC, mojibake repair (which rarely fires here: as in the original, the caption is lower-cased and
+  stripped of ``©`` and other symbols before this step).
 - BeautifulSoup (``html.parser``) ``.text`` -> ``_html_text``: the text of all data nodes from the standard
   library's ``html.parser`` (the same tokenizer BeautifulSoup's ``html.parser`` builder uses), entities
   unescaped, CDATA kept, comments / declarations / processing instructions and the contents of
-  ``<script>``/``<style>``/``<template>`` dropped (as bs4 >= 4.10's ``get_text`` does).
-- ``ftfy.fix_text`` -> ``_fix_text``: entity unescaping when the text has no ``<`` (semicolon-terminated
-  entities only), ANSI terminal escapes removed, C1 control characters decoded as Windows-1252, Latin
-  ligatures and full-width / half-width forms replaced by their NFKC forms, curly quotes straightened, line
-  breaks unified, surrogates repaired, control characters removed, NFC. **Not** implemented: ftfy's mojibake
-  repair (``fix_encoding``: e.g. ``"cafÃ©"`` -> ``"café"``), which needs ftfy's tables; such text is left as it
-  is. Captions typed by a user rarely contain mojibake.
+  ``<script>``/``<style>``/``<template>`` dropped (as bs4 >= 4.10's ``get_text`` does): BeautifulSoup is not
+  a dependency, and this one step needs only the standard library.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ from __future__ import annotations
 import html
 import math
 import re
-import unicodedata
 import urllib.parse
 from html.parser import HTMLParser
 from numbers import Real
@@ -141,51 +138,13 @@ def _html_text(text: str) -> str:
     return "".join(parser.parts)
 
 
-# ftfy subset (see the module docstring).
-_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
-_TERMINAL_ESCAPE = re.compile(r"\x1b\[[\d;]*[a-zA-Z]")
-_C1 = re.compile("[\x80-\x9f]")
-_LIGATURES = {ord(c): unicodedata.normalize("NFKC", c) for c in "ĲĳŉǄǅǆǇǈǉǊǋǌǱǲǳﬀﬁﬂﬃﬄﬅﬆ"}
-_WIDTH = {0x3000: " "}
-for _cp in range(0xFF01, 0xFFF0):  # full-width ASCII, half-width katakana / hangul / symbols
-    _alt = unicodedata.normalize("NFKC", chr(_cp))
-    if len(_alt) == 1:
-        _WIDTH[_cp] = _alt
-del _cp, _alt
-_CURLY_SINGLE = re.compile("[\u02bc\u2018-\u201b]")
-_CURLY_DOUBLE = re.compile("[\u201c-\u201f]")
-_LINE_BREAKS = re.compile("\r\n|[\r\u2028\u2029\x85]")
-_CONTROL = {c: None for c in (*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070),
-                              0xFEFF, *range(0xFFF9, 0xFFFD))}
-
-
-def _c1_as_cp1252(m: re.Match[str]) -> str:
-    try:
-        return bytes([ord(m.group())]).decode("cp1252")
-    except UnicodeDecodeError:  # 0x81, 0x8D, 0x8F, 0x90, 0x9D are unassigned in cp1252: keep them
-        return m.group()
-
-
-def _fix_text_once(text: str) -> str:
-    if "<" not in text:
-        text = _ENTITY.sub(lambda m: html.unescape(m.group()), text)
-    text = _TERMINAL_ESCAPE.sub("", text)
-    text = _C1.sub(_c1_as_cp1252, text)
-    text = text.translate(_LIGATURES).translate(_WIDTH)
-    text = _CURLY_DOUBLE.sub('"', _CURLY_SINGLE.sub("'", text))
-    text = _LINE_BREAKS.sub("\n", text)
-    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # join pairs, lone -> U+FFFD
-    text = text.translate(_CONTROL)
-    return unicodedata.normalize("NFC", text)
-
-
 def _fix_text(text: str) -> str:
-    for _ in range(8):  # ftfy repeats its fixes until the text stops changing
-        fixed = _fix_text_once(text)
-        if fixed == text:
-            break
-        text = fixed
-    return text
+    """``ftfy.fix_text``, as the original calls it (ftfy is in the ``hf`` extra)."""
+    try:
+        import ftfy
+    except ImportError:
+        raise ImportError("Open-Sora's caption cleaning needs ftfy; fix: pip install 'blockrt[hf]'") from None
+    return ftfy.fix_text(text)
 
 
 def _sub_all(text: str, steps: tuple[tuple[re.Pattern[str], str], ...]) -> str:
@@ -210,7 +169,7 @@ def clean_caption(text: str) -> str:
        ``..`` runs -> space;
     7. runs of ``# ® • © ™ & @ · º ½ ¾ ¿ ¡ § ~ ( ) [ ] { } | \\ / *`` -> space; ``" . "`` -> space;
        more than three ``-``/``_`` in the text -> all of them become spaces (``this-is-my-cute-cat``);
-    8. text fix-up (ftfy subset, ``_fix_text``), HTML-unescape twice, strip;
+    8. ``ftfy.fix_text``, HTML-unescape twice, strip;
     9. product codes (``jc6640``, ``6640vc231``...), shop boilerplate (``free shipping``, ``download``,
        ``click for ...``, ``jpg images``, ``page 3``), sizes (``1920x1080``);
     10. ``" : "`` -> ``": "``, a space after ``,``/``.``/``/`` glued to the next word, whitespace runs -> one

@@ -6,9 +6,9 @@ The encoder itself is ``transformers.T5EncoderModel``; nothing here re-implement
   ``t5_tiny_config()`` with the same structure for tests;
 - ``load_tokenizer(directory)``: the T5 tokenizer from a local ``spiece.model`` (+ ``tokenizer_config.json`` /
   ``special_tokens_map.json``), built from the SentencePiece model's own pieces, scores and normaliser. In
-  transformers 5.x ``T5Tokenizer(vocab_file=...)`` ignores the file and maps every word to ``<unk>``, and
-  ``from_pretrained`` needs protobuf to convert it; so the pieces are read with ``sentencepiece`` and the
-  normaliser's precompiled charsmap straight from the model file's protobuf bytes;
+  transformers 5.x ``T5Tokenizer(vocab_file=...)`` ignores the file and maps every word to ``<unk>``; so the
+  pieces are read with ``sentencepiece`` and the normaliser's precompiled charsmap with SentencePiece's own
+  protobuf model definition (``sentencepiece_model_pb2``, which needs ``protobuf``);
 - ``tokenize`` / ``encode_prompts``: Open-Sora's tokenisation (pad to 300, truncate, EOS appended, the mask
   counts the EOS) and ``y [n, 1, 300, d_model]``;
 - ``train_tiny_tokenizer``: a small SentencePiece model in the same format, for tests and small models.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,50 +94,22 @@ def t5_tiny_config(**overrides: Any):
 # -- tokenizer --------------------------------------------------------------------------------------------
 
 
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
-def _proto_fields(buf: bytes) -> Iterable[tuple[int, int, Any]]:
-    """(field number, wire type, value) of one protobuf message; length-delimited values as bytes."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
-        elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if i > len(buf):
-            raise ValueError("truncated protobuf message")
-        yield number, wire, value
-
-
 def precompiled_charsmap(model_bytes: bytes) -> bytes | None:
-    """The normaliser's precompiled charsmap of a SentencePiece model file (``ModelProto.normalizer_spec``,
-    field 3, its ``precompiled_charsmap``, field 2), read without protobuf; None if empty (identity)."""
-    for number, wire, value in _proto_fields(model_bytes):
-        if number == 3 and wire == 2:
-            for n2, w2, v2 in _proto_fields(value):
-                if n2 == 2 and w2 == 2:
-                    return bytes(v2) or None
-    return None
+    """The normaliser's precompiled charsmap of a SentencePiece model file (``ModelProto.normalizer_spec.
+    precompiled_charsmap``), read with SentencePiece's own protobuf definition; None if empty (identity).
+
+    Raises:
+        ValueError: the bytes are not a SentencePiece model.
+    """
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(model_bytes)
+    except DecodeError as e:
+        raise ValueError(f"not a SentencePiece model (ModelProto): {e}") from None
+    return proto.normalizer_spec.precompiled_charsmap or None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -4,23 +4,19 @@
   clamp to [-1, 1], ``(x + 1) / 2``, ``* 255 + 0.5``, clamp to [0, 255], cast to uint8 (truncation), with the
   arithmetic in the tensor's own dtype as the original (bf16 there: the VAE output is not cast first).
 - ``write_mp4``: libx264, yuv420p, CRF 23 / preset medium (libx264's defaults, which Open-Sora gets through
-  ``torchvision.io.write_video(..., video_codec="h264")``), piped as raw RGB to imageio-ffmpeg's bundled
-  ffmpeg (its messages are captured, not printed, and reported if it fails), written to a temporary name
-  in the target directory, fsynced and moved into place (``blockrt.files.atomic_path``: readers never see a
-  half-written file).
-  The bytes differ from Open-Sora's PyAV writer (container / encoder settings); the pixels agree to coding
-  noise. Open-Sora writes a single frame as PNG instead; here it is a one-frame mp4.
+  ``torchvision.io.write_video(..., video_codec="h264")``), encoded in process by PyAV (FFmpeg's libraries, the
+  same route torchvision takes: an FFmpeg error is a Python exception, nothing is printed), written to a
+  temporary name in the target directory, fsynced and moved into place (``blockrt.files.atomic_path``: readers
+  never see a half-written file). Open-Sora writes a single frame as PNG instead; here it is a one-frame mp4.
 - yuv420p needs an even width and height. An odd size is padded by one row / column repeating the last one
   (``odd="pad"``, the default: no content lost, the file is one pixel larger) or cropped by one
   (``odd="crop"``). Open-Sora's sizes are multiples of 8 after decoding, so this only concerns other inputs.
-- ``read_mp4``: frames and fps back, for tests and tools.
+- ``read_mp4``: frames and fps back (PyAV), for tests and tools.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -77,11 +73,13 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float = DEF
     Returns:
         The path written.
 
+    Raises:
+        RuntimeError: FFmpeg refused the settings or failed to write (its message included); nothing is left.
+
     Example:
         >>> write_mp4("out.mp4", to_uint8_frames(video[0]), fps=24)  # doctest: +SKIP
     """
-    import imageio_ffmpeg
-
+    av = _av()
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [N, H, W, 3] (use to_uint8_frames), got {frames.dtype} "
@@ -100,34 +98,20 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float = DEF
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"directory {str(path.parent)!r} of {str(path)!r} does not exist")
-    rate = Fraction(fps).limit_denominator(1001)  # 24 -> "24", 29.97 -> "2997/100"
-    # ffmpeg writes the file by name: a temporary one beside the target, fsynced and renamed on success
+    rate = Fraction(fps).limit_denominator(1001)  # 24 -> 24, 29.97 -> 2997/100
+    # written under a temporary name beside the target, fsynced and renamed on success, removed on failure
     with atomic_path(path, suffix=".tmp.mp4") as tmp:
-        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-hide_banner", "-nostats", "-loglevel", "error",
-               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(rate), "-i", "-",
-               "-an", "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
-               "-f", "mp4", tmp]
-        # ffmpeg's messages go to a temporary file (nothing is printed) and into the error if it fails.
-        with tempfile.TemporaryFile() as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
-            try:
-                for frame in frames:  # [H, W, 3] uint8, one rawvideo frame each
-                    proc.stdin.write(frame.tobytes())
-            except BrokenPipeError:  # ffmpeg exited early; its exit status and log say why
-                pass
-            except BaseException:  # e.g. KeyboardInterrupt: do not leave ffmpeg waiting for input
-                proc.kill()
-                raise
-            finally:
-                try:
-                    proc.stdin.close()
-                except BrokenPipeError:
-                    pass
-                returncode = proc.wait()
-            if returncode != 0:
-                log.seek(0)
-                message = log.read().decode(errors="replace").strip()[-2000:]
-                raise RuntimeError(f"ffmpeg failed to write {str(path)!r} (exit status {returncode}): {message}")
+        try:
+            with av.open(tmp, mode="w", format="mp4") as container:
+                stream = container.add_stream("libx264", rate=rate)
+                stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+                stream.options = {"crf": str(crf), "preset": preset}
+                for frame in frames:  # [H, W, 3] uint8
+                    container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+                container.mux(stream.encode(None))  # flush the encoder's delayed frames
+        except av.FFmpegError as e:
+            raise RuntimeError(f"ffmpeg failed to write {str(path)!r} with libx264 (preset {preset!r}, crf {crf}, "
+                               f"{w}x{h} at {rate} fps): {e}") from e
     return path
 
 
@@ -138,18 +122,22 @@ def save_video(path: str | os.PathLike[str], video: torch.Tensor, fps: float = D
 
 def read_mp4(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
     """Decode an mp4 to ``([N, H, W, 3] uint8 RGB frames, fps)``."""
-    import imageio_ffmpeg
-
+    av = _av()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no video at {str(path)!r}")
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-    try:
-        meta = next(reader)
-        w, h = meta["size"]
-        frames = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in reader]
-    finally:
-        reader.close()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate)
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
     if not frames:
         raise ValueError(f"{str(path)!r} holds no video frames")
-    return np.stack(frames), float(meta["fps"])
+    return np.stack(frames), fps
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise ImportError("writing and reading mp4 needs PyAV; fix: pip install 'blockrt[video]'") from None
+    return av

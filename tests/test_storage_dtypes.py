@@ -383,7 +383,7 @@ def test_an_unwritable_checkpoint_directory_needs_a_store_path(tmp_path, monkeyp
 # -- bad input -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["int4", "fp16", {}, {"layers.*": "half"}, {"": "int8"}, 8])
+@pytest.mark.parametrize("bad", ["int3", "int4-g48", "fp16", {}, {"layers.*": "half"}, {"": "int8"}, 8])
 def test_an_invalid_storage_dtype_says_what_is_accepted(bad):
     with pytest.raises(ValueError, match="storage_dtype") as e:
         RunConfig(storage_dtype=bad)

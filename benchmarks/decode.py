@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from decode_worker import CONTENDERS, NO_BUDGET
+from decode_worker import CONTENDERS, DEFAULT_CONTENDERS, NO_BUDGET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--budgets", default="25,50,100", help="percent of the weights' bytes")
     p.add_argument("--regimes", default="warm,cold")
-    p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated (resident always runs)")
+    p.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS), help="comma-separated (resident always runs)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--reps", type=int, default=1, help="timed generates per batch after one warm-up (best kept)")
@@ -144,8 +144,8 @@ def run_worker(job: dict[str, Any], work: Path, log_dir: Path, airllm_path: str 
     job_path, res_path = work / f"{tag}.job.json", work / f"{tag}.result.json"
     job_path.write_text(json.dumps(job))
     env = {**os.environ, **WORKER_ENV}
-    paths = [str(ROOT)] + ([airllm_path] if airllm_path and job["contender"] == "airllm" else [])
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    if airllm_path and job["contender"] == "airllm":  # after the caller's path (which may carry blockrt itself)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), airllm_path) if p)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, str(WORKER), str(job_path), str(res_path)], cwd=ROOT, env=env,
@@ -229,9 +229,21 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def save(out: Path, results: dict[str, Any], rows: list[dict[str, Any]], wall_s: float) -> None:
+    """results.json, results.csv and decode.md as they stand, each written atomically."""
+    from bench_common import write_results
+
+    results["rows"] = rows
+    results["wall_s"] = wall_s
+    write_results(out, results, rows, FIELDS)
+    tmp = out / ".decode.md.tmp"
+    tmp.write_text("```\n" + table(rows) + "\n```\n")
+    tmp.rename(out / "decode.md")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench_common import hardware, write_results
+    from bench_common import hardware
 
     out = Path(args.out)
     work, logs = out / "work", out / "logs"
@@ -264,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 job = {"contender": name, "regime": regime, "budget": budget, "budget_share": share,
                        "dir": str(ckpt), "vocab": c["vocab_size"], "batches": args.batches,
                        "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "reps": args.reps,
-                       "threads": args.threads, "device": args.device,
+                       "threads": args.threads, "device": args.device, "dtype": args.dtype,
                        "offload_dir": str(work / f"offload-{name}"), "store_root": str(work / "stores"),
                        "output_prefix": str(work / f"out_{regime}_{share}_{name}")}
                 t1 = time.perf_counter()
@@ -278,13 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                     ref = {b: v for b, v in ref.items() if v is not None}
             results["runs"][f"{regime}/{share}"] = res
             all_rows += rows_of(res, args, regime, share, ref)
+            save(out, results, all_rows, time.perf_counter() - t0)  # after each budget: a cut-short run keeps its rows
     print(table(all_rows))
-    results["rows"] = all_rows
-    results["wall_s"] = time.perf_counter() - t0
-    write_results(out, results, all_rows, FIELDS)
-    tmp = out / ".decode.md.tmp"
-    tmp.write_text("```\n" + table(all_rows) + "\n```\n")
-    tmp.rename(out / "decode.md")
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'} and {out / 'decode.md'} "
           f"({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -8,10 +8,12 @@ wall, bytes its hooks read per step, peak RSS above the baseline (anonymous and 
 
     resident                  ``LlamaForCausalLM.from_pretrained`` whole in memory (the reference)
     accelerate_disk_offload   accelerate ``disk_offload(model, folder)``: every weight to .dat files (no budget)
-    accelerate_device_map     ``from_pretrained(device_map="auto", max_memory={"cpu": budget}, offload_folder)``
+    accelerate_device_map     ``from_pretrained(device_map="auto", max_memory={device: budget}, offload_folder)``
+    accelerate_cpu_offload    accelerate ``cpu_offload(model, execution_device)``: weights in host memory, each
+                              module's copied to the device as it runs (no budget; meant for CUDA)
     diffusers_group_offload   ``apply_group_offloading`` on the decoder (``model.model``: one group per decoder
-                              layer, the embedding and final norm one more, ``offload_to_disk_path``); the LM head
-                              stays resident (no budget)
+                              layer, the embedding and final norm one more; on CPU ``offload_to_disk_path``, on CUDA
+                              ``use_stream=True`` from host memory); the LM head stays resident (no budget)
     airllm                    ``airllm.AutoModel.from_pretrained(dir, device="cpu")`` (layer files on disk)
     blockrt_sequential        blockrt, prefetch 0, retention off (the paper's sequential baseline)
     blockrt                   blockrt, prefetch 1, retention under the budget
@@ -34,9 +36,11 @@ from typing import Any
 
 from peers_worker import Contender, _files_under, _on_disk, _unique_param_bytes, read_files
 
-CONTENDERS = ("resident", "accelerate_disk_offload", "accelerate_device_map", "diffusers_group_offload", "airllm",
-              "blockrt_sequential", "blockrt", "blockrt_int8", "blockrt_int4")
-NO_BUDGET = ("resident", "accelerate_disk_offload", "diffusers_group_offload", "airllm")  # run once per regime
+CONTENDERS = ("resident", "accelerate_disk_offload", "accelerate_device_map", "accelerate_cpu_offload",
+              "diffusers_group_offload", "airllm", "blockrt_sequential", "blockrt", "blockrt_int8", "blockrt_int4")
+DEFAULT_CONTENDERS = tuple(c for c in CONTENDERS if c != "accelerate_cpu_offload")  # on CPU it is the resident model
+# run once per regime (no budget to give them)
+NO_BUDGET = ("resident", "accelerate_disk_offload", "accelerate_cpu_offload", "diffusers_group_offload", "airllm")
 STORAGE = {"blockrt_int8": "int8", "blockrt_int4": "int4"}
 SEED = 0
 
@@ -65,40 +69,49 @@ def setup(job: dict[str, Any]) -> Contender:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    name, ckpt, budget = job["contender"], job["dir"], job["budget"]
+    name, ckpt, budget, device = job["contender"], job["dir"], job["budget"], job["device"]
+    dtype = getattr(torch, job.get("dtype", "float32"))
     offload = Path(job["offload_dir"])
     if name == "resident":
-        return Contender(LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval())
-    if name == "accelerate_disk_offload":
-        from accelerate import disk_offload
-        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        return Contender(LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).eval().to(device), device=device)
+    if name in ("accelerate_disk_offload", "accelerate_cpu_offload"):
+        from accelerate import cpu_offload, disk_offload
+        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
         streamed = _unique_param_bytes(model)
-        disk_offload(model, offload, execution_device=torch.device("cpu"))
-        return Contender(model, _files_under(offload), streamed)
+        if name == "accelerate_cpu_offload":
+            cpu_offload(model, execution_device=torch.device(device))
+            return Contender(model, [], streamed, device=device)
+        disk_offload(model, offload, execution_device=torch.device(device))
+        return Contender(model, _files_under(offload), streamed, device=device)
     if name == "accelerate_device_map":
-        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32, device_map="auto",
-                                                 max_memory={"cpu": budget, "disk": 1 << 50},
+        gpu = 0 if device.startswith("cuda") else "cpu"
+        host = {"cpu": 1 << 50} if gpu == 0 else {}
+        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map="auto",
+                                                 max_memory={gpu: budget, **host, "disk": 1 << 50},
                                                  offload_folder=str(offload)).eval()
         dm = dict(getattr(model, "hf_device_map", None) or {"": "cpu"})
         written = _files_under(offload)
         files = written if any(p.suffix == ".dat" for p in written) else sorted(Path(ckpt).glob("*.safetensors"))
-        return Contender(model, files, _unique_param_bytes(model, _on_disk(dm)),
+        return Contender(model, files, _unique_param_bytes(model, _on_disk(dm)), device=device,
                          notes={"on_disk": sorted(k for k, v in dm.items() if str(v) == "disk")[:40]})
     if name == "diffusers_group_offload":
         from diffusers.hooks import apply_group_offloading
-        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-        apply_group_offloading(model.model, onload_device=torch.device(job["device"]),
-                               offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1,
-                               use_stream=job["device"] == "cuda", offload_to_disk_path=str(offload))
+        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+        model.lm_head.to(device)
+        cuda = device.startswith("cuda")  # CUDA: CUDA streams from pinned host memory; CPU: from disk files
+        streamed = _unique_param_bytes(model.model)
+        apply_group_offloading(model.model, onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1, use_stream=cuda,
+                               offload_to_disk_path=None if cuda else str(offload))
         files = _files_under(offload)
-        return Contender(model, files, sum(p.stat().st_size for p in files), device=job["device"],
-                         notes={"groups": len(files)})
+        return Contender(model, files, sum(p.stat().st_size for p in files) if files else streamed, device=device,
+                         notes={"groups": len(files), "use_stream": cuda})
     if name == "airllm":
         from airllm import AutoModel  # from the scratch folder decode.py puts on PYTHONPATH (--airllm-path)
-        model = AutoModel.from_pretrained(ckpt, device="cpu", dtype=torch.float32,
+        model = AutoModel.from_pretrained(ckpt, device="cuda:0" if device.startswith("cuda") else "cpu", dtype=dtype,
                                           layer_shards_saving_path=str(offload), prefetching=False)
         files = _files_under(offload)
-        return Contender(model, files, sum(p.stat().st_size for p in files))
+        return Contender(model, files, sum(p.stat().st_size for p in files), device=device)
     if name.startswith("blockrt"):
         import blockrt
         from blockrt import RunConfig

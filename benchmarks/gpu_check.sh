@@ -8,19 +8,20 @@
 #
 # The repository needs no install: blockrt/, partitioners/ and pipelines/ are linked into the package layout the
 # install makes (blockrt, blockrt.partitioners, blockrt.pipelines) under a temporary folder on PYTHONPATH.
-# diffusers is not on that machine: its wheel (pure Python, importable as a zip) is carried in the tree under
-# benchmarks/vendor/ (diffusers-0.42.1, importlib_metadata, zipp; Pillow, which diffusers imports, only if the
-# machine lacks it: the wheel matching its CPython is unpacked). Parts, each under its own timeout, each
+# diffusers is not on that machine: its wheel (pure Python, importable as a zip) is carried with the tree in
+# benchmarks/vendor/ (git-ignored; fetch with --fetch, carry the folder along): diffusers-0.42.1, importlib_metadata,
+# zipp, and Pillow, which diffusers imports, used only if the machine lacks it (the wheel of its CPython, unpacked). Parts, each under its own timeout, each
 # logged to $OUT/<part>.log; a failing part is recorded in $OUT/summary.txt and the next one runs:
 #
 #   1. gpu_tests  pytest -m gpu tests/test_cuda.py                                                   (60 s)
 #   2. overlap    benchmarks/overlap.py --device cuda (prefetch vs sequential, throttled loads)      (45 s)
 #   3. flux       benchmarks/gpu_flux.py: FLUX.1-dev-sized transformer, random bf16 (~24 GB) in host
 #                 memory, GPU budget = a third of its bytes: blockrt vs resident (target <= 1.10x) and
-#                 vs diffusers' streamed group offloading (target >= 1.2x faster), peak GPU memory     (240 s)
+#                 vs diffusers' streamed group offloading (target >= 1.2x faster), peak GPU memory     (210 s)
 #   4. decode     benchmarks/decode.py --device cuda: TinyLlama's shape in bf16, budget 50% = GPU memory given to
 #                 blockrt, weights from host memory (warm page cache) and from disk (cold), against
-#                 diffusers' group offloading with CUDA streams and accelerate's cpu_offload            (150 s)
+#                 diffusers' group offloading with CUDA streams and accelerate's cpu_offload            (140 s)
+#                 (rows are saved after each regime: a timeout keeps the warm ones and each worker's JSON)
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENDOR="$REPO/benchmarks/vendor"
@@ -106,13 +107,15 @@ part gpu_tests 60 "$PY" -m pytest -q -m gpu tests/test_cuda.py -o addopts="" -p 
 if [ "$DRY" = 1 ]; then
   part overlap 120 "$PY" benchmarks/overlap.py --quick --device cpu --out "$OUT/overlap"
   part flux 200 "$PY" benchmarks/gpu_flux.py --dry-run --steps 1 --out "$OUT/flux" --store "$SCRATCH/flux-store"
+  # in one process (fresh processes are what the real run pays for; here only the script's path is checked)
   part decode 300 "$PY" benchmarks/decode.py --size tiny --device cpu --batches 1 --budgets 100 --regimes warm,cold \
-    --new-tokens 4 --threads 1 --contenders resident,diffusers_group_offload,accelerate_cpu_offload,blockrt,blockrt_int4 \
+    --new-tokens 4 --threads 1 --in-process \
+    --contenders resident,diffusers_group_offload,accelerate_cpu_offload,blockrt,blockrt_int4 \
     --cache "$SCRATCH/weights" --out "$OUT/decode"
 else
   part overlap 45 "$PY" benchmarks/overlap.py --device cuda --passes 3 --out "$OUT/overlap"
-  part flux 240 "$PY" benchmarks/gpu_flux.py --steps 3 --out "$OUT/flux" --store "$SCRATCH/flux-store"
-  part decode 150 "$PY" benchmarks/decode.py --size tinyllama --dtype bfloat16 --device cuda --batches 1,16 \
+  part flux 210 "$PY" benchmarks/gpu_flux.py --steps 3 --out "$OUT/flux" --store "$SCRATCH/flux-store"
+  part decode 140 "$PY" benchmarks/decode.py --size tinyllama --dtype bfloat16 --device cuda --batches 1,16 \
     --budgets 50 --regimes warm,cold --threads 8 \
     --contenders resident,blockrt,diffusers_group_offload,accelerate_cpu_offload,blockrt_int4,blockrt_sequential \
     --cache "$SCRATCH/weights" --out "$OUT/decode"

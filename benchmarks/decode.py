@@ -57,7 +57,7 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131
               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
               "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
 FIELDS = ("regime", "budget_share", "batch", "contender", "tokens_per_s", "bytes_per_step", "bytes_per_token",
-          "read_gbps", "plain_read_gbps", "limit_tokens_per_s", "of_limit", "peak_rss", "peak_anon", "peak_file",
+          "read_gbps", "plain_read_gbps", "limit_tokens_per_s", "of_limit", "peak_rss", "peak_anon", "peak_file", "peak_gpu",
           "tokens_equal", "logits_equal", "logits_max_abs", "error")
 
 
@@ -189,6 +189,7 @@ def rows_of(results: dict[str, dict[str, Any]], args: argparse.Namespace, regime
                            read_gbps=per_step * args.new_tokens / b["wall_s"] / 1e9,
                            plain_read_gbps=plain / 1e9 if plain else None,
                            peak_rss=b["peak_rss"], peak_anon=b["peak_anon"], peak_file=b["peak_file"],
+                           peak_gpu=b.get("peak_gpu"),
                            retained_blocks=b.get("retained_blocks"), peak_ledger=b.get("peak_ledger"))
                 limit = tokens / (per_step * args.new_tokens / plain) if plain and per_step else math.inf
                 row["limit_tokens_per_s"] = limit
@@ -225,7 +226,28 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['tokens_per_s']:8.1f} {r['bytes_per_step'] / 1e6:8.1f} {r['bytes_per_token'] / 1e6:8.2f} "
             f"{r['read_gbps']:9.2f} {_fmt(r['plain_read_gbps'], '10.2f')} {_fmt(r['limit_tokens_per_s'], '11.1f')} "
             f"{_fmt(r['of_limit'], '8.2f')} {r['peak_rss'] / 1e6:7.0f} {r['peak_anon'] / 1e6:7.0f} "
-            f"{r['peak_file'] / 1e6:7.0f} {parity}")
+            f"{r['peak_file'] / 1e6:7.0f} {parity}"
+            + (f" GPU peak {r['peak_gpu'] / 1e9:.2f} GB" if r.get("peak_gpu") is not None else ""))
+    return "\n".join(lines)
+
+
+def batching(rows: list[dict[str, Any]]) -> str:
+    """Throughput batching (FlexGen's point): per contender, regime and budget, tokens/s and MB read per step
+    from the smallest batch to the largest; one block load serves the whole batch, so MB/step stays flat."""
+    lines = ["throughput batching: tokens/s and MB read per step, smallest -> largest batch"]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("tokens_per_s") is not None:
+            groups.setdefault((r["regime"], r["budget_share"], r["contender"]), []).append(r)
+    for (regime, share, name), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["batch"])
+        if len(rs) < 2:
+            continue
+        a, z = rs[0], rs[-1]
+        lines.append(f"  {regime:<5} {share:>3}% {name:<24} batch {a['batch']} -> {z['batch']}: "
+                     f"{a['tokens_per_s']:.1f} -> {z['tokens_per_s']:.1f} tok/s "
+                     f"(x{z['tokens_per_s'] / a['tokens_per_s']:.1f}); "
+                     f"{a['bytes_per_step'] / 1e6:.1f} -> {z['bytes_per_step'] / 1e6:.1f} MB/step")
     return "\n".join(lines)
 
 
@@ -237,7 +259,7 @@ def save(out: Path, results: dict[str, Any], rows: list[dict[str, Any]], wall_s:
     results["wall_s"] = wall_s
     write_results(out, results, rows, FIELDS)
     tmp = out / ".decode.md.tmp"
-    tmp.write_text("```\n" + table(rows) + "\n```\n")
+    tmp.write_text("```\n" + table(rows) + "\n\n" + batching(rows) + "\n```\n")
     tmp.rename(out / "decode.md")
 
 
@@ -292,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             all_rows += rows_of(res, args, regime, share, ref)
             save(out, results, all_rows, time.perf_counter() - t0)  # after each budget: a cut-short run keeps its rows
     print(table(all_rows))
+    print(batching(all_rows))
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'} and {out / 'decode.md'} "
           f"({time.perf_counter() - t0:.0f} s)")
     return 0

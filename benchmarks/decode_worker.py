@@ -161,12 +161,20 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         result["notes"] = handle.notes
         result["streamed_bytes_per_step"] = handle.streamed_bytes
         rt = handle.runtime
-        for batch in job["batches"]:
+        for k, batch in enumerate(job["batches"]):
             ids = prompt(job["vocab"], batch, job["prompt_tokens"])
             row: dict[str, Any] = {"batch": batch}
             try:
+                if rt is not None and k:  # a fresh runtime per batch: its retention is planned for this batch's
+                    rt.close()            # working set (one runtime kept across batches refuses the larger ones)
+                    handle = setup(job)
+                    rt = handle.runtime
                 generate(handle.call, ids, job["new_tokens"], handle.device)  # warm-up: caches, working set
                 walls, reads = [], []
+                cuda = handle.device.startswith("cuda")
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
                 sampler = RssSampler().start()
                 try:
                     for _ in range(job["reps"]):
@@ -182,7 +190,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                     sampler.stop()
                 row.update(wall_s=min(walls), walls=walls,
                            peak_rss=max(sampler.peak_rss, sampler.hwm or 0) - base.rss,
-                           peak_anon=sampler.peak_anon - base.anon, peak_file=sampler.peak_file - base.file)
+                           peak_anon=sampler.peak_anon - base.anon, peak_file=sampler.peak_file - base.file,
+                           peak_gpu=torch.cuda.max_memory_allocated() if cuda else None)
                 steps = job["new_tokens"]  # forwards per generate: the prefill and new - 1 decode steps
                 row["bytes_per_step"] = (min(reads) / steps if reads else handle.streamed_bytes)
                 if rt is not None:

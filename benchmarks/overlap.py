@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bandwidth", type=float, default=None,
                    help="loader read bandwidth in GB/s (default: chosen so per-block load ~= per-block compute)")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 passes: a fast smoke run")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where compute runs (blockrt's RunConfig.device)")
     args = p.parse_args(argv)
     small = {"passes": 2, "layers": 4, "dim": 128, "tokens": 32}
     full = {"passes": 5, "layers": 12, "dim": 1024, "tokens": 128}
@@ -102,6 +103,8 @@ def time_resident(model: torch.nn.Module, ids: torch.Tensor, plan, passes: int) 
             for _ in range(passes):
                 t0 = time.perf_counter()
                 out = model(ids)
+                if out.is_cuda:
+                    torch.cuda.synchronize()
                 wall += time.perf_counter() - t0
                 if not torch.equal(out, ref):
                     raise RuntimeError("the resident model is not deterministic across passes: "
@@ -136,11 +139,11 @@ def spill(model: torch.nn.Module, budget: int, store: Path) -> None:
 
 
 def time_streamed(mcfg: ToyConfig, ids: torch.Tensor, depth: int, budget: int, bandwidth: float,
-                  store: Path, passes: int, out_dir: Path | None) -> tuple[list[torch.Tensor], dict]:
+                  store: Path, passes: int, out_dir: Path | None, device: str = "cpu") -> tuple[list[torch.Tensor], dict]:
     """Stream a skeleton (weights on meta, never materialised) from the store: one warm-up pass (blockrt's
     working-set measuring pass), ``passes`` timed passes, summary over the timed ones. Retention is off:
     every block streams every pass, which is what this benchmark measures."""
-    cfg = RunConfig(prefetch_depth=depth, read_bytes_per_s=bandwidth, retention=False, exact_rss=True)
+    cfg = RunConfig(prefetch_depth=depth, read_bytes_per_s=bandwidth, retention=False, exact_rss=True, device=device)
     with blockrt.meta_weights():
         skeleton = ToyTransformer(mcfg).eval()
     outs = []
@@ -201,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
           f"tokens; {len(plan.blocks)} blocks of {plan.largest_block().nbytes / 1e6:.1f} MB fp32 "
           f"({plan.block_bytes / 1e6:.1f} MB streamed per pass), pinned {plan.pinned_bytes / 1e6:.2f} MB", flush=True)
 
+    ws = working_set_bytes(model, ids)  # on the CPU (the live-bytes tracker counts host memory)
+    model.to(args.device)
+    ids = ids.to(args.device)
     ref, resident = time_resident(model, ids, plan, args.passes)
-    ws = working_set_bytes(model, ids)
+    model.to("cpu")  # spilled from host memory
     block_compute_s = resident["block_compute_s"]
     if args.bandwidth is not None:
         bandwidth = args.bandwidth * 1e9
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"+ {depth + 1} x {block_slot_bytes / 1e6:.1f} MB slots + working set {ws / 1e6:.1f} MB + 1 MiB)",
                   flush=True)
             outputs[name], modes[name] = time_streamed(mcfg, ids, depth, budget, bandwidth, store, args.passes,
-                                                       out_dir if name == "prefetch" else None)
+                                                       out_dir if name == "prefetch" else None, args.device)
 
     hw["other_cpu_cores_during"] = busy = other.cores()  # before the parity check: it uses the CPU too
 

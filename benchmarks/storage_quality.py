@@ -1,7 +1,7 @@
 """The cost and the gain of storing blocks narrower: quality against float32, and bytes and load time per pass.
 
 For each storage dtype (``float32`` = the reference, ``float16``, ``bfloat16``, ``int8`` weight-only with
-per-output-channel scales), two models stream from a float32 checkpoint, converted once into a store of
+per-output-channel scales, ``int4`` weight-only with a scale per group of 128 and ``int4-g64``), two models stream from a float32 checkpoint, converted once into a store of
 that dtype by blockrt (``RunConfig(storage_dtype=...)``; the conversion time is printed):
 
 - **T5 encoder**: ``transformers.T5EncoderModel`` with the DeepFloyd T5-v1.1-XXL architecture at its real
@@ -22,7 +22,10 @@ Loads are throttled to the iPhone 15 Pro's flash (``IPHONE15PRO``: 1.45 GB/s, bu
 retention off so every pass streams every block); per pass: ``bytes_loaded`` (as stored) and ``load_s``,
 and their ratio to float32, while the model computes and with the loader alone (every block loaded once more
 after the run, nothing computing: on a small shared machine compute and other processes slow the loader's
-reads and widening). T5 also runs unthrottled from the page cache ("warm"), where the loader's widening
+reads and widening). Widening on its own: ``widen GB/s`` (compute-dtype bytes the loader's in-place widening
+produces per second, on one thread, the stored bytes already in memory) beside ``read GB/s`` (the store's block
+files read from the page cache with ``preadv`` into one buffer): widening must stay faster than reading, or it is
+the bottleneck. T5 also runs unthrottled from the page cache ("warm"), where the loader's widening
 (int8 -> float32 in place) is not hidden behind the throttle.
 
     .venv/bin/python benchmarks/storage_quality.py           # ~5-10 min on 2 cores, ~8 GB of temporary disk
@@ -50,7 +53,7 @@ from blockrt.device import IPHONE15PRO
 from blockrt.partitioners import partition
 from bench_common import OtherCpu, hardware, release_freed_memory, write_results
 
-DTYPES = ("float32", "float16", "bfloat16", "int8")
+DTYPES = ("float32", "float16", "bfloat16", "int8", "int4", "int4-g64")
 PROMPTS = (
     "a red fox running through fresh snow in a pine forest, morning light",
     "aerial view of waves breaking on a rocky coastline at sunset",
@@ -66,7 +69,7 @@ TIMESTEP = 900.0
 FIELDS = ("model", "storage_dtype", "regime", "cos_mean", "cos_min", "cos_all", "max_abs_err", "ref_max_abs", "snr_db",
           "bytes_loaded_per_pass", "bytes_ratio", "load_s_per_pass", "load_ratio", "load_alone_s_per_pass",
           "load_alone_ratio", "wall_s_per_pass", "roofline_ratio", "store_bytes", "convert_s", "peak_ledger_bytes",
-          "budget")
+          "budget", "widen_gbps", "read_gbps")
 
 
 def compare(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
@@ -123,6 +126,7 @@ def stream(build, weights: Path, dtype: str, call, passes: int, throttled: bool)
     release_freed_memory()
     fig["load_alone_s_per_pass"] = loads_alone(rt._source, rt.plan,  # the runtime's own source, read by a bare loader
                                            conf.read_bytes_per_s)
+    fig["widen_gbps"], fig["read_gbps"] = widen_and_read_rates(rt._source, rt.plan)
     release_freed_memory()
     return first, fig
 
@@ -148,6 +152,48 @@ def loads_alone(source, plan, read_bytes_per_s: float | None, rounds: int = 2) -
     finally:
         loader.close()
     return sum(e.end - e.start for e in profile.events if e.kind == "load" and e.pass_idx == rounds - 1)
+
+
+def widen_and_read_rates(source, plan) -> tuple[float, float]:
+    """(GB/s of compute-dtype output the loader's widening produces on this thread, the stored bytes already in
+    memory; NaN when nothing is stored narrower) and (GB/s of reading the block files from the page cache)."""
+    import os
+
+    from blockrt.partitioners.plan import dtype_from_name
+    from blockrt.quantize import convert_in_place, scale_key, tmp_elements
+
+    specs = [t for b in plan.blocks for t in b.tensors if source.segment(t.key).dtype != t.dtype]
+    produced, secs = 0, 0.0
+    if specs:
+        tmp = torch.empty(max(tmp_elements(t, source.segment(t.key).dtype) for t in specs), dtype=torch.float32)
+        for t in specs:
+            seg = source.segment(t.key)
+            region = torch.empty(t.nbytes, dtype=torch.uint8)
+            raw = source.read_tensor(t.key)  # as stored (int4: the packed bytes)
+            flat = raw.reshape(-1).view(torch.uint8)
+            scale = source.read_tensor(scale_key(t.key)).reshape(-1) if scale_key(t.key) in source.segments else None
+            for _ in range(2):  # the second round is timed (pages faulted in by the first)
+                region[t.nbytes - flat.numel():] = flat
+                t0 = time.perf_counter()
+                convert_in_place(region, t, seg.dtype, scale, tmp)
+                dt = time.perf_counter() - t0
+            produced += t.nbytes
+            secs += dt
+            del region, raw, flat
+    files = sorted({source.segment(t.key).path for b in plan.blocks for t in b.tensors})
+    buf = bytearray(64 << 20)
+    total, t0 = 0, 0.0
+    for r in range(2):  # the first round warms the page cache; the second is timed
+        total, t0 = 0, time.perf_counter()
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                while n := os.readv(fd, [buf]):
+                    total += n
+            finally:
+                os.close(fd)
+    read_s = time.perf_counter() - t0
+    return (produced / secs / 1e9 if secs else math.nan), (total / read_s / 1e9 if read_s else math.nan)
 
 
 def t5_part(args, work: Path) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor, str]:
@@ -277,13 +323,13 @@ def main(argv: list[str] | None = None) -> int:
           "'load' and 'alone' = load_s per pass / float32's, while computing and with the loader alone")
     print(f"{'model':<7} {'dtype':<9} {'regime':<7} {'cos mean':>9} {'cos min':>9} {'max abs':>9} {'(ref max)':>9} "
           f"{'SNR dB':>7} {'MB/pass':>8} {'bytes':>6} {'load s':>7} {'load':>6} {'alone s':>7} {'alone':>6} "
-          f"{'wall s':>7} {'convert s':>9}")
+          f"{'wall s':>7} {'convert s':>9} {'widen GB/s':>10} {'read GB/s':>9}")
     for r in rows:
         print(f"{r['model']:<7} {r['storage_dtype']:<9} {r['regime']:<7} {r['cos_mean']:9.6f} {r['cos_min']:9.6f} "
               f"{r['max_abs_err']:9.2e} {r['ref_max_abs']:9.2e} {r['snr_db']:7.1f} "
               f"{r['bytes_loaded_per_pass'] / 1e6:8.1f} {r['bytes_ratio']:6.3f} {r['load_s_per_pass']:7.3f} "
               f"{r['load_ratio']:6.3f} {r['load_alone_s_per_pass']:7.3f} {r['load_alone_ratio']:6.3f} "
-              f"{r['wall_s_per_pass']:7.3f} {r['convert_s']:9.1f}")
+              f"{r['wall_s_per_pass']:7.3f} {r['convert_s']:9.1f} {r['widen_gbps']:10.2f} {r['read_gbps']:9.2f}")
     results = {"hardware": hw, "other_cpu_cores": other, "t5": t5_what, "stdit3": st_what, "prompts": list(PROMPTS),
                "tokens": args.tokens, "read_bytes_per_s": IPHONE15PRO.read_bytes_per_s, "rows": rows}
     write_results(out, results, rows, FIELDS)

@@ -15,7 +15,8 @@ VERIFY_MODES = ("first", "always", "never")
 DEFAULT_RESERVE_FRACTION = 0.03  # of the budget, kept out of retention for memory outside the ledger
 DEFAULT_RESERVE_CAP = 128 << 20  # the full-size run measured 58-71 MB of RSS outside the ledger at 3.3 GB
 DEFAULT_ROW_STREAM_MIN_BYTES = 16 << 20  # a table this large is read by rows (T5-large's is 131.6 MB)
-STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # as blockrt.quantize.STORAGE_DTYPES
+# as blockrt.quantize and blockrt.int4.INT4_STORAGE ("int4" = groups of 128)
+STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g256")
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,10 @@ class RunConfig:
             key ``k`` is stored as ``weights_prefix + k`` (e.g. ``"temporal_vae.decoder."``).
         load_timeout_s: the longest compute waits for one block before declaring the loader stuck.
         storage_dtype: the dtype blocks are stored in: None = as the model (or checkpoint) is; ``"float16"``,
-            ``"bfloat16"``, ``"float32"`` (casts), or ``"int8"`` (weight-only, per-output-channel scales, for
-            matrices; biases and norms stay in the compute dtype); or a dict of block-name glob patterns to
+            ``"bfloat16"``, ``"float32"`` (casts), ``"int8"`` (weight-only, per-output-channel scales, for
+            matrices; biases and norms stay in the compute dtype), ``"int4"`` / ``"int4-g<32|64|128|256>"``
+            (weight-only 4-bit, a float32 scale per group of 128 or G elements of a row; rows that do not split
+            into groups are stored int8); or a dict of block-name glob patterns to
             one of those (``{"encoder.block.*": "int8"}``; first match wins, unmatched blocks as they are).
             The loader dequantises into the compute dtype; pinned tensors are always in the compute dtype.
         store_path: where a store is written: the spilled in-memory model's store (as ``store=``), or the store

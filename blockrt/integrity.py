@@ -29,6 +29,7 @@ from .errors import StoreError
 from .guards import open_regular
 from .partitioners.plan import Plan, dtype_from_name, dtype_name
 from .quantize import SCALE_DTYPE, scale_key, to_storage
+from . import int4
 from .safetensors_format import Header, read_layout
 from .sources import read_exactly
 
@@ -144,7 +145,8 @@ def check_schema(path: Any, m: Any, version: int) -> None:
         if not _is_int(e.get("crc32")) or not 0 <= e["crc32"] < 2**32:
             bad(f"'{where}.crc32' (a crc32)", e.get("crc32"))
         stored = e.get("stored", {})
-        if not isinstance(stored, dict) or not all(isinstance(v, str) and v in _DTYPE_NAMES for v in stored.values()):
+        if not isinstance(stored, dict) or not all(isinstance(v, str) and (v in _DTYPE_NAMES or int4.group_of(v) is not None)
+                                                    for v in stored.values()):
             bad(f"'{where}.stored' (tensor name -> dtype name)", stored)
         if version >= 3:
             tensors = e.get("tensors")
@@ -177,6 +179,10 @@ def expected_tensors(plan: Plan, manifest: dict) -> list[dict[str, tuple[str, li
         for t in b.tensors:
             d = stored.get(t.key, t.dtype)
             want[t.key] = (d, list(t.shape))
+            group = int4.group_of(d)
+            if group is not None:
+                want[t.key] = ("uint8", int4.packed_shape(t.shape))
+                want[scale_key(t.key)] = (SCALE_DTYPE, int4.scale_shape(t.shape, group))
             if d == "int8" and t.dtype != "int8":
                 want[scale_key(t.key)] = (SCALE_DTYPE, list(t.shape[:1]))
         out.append(want)

@@ -7,8 +7,8 @@ On CPU the loader ``preadv``s each tensor's bytes straight into the slot (the th
 itself, and ``preadv`` releases the GIL). On CUDA it reads into one pinned host staging buffer and copies
 to the device slot on a side stream, waiting for the compute stream to release the slot first.
 
-Slots always hold the compute dtype. A tensor stored narrower (float16/bfloat16, or int8 weight-only) is
-read into the tail of its own slot region and widened in place (``quantize.convert_in_place``); int8
+Slots always hold the compute dtype. A tensor stored narrower (float16/bfloat16, or int8/int4 weight-only)
+is read into the tail of its own slot region and widened in place (``quantize.convert_in_place``); int8/int4
 scales go to a small per-loader buffer. That buffer and the widening chunk buffer are the loader's
 ``Staging``, which the runtime holds in the ledger. Load events record the bytes read (as stored).
 """
@@ -27,7 +27,7 @@ import torch
 from .errors import LoadError
 from .guards import open_regular
 from .partitioners.plan import Block, TensorSpec
-from .quantize import chunk_elements, convert_in_place, scale_key
+from .quantize import convert_in_place, has_scales, scale_elements, scale_key, tmp_elements
 from .safetensors_format import Segment
 from .sources import WeightSource, read_exactly
 
@@ -71,7 +71,7 @@ def _aligned(n: int) -> int:
 class Staging:
     """The loader's own buffers for stored tensors narrower than their compute dtype.
 
-    ``scale_bytes``: the int8 scales of the block that has the most (64-byte aligned each);
+    ``scale_bytes``: the int8/int4 scales of the block that has the most (64-byte aligned each);
     ``tmp_elements``: float32 elements of the chunk buffer widening goes through.
     """
 
@@ -92,9 +92,9 @@ class Staging:
                 dtype = stored.get(t.key, t.dtype)
                 if dtype == t.dtype:
                     continue
-                tmp = max(tmp, chunk_elements(t, dtype))
-                if dtype == "int8":
-                    block_scales += _aligned(4 * t.shape[0])
+                tmp = max(tmp, tmp_elements(t, dtype))
+                if has_scales(dtype):
+                    block_scales += _aligned(4 * scale_elements(t, dtype))
             scale_bytes = max(scale_bytes, block_scales)
         return cls(scale_bytes, tmp)
 
@@ -281,12 +281,12 @@ class Loader:
                 continue
             data = _Read(seg, off + spec.nbytes - seg.nbytes)  # the tail of its region: widened front to back
             scale = None
-            if seg.dtype == "int8":
+            if has_scales(seg.dtype):
                 scale = _Read(self.source.segment(scale_key(spec.key)), scale_at, into_scales=True)
                 scale_at += _aligned(scale.seg.nbytes)
             reads += [data] + ([scale] if scale else [])
             pending.append((spec, off, seg.dtype, data, scale))
-        if scale_at > self.staging.scale_bytes or any(chunk_elements(s, d) > self.staging.tmp_elements
+        if scale_at > self.staging.scale_bytes or any(tmp_elements(s, d) > self.staging.tmp_elements
                                                       for s, _, d, _, _ in pending):
             raise LoadError(f"block {layout.block.name!r} needs more loader staging than was reserved "
                             f"({self.staging}); the runtime computed it from other storage dtypes")
@@ -343,7 +343,8 @@ class Loader:
         region = host[w.offset : w.offset + w.spec.nbytes]
         scale = None
         if w.scale_offset is not None:
-            scale = self._scales[w.scale_offset : w.scale_offset + 4 * w.spec.shape[0]].view(torch.float32)
+            n = scale_elements(w.spec, w.stored)
+            scale = self._scales[w.scale_offset : w.scale_offset + 4 * n].view(torch.float32)
         convert_in_place(region, w.spec, w.stored, scale, self._tmp)
 
     def _throttle(self, start: float, nbytes: int) -> None:

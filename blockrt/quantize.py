@@ -4,8 +4,9 @@ A block is stored as computed (``None``), cast to ``float16``/``bfloat16``/``flo
 a floating tensor with ``ndim >= 2`` and at least ``INT8_MIN_ELEMENTS`` elements becomes int8 ``[out, ...]`` plus
 ``key + ".scale"`` (float32 ``[out]``), symmetric per output channel: ``scale = max|w_row| / 127``,
 ``q = round(w / scale)``, dequantised ``q * scale`` (error at most ``scale / 2``). Biases, norms, small and
-non-floating tensors stay as they are. The loader widens in place (``convert_in_place``): no full-size
-temporary, and every op releases the GIL.
+non-floating tensors stay as they are. ``int4`` (``int4-g<G>``): 4-bit with group-wise scales (``int4.py``);
+a tensor whose row length is not a multiple of G is stored as int8 instead. The loader widens in place
+(``convert_in_place``): no full-size temporary, and every op releases the GIL.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from .config import STORAGE_DTYPES
 from .errors import StoreError
+from . import int4
 from .partitioners.plan import FLOAT_DTYPES, Plan, TensorSpec, dtype_from_name
 from .safetensors_format import Segment
 
@@ -37,11 +39,14 @@ def stored_dtype(spec: TensorSpec, storage: str | None) -> str:
     dtype wider than the compute dtype raises ``ValueError`` (it would only cost bytes)."""
     if storage is None or spec.dtype not in FLOAT_DTYPES:
         return spec.dtype
-    if storage == "int8":
+    group = int4.group_of(storage)
+    if storage == "int8" or group is not None:
         n = 1
         for s in spec.shape:
             n *= s
-        return "int8" if len(spec.shape) >= 2 and n >= INT8_MIN_ELEMENTS else spec.dtype
+        if len(spec.shape) < 2 or n < INT8_MIN_ELEMENTS:
+            return spec.dtype
+        return int4.stored_name(group) if group is not None and int4.fits(spec.shape, group) else "int8"
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"storage dtype {storage!r} is not one of {STORAGE_DTYPES}")
     if dtype_from_name(storage).itemsize > dtype_from_name(spec.dtype).itemsize:
@@ -75,16 +80,44 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return flat.to(dtype).view(q.shape)
 
 
+def has_scales(stored: str) -> bool:
+    """Whether a tensor stored as ``stored`` comes with ``key + ".scale"`` (int8 and int4)."""
+    return stored == "int8" or int4.group_of(stored) is not None
+
+
+def scale_elements(spec: TensorSpec, stored: str) -> int:
+    """float32 scales of ``spec`` stored as ``stored``: one per output channel (int8) or group (int4)."""
+    group = int4.group_of(stored)
+    if group is not None:
+        return spec.shape[0] * int4.row_elements(spec.shape) // group
+    return spec.shape[0] if stored == "int8" else 0
+
+
+def stored_nbytes(spec: TensorSpec, stored: str) -> int:
+    """Bytes of ``spec``'s data stored as ``stored`` (without its scales)."""
+    if int4.group_of(stored) is not None:
+        return spec.nbytes // dtype_from_name(spec.dtype).itemsize // 2
+    return spec.nbytes // dtype_from_name(spec.dtype).itemsize * dtype_from_name(stored).itemsize
+
+
 def to_storage(key: str, t: torch.Tensor, stored: str) -> dict[str, torch.Tensor]:
-    """The tensors a file holds for ``key`` stored as ``stored``: itself (cast), or int8 plus its scales."""
+    """The tensors a file holds for ``key`` stored as ``stored``: itself (cast), or int8/int4 plus its scales."""
+    group = int4.group_of(stored)
+    if group is not None:
+        packed, scale = int4.quantize_int4(t, group)
+        return {key: packed, scale_key(key): scale}
     if stored == "int8" and t.dtype != torch.int8:
         q, scale = quantize_int8(t)
         return {key: q, scale_key(key): scale}
     return {key: t.detach().to(dtype_from_name(stored))}
 
 
-def from_storage(t: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """A stored tensor (and its scales when int8) back in the compute ``dtype``."""
+def from_storage(t: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype,
+                 shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A stored tensor (and its scales when int8 or int4) back in the compute ``dtype``; int4 (packed uint8 with
+    2-D scales) needs the tensor's ``shape`` when it is not 2-D."""
+    if scale is not None and t.dtype == torch.uint8:
+        return int4.dequantize_int4(t, scale, shape or (t.shape[0], 2 * t[0].numel()), dtype)
     if scale is not None:
         return dequantize_int8(t, scale, dtype)
     return t.to(dtype)
@@ -100,10 +133,16 @@ def convert_in_place(region: torch.Tensor, spec: TensorSpec, stored: str, scale:
     the first stored byte not yet read whenever ``x + c <= numel``: front to back never clobbers input.
     """
     dst_dtype = dtype_from_name(spec.dtype)
-    src_dtype = dtype_from_name(stored)
     n = region.numel() // dst_dtype.itemsize
     if n == 0:
         return
+    group = int4.group_of(stored)
+    if group is not None:
+        assert scale is not None
+        src4 = region[region.numel() - n // 2:]  # (n/2,) packed
+        int4.widen(src4, region.view(dst_dtype), scale, group, chunk_elements(spec, stored), tmp)
+        return
+    src_dtype = dtype_from_name(stored)
     src = region[region.numel() - n * src_dtype.itemsize:].view(src_dtype)  # (n,) stored
     dst = region.view(dst_dtype)  # (n,) compute
     step = chunk_elements(spec, stored)
@@ -128,10 +167,19 @@ def chunk_elements(spec: TensorSpec, stored: str) -> int:
     for s in spec.shape:
         n *= s
     rows = spec.shape[0] if spec.shape else 0
+    group = int4.group_of(stored)
+    if group is not None:
+        return int4.chunk_elements(spec.shape, group, CHUNK_ELEMENTS)
     if stored != "int8" or n == 0:
         return max(1, min(n, CHUNK_ELEMENTS))
     cols = n // rows
     return max(1, min(rows, CHUNK_ELEMENTS // cols)) * cols  # whole rows; one row if a row is longer than a chunk
+
+
+def tmp_elements(spec: TensorSpec, stored: str) -> int:
+    """float32 elements of the loader's widening buffer that ``spec`` stored as ``stored`` needs."""
+    step = chunk_elements(spec, stored)
+    return int4.tmp_elements(step) if int4.group_of(stored) is not None else step
 
 
 def stored_dtypes(plan: Plan, storage: dict[str, str | None]) -> dict[str, str]:
@@ -141,7 +189,7 @@ def stored_dtypes(plan: Plan, storage: dict[str, str | None]) -> dict[str, str]:
 
 def check_stored(plan: Plan, segments: dict[str, Segment], where: str) -> None:
     """Check each streamed tensor's stored form can be widened into its compute dtype by the loader: the
-    same dtype, a narrower float, or int8 with float32 ``(out,)`` scales. Raises StoreError naming all problems."""
+    same dtype, a narrower float, int8 with float32 ``(out,)`` scales, or int4 with ``(out, K/G)`` ones. Raises StoreError naming all problems."""
     bad = []
     for b in plan.blocks:
         for spec in b.tensors:
@@ -152,6 +200,15 @@ def check_stored(plan: Plan, segments: dict[str, Segment], where: str) -> None:
             elif seg.dtype == spec.dtype or spec.dtype not in FLOAT_DTYPES:
                 if seg.dtype != spec.dtype:
                     bad.append(f"{spec.key}: {seg.dtype}, expected {spec.dtype}")
+            elif int4.group_of(seg.dtype) is not None:
+                group = int4.group_of(seg.dtype)
+                want = int4.scale_shape(spec.shape, group)
+                if not int4.fits(spec.shape, group):
+                    bad.append(f"{spec.key}: stored as {seg.dtype}, but its shape {list(spec.shape)} has rows that "
+                               f"are not a multiple of {group}")
+                elif scale is None or scale.dtype != SCALE_DTYPE or list(scale.shape) != want:
+                    found = "none" if scale is None else f"{scale.dtype}{list(scale.shape)}"
+                    bad.append(f"{spec.key}: {seg.dtype} needs {scale_key(spec.key)!r} float32{want}, found {found}")
             elif seg.dtype == "int8":
                 if scale is None or scale.dtype != SCALE_DTYPE or scale.shape != spec.shape[:1] or len(spec.shape) < 2:
                     found = "none" if scale is None else f"{scale.dtype}{list(scale.shape)}"

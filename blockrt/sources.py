@@ -44,7 +44,10 @@ class WeightSource:
         Returned in its stored dtype, or in ``dtype`` if given (an int8 tensor stored with ``key.scale`` is
         dequantised, see ``quantize.py``)."""
         seg = self.segments[key]
-        out = torch.empty(seg.shape, dtype=dtype_from_name(seg.dtype))
+        if seg.dtype.startswith("int4"):  # packed: the bytes as uint8 (out, K/2)
+            out = torch.empty(seg.shape[0], seg.nbytes // max(1, seg.shape[0]), dtype=torch.uint8)
+        else:
+            out = torch.empty(seg.shape, dtype=dtype_from_name(seg.dtype))
         if seg.nbytes:
             view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
             with open_regular(seg.path) as f:
@@ -52,9 +55,9 @@ class WeightSource:
         if dtype is not None and out.dtype != dtype:
             from .quantize import from_storage, scale_key
 
-            quantised = out.dtype == torch.int8 and scale_key(key) in self.segments
+            quantised = out.dtype in (torch.int8, torch.uint8) and scale_key(key) in self.segments
             scale = self.read_tensor(scale_key(key)) if quantised else None
-            out = from_storage(out, scale, dtype)
+            out = from_storage(out, scale, dtype, seg.shape)
         return out.to(device)
 
 

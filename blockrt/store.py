@@ -6,7 +6,7 @@ Layout of a store directory::
                            crc32 and tensor layout, each block's storage dtype and each tensor's stored dtype
     pinned.safetensors     the pinned tensors, in the compute dtype (so a store alone is enough to run the model)
     blocks/0000.safetensors, blocks/0001.safetensors, ...   one contiguous file per block, its tensors in the
-                           block's storage dtype (int8 ones with ``key.scale``; see ``quantize.py``)
+                           block's storage dtype (int8/int4 ones with ``key.scale``; see ``quantize.py``)
 
 The directory is built under a temporary name beside its final path, every file fsynced, then renamed:
 a crash never leaves a directory that looks complete. Writers of one store path hold a lock beside it
@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ from .integrity import ContentHash, check_schema, expected_tensors, first_differ
 from .integrity import fingerprint as content_fingerprint
 from .partitioners.plan import Plan, dtype_from_name
 from .files import current_umask, fsync_dir
-from .quantize import check_stored, stored_dtype, to_storage
+from .quantize import check_stored, has_scales, scale_elements, stored_dtype, stored_nbytes, to_storage
+from . import int4
 from .safetensors_format import read_layout, write_file
 from .sources import WeightSource
 
@@ -74,6 +76,11 @@ class StoreSource(WeightSource):
         for i, (entry, want) in enumerate(zip([files["pinned"], *files["blocks"]], expected_tensors(plan, manifest))):
             path = inside(root, entry["file"], where, _DAMAGED)
             segments.update(verify_file(str(path), entry, want, check_bytes=verify and i == 0).segments)
+        specs = plan.all_specs()
+        for entry in files["blocks"]:  # int4: the packed uint8 bytes stand for the tensor's own shape
+            for key, d in entry.get("stored", {}).items():
+                if int4.group_of(d) is not None and key in segments:
+                    segments[key] = replace(segments[key], dtype=d, shape=tuple(specs[key].shape))
         super().__init__(segments)
 
     def block_crc32(self, block_index: int) -> int | None:
@@ -180,9 +187,9 @@ def stored_size(plan: Plan, stored: dict[str, str]) -> int:
     for b in plan.blocks:
         for t in b.tensors:
             d = stored.get(t.key, t.dtype)
-            total += t.nbytes // dtype_from_name(t.dtype).itemsize * dtype_from_name(d).itemsize + _HEADER_BYTES
-            if d == "int8" and t.dtype != "int8":
-                total += 4 * (t.shape[0] if t.shape else 1) + _HEADER_BYTES
+            total += stored_nbytes(t, d) + _HEADER_BYTES
+            if has_scales(d) and t.dtype != "int8":
+                total += 4 * scale_elements(t, d) + _HEADER_BYTES
         total += _HEADER_BYTES
     return total + len(plan.to_json()) * 2 + 4096  # the manifest
 

@@ -1,0 +1,49 @@
+"""Smoke test of ``benchmarks/decode.py``: the smallest config (a 2-layer Llama, batch 1, 4 new tokens), contenders
+in this process; blockrt's tokens and logits equal the resident model's, int4's rows are measured and reported.
+Timings are measured, never asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmark_modules import load_benchmark
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture()
+def decode_module():
+    threads = torch.get_num_threads()
+    try:
+        yield load_benchmark("decode")
+    finally:
+        torch.set_num_threads(threads)  # the workers set the process's thread count
+
+
+def test_decode_smallest_config_runs_and_matches_resident(tmp_path, decode_module):
+    out = tmp_path / "out"
+    rc = decode_module.main(["--size", "tiny", "--batches", "1", "--budgets", "100", "--regimes", "warm",
+                             "--new-tokens", "4", "--threads", "1", "--in-process",
+                             "--contenders", "resident,blockrt_sequential,blockrt,blockrt_int4",
+                             "--cache", str(tmp_path / "weights"), "--out", str(out)])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["contender"]: r for r in results["rows"]}
+    assert set(rows) == {"resident", "blockrt_sequential", "blockrt", "blockrt_int4"}
+    for name, r in rows.items():
+        assert r["error"] is None, f"{name}: {r['error']}"
+        assert r["tokens_per_s"] > 0 and r["peak_rss"] is not None
+    for name in ("resident", "blockrt_sequential", "blockrt"):
+        assert rows[name]["tokens_equal"], name
+        assert rows[name]["logits_max_abs"] < 1e-5, rows[name]  # the same maths (equal but for kernel choice)
+    assert rows["blockrt_sequential"]["bytes_per_step"] > 0  # it streams every block each step
+    limit = rows["blockrt_sequential"]["limit_tokens_per_s"]
+    assert limit is None or limit > 0
+    int4 = rows["blockrt_int4"]
+    assert int4["bytes_per_step"] < rows["blockrt_sequential"]["bytes_per_step"] / 4  # a quarter or less is read
+    assert math.isfinite(int4["logits_max_abs"])  # lossy: reported, not required equal
+    assert (out / "results.csv").is_file() and "blockrt_int4" in (out / "decode.md").read_text()

@@ -64,7 +64,8 @@ def run_on_ray(spec: SweepSpec, todo: list[Task], out: Path, *, workers: int, ad
                 if workers < 1:
                     raise ValueError(f"workers must be >= 1 for a local Ray instance; got {workers}")
                 # "local": a new instance even when another one runs on this machine
-                ray.init(address="local", num_cpus=workers * spec.threads, include_dashboard=False, **quiet)
+                ray.init(address="local", num_cpus=workers * spec.threads, include_dashboard=False,
+                         _system_config={"enable_metrics_collection": False}, **quiet)  # no metrics agent to reach
         started_here = True
     init_s = time.perf_counter() - t0
     try:

@@ -29,7 +29,7 @@ from blockrt.pipelines.sweep.task import FRAMES, TASKS
 CSV_FIELDS = ["setting", "steps", "lpl", "tdtm", "budget", "storage_dtype", "tasks", "ok", "failed", "scored",
               "model_calls", "wall_s_mean", "wall_s_total", "cpu_s_total", "peak_ledger_bytes", "peak_rss_delta",
               "fidelity", "colour_accuracy", "direction_accuracy", "flicker", "psnr_db", "ssim"]
-CELL_GAP, LABEL_H, CELLS_PER_ROW = 6, 14, 4
+CELL_GAP, FRAME_GAP, LABEL_H, CELLS_PER_ROW = 8, 2, 14, 4
 
 
 def _safe(x: Any) -> Any:
@@ -140,7 +140,7 @@ def contact_sheet(out: Path, records: list[dict[str, Any]], judged: dict[str, An
     shape = next(iter(frames.values())).shape if frames else (1, 64, 64, 3)
     h, w = shape[1], shape[2]
     scale = 2 if h <= 64 and len(records) <= 48 else 1
-    cell_w, cell_h = 3 * w * scale, h * scale + LABEL_H
+    cell_w, cell_h = 3 * w * scale + 2 * FRAME_GAP, h * scale + LABEL_H
     cols = min(CELLS_PER_ROW, len(records))
     rows = -(-len(records) // cols)
     sheet = Image.new("RGB", (cols * (cell_w + CELL_GAP) + CELL_GAP, rows * (cell_h + CELL_GAP) + CELL_GAP), "white")
@@ -158,7 +158,7 @@ def contact_sheet(out: Path, records: list[dict[str, Any]], judged: dict[str, An
         v = frames[r["id"]]
         for j, t in enumerate((0, len(v) // 2, len(v) - 1)):  # first, middle, last
             img = Image.fromarray(v[t]).resize((w * scale, h * scale), Image.NEAREST)
-            sheet.paste(img, (x0 + j * w * scale, y0 + LABEL_H))
+            sheet.paste(img, (x0 + j * (w * scale + FRAME_GAP), y0 + LABEL_H))
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     write_atomic(path, lambda f: f.write(buf.getvalue()))

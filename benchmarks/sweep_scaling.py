@@ -90,6 +90,15 @@ def measure(spec: SweepSpec, out: Path, workers: int) -> dict:
     return row
 
 
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def kill_and_resume(spec_name: str, out: Path, workers: int) -> dict:
     """Run ``blockrt sweep`` on Ray in a child; kill a worker mid-task, interrupt the driver, run it again."""
     import psutil
@@ -101,7 +110,12 @@ def kill_and_resume(spec_name: str, out: Path, workers: int) -> dict:
            str(workers), "--no-progress"]
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed, interrupted = None, False
+    tree: set[int] = set()  # the driver's descendants seen (raylet, GCS, workers): none may outlive it
     while child.poll() is None:
+        try:
+            tree |= {p.pid for p in psutil.Process(child.pid).children(recursive=True)}
+        except psutil.Error:
+            pass
         logs = sorted((out / ATTEMPTS).glob("*")) if (out / ATTEMPTS).is_dir() else []
         if killed is None and logs and logs[0].read_text().strip():
             killed = (logs[0].name, int(logs[0].read_text().split()[0]))
@@ -112,9 +126,12 @@ def kill_and_resume(spec_name: str, out: Path, workers: int) -> dict:
             interrupted = True
         time.sleep(0.01)
     first_done = len((out / MANIFEST).read_text().splitlines())
-    time.sleep(2)
-    left_after_interrupt = [p.pid for p in psutil.process_iter(["cmdline"])
-                            if str(out) in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid()]
+    deadline = time.monotonic() + 15.0  # Ray's processes may take a moment to exit after the driver's shutdown
+    while True:
+        left_after_interrupt = [pid for pid in sorted(tree) if _alive(pid)]
+        if not left_after_interrupt or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     again = subprocess.run(cmd, capture_output=True, text=True)
     ids = sorted(p.name for p in (out / TASKS).iterdir())
     expected = sorted(t.id for t in spec.tasks())
@@ -124,12 +141,13 @@ def kill_and_resume(spec_name: str, out: Path, workers: int) -> dict:
               "driver_interrupted_after": first_done, "first_exit": child.returncode, "second_exit": again.returncode,
               "second_run_line": next((ln for ln in again.stdout.splitlines() if "tasks ran" in ln), ""),
               "every_task_once": ids == expected, "temporaries_left": [i for i in ids if i.startswith(".tmp")],
-              "processes_left_after_interrupt": left_after_interrupt}
+              "processes_left_after_interrupt": left_after_interrupt, "processes_of_interrupted_run": len(tree)}
     print(f"kill-and-resume: worker of {result['worker_killed']} SIGKILLed mid-task -> that task "
           f"{result['killed_task_status']} after {result['killed_task_attempts']} attempts; driver SIGINTed after "
           f"{first_done}/{total} tasks (exit {child.returncode}); the same command again: "
           f"'{result['second_run_line']}' (exit {again.returncode}); every task exactly once: "
-          f"{'yes' if result['every_task_once'] else 'NO'}", flush=True)
+          f"{'yes' if result['every_task_once'] else 'NO'}; processes of the interrupted run left: "
+          f"{len(left_after_interrupt)} of {len(tree)}", flush=True)
     return result
 
 

@@ -175,3 +175,18 @@ def test_a_second_local_ray_node_runs_tasks(tmp_path):
         ray.shutdown()
         cluster.shutdown()
     assert _no_ray_left() == []
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_and_kill_and_resume(tmp_path, capsys):
+    pytest.importorskip("ray")
+    from benchmark_modules import load_benchmark
+
+    bench = load_benchmark("sweep_scaling")
+    assert bench.main(["--spec", "smoke", "--kill-resume", "--out", str(tmp_path)]) == 0
+    assert "videos bit-identical: yes" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "results.json").read_text())
+    kr = doc["kill_resume"]
+    assert kr["every_task_once"] and kr["killed_task_status"] == "ok" and kr["killed_task_attempts"] >= 2
+    assert kr["second_exit"] == 0 and not kr["temporaries_left"] and not kr["processes_left_after_interrupt"]
+    assert _no_ray_left() == []

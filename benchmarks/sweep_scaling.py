@@ -44,10 +44,6 @@ from bench_common import OtherCpu, hardware, json_safe
 NOOP_TASKS = 30
 
 
-def _noop() -> int:
-    return 0
-
-
 def noop_round_trip_s(workers: int) -> tuple[float, float]:
     """(ray.init seconds, mean seconds of an empty task's submit -> result) on a fresh local instance."""
     import ray
@@ -59,7 +55,10 @@ def noop_round_trip_s(workers: int) -> tuple[float, float]:
                  logging_level="WARNING")
     init_s = time.perf_counter() - t0
     try:
-        f = ray.remote(num_cpus=1)(_noop)
+        def noop() -> int:  # nested: pickled by value, so workers need not import this script
+            return 0
+
+        f = ray.remote(num_cpus=1)(noop)
         ray.get([f.remote() for _ in range(workers)])  # start the workers
         t0 = time.perf_counter()
         for _ in range(NOOP_TASKS):

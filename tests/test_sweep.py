@@ -113,6 +113,25 @@ def test_generate_prompts_file_as_a_serial_sweep(tmp_path, capsys):
     assert main(["generate", "--workers", "2"]) == 2 and "pass --prompts FILE" in capsys.readouterr().err
 
 
+def test_a_reservation_no_ray_node_can_hold_fails_before_submitting():
+    from blockrt.pipelines.sweep.on_ray import _check_fits
+
+    class Cluster:  # what ray.nodes() reports: one live node of 2 CPUs and 4 GB for tasks, one dead larger one
+        @staticmethod
+        def nodes():
+            return [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 4e9}},
+                    {"Alive": False, "Resources": {"CPU": 64.0, "memory": 1e12}}]
+
+    spec = _spec(settings=[{"name": "big", "budget": "3GB"}, {"name": "small"}])
+    with pytest.raises(ValueError, match="setting 'big': each task reserves 4.61 GB .* the largest Ray node offers 4.00 GB"):
+        _check_fits(Cluster, spec, spec.tasks())
+    _check_fits(Cluster, spec, [t for t in spec.tasks() if t.setting.name == "small"])  # 64 MB + 1.5 GiB fits
+    capped = _spec(task_memory="2GB", settings=[{"name": "big", "budget": "3GB"}])  # the spec's reservation wins
+    _check_fits(Cluster, capped, capped.tasks())
+    with pytest.raises(ValueError, match="reserves 3 CPUs"):
+        _check_fits(Cluster, _spec(threads=3), _spec(threads=3).tasks())
+
+
 def _kill_first_worker(out, killed: list[int], stop: threading.Event) -> None:
     """Kill (SIGKILL) the process of the first task attempt that appears under ``out/attempts``."""
     while not stop.is_set():

@@ -18,6 +18,7 @@ from blockrt.pipelines.cli import main
 from blockrt.pipelines.sweep.manifest import MANIFEST, Manifest
 from blockrt.pipelines.sweep.runner import run_sweep
 from blockrt.pipelines.sweep.spec import SweepSpec
+from blockrt.pipelines.shapes.layout import WEIGHTS_DIR
 from blockrt.pipelines.sweep.task import ATTEMPTS, TASKS
 
 PROMPTS = ["a red circle moving right on a blue background", "a green square moving left on a white background"]
@@ -70,12 +71,13 @@ def test_spec_checks_its_structure_and_names_tasks_stably(tmp_path):
 
 
 def test_serial_sweep_records_failures_resumes_and_reports(tmp_path, capsys):
-    doc = {**TINY, "settings": [{"name": "one", "steps": 1}, {"name": "tiny", "steps": 1, "budget": "1KB"}]}
+    doc = {**TINY, "settings": [{"name": "one", "steps": 1}, {"name": "tiny", "steps": 1, "budget": "1KB"},
+                                {"name": "f16", "steps": 1, "storage_dtype": "float16"}]}
     (tmp_path / "spec.json").write_text(json.dumps(doc))
     out = tmp_path / "out"
     assert main(["sweep", str(tmp_path / "spec.json"), "--out", str(out)]) == 1  # some tasks failed
     printed = capsys.readouterr()
-    assert "4 tasks ran (0 already finished" in printed.out and "| tiny | 0 / 2 |" in printed.out
+    assert "6 tasks ran (0 already finished" in printed.out and "| tiny | 0 / 2 |" in printed.out
     assert printed.err.count("FAILED: BudgetError") == 2
     spec = SweepSpec.load(tmp_path / "spec.json")
     records = {r["id"]: r for r in (json.loads((out / TASKS / t.id / "record.json").read_text())
@@ -87,13 +89,16 @@ def test_serial_sweep_records_failures_resumes_and_reports(tmp_path, capsys):
     assert summary["settings"]["one"]["psnr_db"] == "inf" and summary["settings"]["one"]["ssim"] == 1.0
     assert summary["settings"]["one"]["scored"] == 2 and summary["settings"]["tiny"]["failed"] == 2
     assert (out / "contact_one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len((out / "summary.csv").read_text().splitlines()) == 3
+    assert len((out / "summary.csv").read_text().splitlines()) == 4
+    # float16 storage: the converted stores are the sweep's, one per stage, none beside the shipped weights
+    assert len(list((out / "stores" / "float16").iterdir())) == 4 and not list(WEIGHTS_DIR.rglob(".blockrt"))
+    assert 0.9 < summary["settings"]["f16"]["ssim"] < 1.0
     assert not list((out / TASKS).glob(".tmp-*"))
 
     # the same command again skips every finished task, failed ones included; nothing is rewritten
     mtimes = {p: p.stat().st_mtime_ns for p in (out / TASKS).rglob("*")}
     again = run_sweep(spec, out)
-    assert (again.ran, again.skipped) == (0, 4)
+    assert (again.ran, again.skipped) == (0, 6)
     assert {p: p.stat().st_mtime_ns for p in (out / TASKS).rglob("*")} == mtimes
     # a driver that died after a commit but before its manifest line: the folder is the truth
     (out / MANIFEST).unlink()

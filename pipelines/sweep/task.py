@@ -27,7 +27,7 @@ from typing import Any
 from blockrt.files import fsync_dir, fsync_tree
 from blockrt.pipelines.sweep.spec import Task
 
-TASKS, ATTEMPTS = "tasks", "attempts"
+TASKS, ATTEMPTS, STORES = "tasks", "attempts", "stores"
 RECORD, VIDEO, FRAMES = "record.json", "video.mp4", "frames.npy"
 
 
@@ -60,7 +60,7 @@ def _node() -> str:
     return socket.gethostname()
 
 
-def _generate(task: Task, folder: Path) -> dict[str, Any]:
+def _generate(task: Task, folder: Path, out: Path) -> dict[str, Any]:
     """Run the pipeline for ``task`` under its setting's budget; write the video and frames into ``folder``."""
     import numpy as np
     import torch
@@ -81,7 +81,10 @@ def _generate(task: Task, folder: Path) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(task.threads)  # the same threads serially and in a worker: the same reductions, bit for bit
     try:
-        pipe = OpenSoraPipeline(weights, budget=s.budget, config=RunConfig(storage_dtype=s.storage_dtype))
+        # converted stores (storage_dtype) go into the sweep's folder, not beside the (maybe shipped) weights
+        stores = None if s.storage_dtype is None else out / STORES / str(s.storage_dtype)
+        pipe = OpenSoraPipeline(weights, budget=s.budget,
+                                config=RunConfig(storage_dtype=s.storage_dtype, store_path=stores))
         result = pipe.generate(cfg, out=folder / VIDEO)
     finally:
         torch.set_num_threads(threads)
@@ -110,7 +113,7 @@ def run_task(task: Task, out: str | os.PathLike[str]) -> dict[str, Any]:
                               "attempt": attempt, "pid": os.getpid(), "node": _node(), "started_at": started}
     try:
         try:
-            record.update(_generate(task, tmp), status="ok", error=None)
+            record.update(_generate(task, tmp, out), status="ok", error=None)
         except Exception as e:  # the task's own failure: recorded; a killed process records nothing
             for name in (VIDEO, FRAMES):
                 (tmp / name).unlink(missing_ok=True)

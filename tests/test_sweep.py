@@ -159,6 +159,7 @@ def test_ray_workers_match_serial_bit_for_bit_and_survive_a_killed_worker(tmp_pa
     out = tmp_path / "ray"
     killed: list = []
     stop = threading.Event()
+    sigterm = signal.getsignal(signal.SIGTERM)
     killer = threading.Thread(target=_kill_first_worker, args=(out, killed, stop), daemon=True)
     killer.start()
     try:
@@ -167,6 +168,7 @@ def test_ray_workers_match_serial_bit_for_bit_and_survive_a_killed_worker(tmp_pa
         stop.set()
         killer.join()
     assert _no_ray_left() == []
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # ray.init's handler does not outlive the sweep
     assert killed, "no task attempt was seen to kill"
     victim = killed[-1]
     assert [r["status"] for r in par.records] == ["ok"] * 2

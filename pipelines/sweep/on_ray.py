@@ -9,6 +9,7 @@ whose worker process died (``max_retries``), and only for that: a task's own err
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -54,6 +55,8 @@ def run_on_ray(spec: SweepSpec, todo: list[Task], out: Path, *, workers: int, ad
 
     t0 = time.perf_counter()
     started_here = False
+    # ray.init installs its own SIGTERM (and SIGINT) handlers in this process and shutdown leaves them: restore
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     if not ray.is_initialized():
         quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
         with warnings.catch_warnings():
@@ -92,3 +95,6 @@ def run_on_ray(spec: SweepSpec, todo: list[Task], out: Path, *, workers: int, ad
     finally:
         if started_here:
             ray.shutdown()
+            for sig, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)

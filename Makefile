@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS := test,hf,plot,video,coreml,peers
+EXTRAS := test,hf,plot,video,coreml,peers,sweep
 STAMP := $(VENV)/.installed
 # glibc: keep malloc's mmap/trim thresholds at their 128 KiB defaults from the first allocation, so freed
 # activations leave RSS and peak_rss_delta matches the ledger (README, "Memory"); no effect elsewhere

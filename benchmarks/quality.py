@@ -48,7 +48,8 @@ import numpy as np
 from blockrt.files import write_atomic
 from blockrt.pipelines.opensora.pipeline import GenerateConfig
 from blockrt.pipelines.shapes.generate import ShapesGenerator
-from blockrt.pipelines.shapes.judge import flicker, judge, matches, psnr, ssim
+from blockrt.pipelines.shapes.scoring import QUALITY_PROMPTS
+from blockrt.pipelines.shapes.scoring import score as score_videos
 from blockrt.pipelines.shapes.layout import CFG_SCALE
 from bench_common import BUSY_CORES, begin_run, write_results
 
@@ -57,20 +58,7 @@ TARGET_FIDELITY_POINTS = 2.0  # lpl16 may lose at most this many percentage poin
 TARGET_ROW, NAIVE_ROW = "lpl16", "steps16"
 TDTM_FIDELITY_POINTS, TDTM_MIN_SSIM = 3.0, 0.90  # a TDTM row: within 3 points of steps30, SSIM >= 0.90 vs it
 TDTM_ROW = re.compile(r"tdtm(\d+)(-centre)?(-spatial|-temporal)?(-last)?")
-PROMPTS = [
-    "a red circle moving right on a blue background",
-    "a green square moving left on a white background",
-    "a blue triangle moving up on a gray background",
-    "a yellow circle moving down on a black background",
-    "a red square moving up on a white background",
-    "a green triangle moving down on a blue background",
-    "a blue circle moving left on a black background",
-    "a yellow square moving right on a gray background",
-    "a red triangle moving left on a black background",
-    "a green circle moving up on a gray background",
-    "a blue square moving down on a white background",
-    "a yellow triangle moving right on a blue background",
-]
+PROMPTS = QUALITY_PROMPTS
 CSV_FIELDS = ["row", "lpl", "merge_steps", "merge_positions", "merge_blocks", "merge_when", "steps", "model_calls", "fidelity", "colour_accuracy",
               "direction_accuracy", "shape_accuracy", "flicker", "psnr_db", "ssim", "denoise_s", "speedup", "generate_s",
               "generate_speedup"]
@@ -160,20 +148,7 @@ def run_setting(gen: ShapesGenerator, s: Setting, prompts: list[str], seeds: lis
 
 
 def score(m: dict, videos: list[np.ndarray], refs: list[np.ndarray], captions: list[str], shape: bool = False) -> None:
-    verdicts = [judge(v) for v in videos]
-    from blockrt.pipelines.shapes.dataset import parse_caption
-
-    want = [parse_caption(c) for c in captions]
-    m["matches"] = [matches(v, c, shape) for v, c in zip(verdicts, captions)]  # per video, in prompt x seed order
-    m["fidelity"] = float(np.mean(m["matches"]))
-    m["colour_accuracy"] = float(np.mean([v.colour == w["colour"] for v, w in zip(verdicts, want)]))
-    m["direction_accuracy"] = float(np.mean([v.direction == w["direction"] for v, w in zip(verdicts, want)]))
-    m["shape_accuracy"] = float(np.mean([v.shape == w["shape"] for v, w in zip(verdicts, want)]))
-    m["flicker"] = float(np.nanmean([flicker(v) for v in videos]))
-    ps = [psnr(v, r) for v, r in zip(videos, refs)]
-    m["psnr_db"] = float("inf") if all(math.isinf(p) for p in ps) else float(np.mean([p for p in ps if math.isfinite(p)]))
-    m["ssim"] = float(np.mean([ssim(v, r) for v, r in zip(videos, refs)]))
-    m["detected"] = [f"{v.colour} {v.shape} {v.direction} on {v.background}" for v in verdicts]
+    m.update(score_videos(videos, refs, captions, shape))
 
 
 def table(rows: list[Setting], results: dict[str, dict]) -> str:

@@ -25,7 +25,7 @@ from blockrt.version import __version__
 
 # what each optional package is for, and the extra that installs it
 _EXTRAS = {"matplotlib": "plot", "av": "video", "transformers": "hf", "diffusers": "hf", "sentencepiece": "hf",
-           "google.protobuf": "hf", "ftfy": "hf", "coremltools": "coreml"}
+           "google.protobuf": "hf", "ftfy": "hf", "coremltools": "coreml", "ray": "sweep", "PIL": "sweep"}
 
 
 def _count(low: int):
@@ -212,17 +212,31 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+_GENERATE_NEEDS = ("transformers", "diffusers", "sentencepiece", "google.protobuf", "ftfy", "av")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from blockrt.pipelines.cli_generate import generate
     from blockrt.pipelines.progress import StageProgress
 
-    require("generate", "transformers", "diffusers", "sentencepiece", "google.protobuf", "ftfy", "av",
-            *(["matplotlib"] if args.trace else []))
+    if args.workers is not None or args.address is not None:
+        from blockrt.pipelines.cli_sweep import generate_sweep
+
+        require("generate --workers", *_GENERATE_NEEDS, "PIL", *(["ray"] if args.workers or args.address else []))
+        return generate_sweep(args, _sayer(args))
+    require("generate", *_GENERATE_NEEDS, *(["matplotlib"] if args.trace else []))
     progress = StageProgress(enabled=not (args.quiet or args.no_progress))
     try:
         return generate(args, _sayer(args), progress)
     finally:
         progress.close()
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from blockrt.pipelines.cli_sweep import sweep
+
+    require("sweep", *_GENERATE_NEEDS, "PIL", *(["ray"] if args.workers or args.address else []))
+    return sweep(args, _sayer(args))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -292,6 +306,23 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--trace", action="store_true", help="also write trace.json and timeline.png of the run")
     gen.add_argument("--json", action="store_true", help="print the run's record (profile summary per stage) as "
                                                          "JSON on stdout; the human lines go to stderr")
+    gen.add_argument("--workers", type=_count(0), default=None,
+                     help="with --prompts: run the videos as a resumable sweep (see 'blockrt sweep') on N local Ray "
+                          "workers (0: serially, still resumable)")
+    gen.add_argument("--address", default=None, help="with --prompts: run the sweep on this Ray cluster (auto, "
+                                                     "HOST:6379, ray://HOST:10001)")
+    sw = sub.add_parser("sweep", parents=[common],
+                        help="prompts x seeds x settings as independent, resumable tasks, serially or on Ray; "
+                             "then a summary, contact sheets and quality scores")
+    sw.add_argument("spec", help="a JSON sweep spec (pipelines/sweep/spec.py) or a preset: quality144, "
+                                 "quality-small, smoke")
+    sw.add_argument("--out", default=None, help="the sweep's folder (default out/sweep/<spec name>); the same "
+                                                "folder resumes it")
+    sw.add_argument("--workers", type=_count(0), default=0, help="local Ray workers (0: serially in this process)")
+    sw.add_argument("--address", default=None, help="an existing Ray cluster instead (auto, HOST:6379, "
+                                                    "ray://HOST:10001); the output folder must be shared with it")
+    sw.add_argument("--retry-failed", action="store_true", help="run the tasks recorded as failed again")
+    sw.add_argument("--json", action="store_true", help="print the per-setting summary as JSON on stdout")
     exp = sub.add_parser("export", help="export model blocks for the phone").add_subparsers(dest="format", required=True)
     co = exp.add_parser("coreml", parents=[common],
                         help="every block of Open-Sora's T5, STDiT3 and VAE as a CoreML .mlpackage")
@@ -317,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(name)s: %(message)s")
     try:
-        return {"demo": _demo, "plan": _plan, "generate": _generate, "export": _export}[args.command](args)
+        return {"demo": _demo, "plan": _plan, "generate": _generate, "export": _export,
+                "sweep": _sweep}[args.command](args)
     except (BlockrtError, ValueError, OSError) as e:  # bad input or a failed run: one line, no traceback
         print(f"blockrt: error: {e}", file=sys.stderr)
         return 2

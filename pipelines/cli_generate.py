@@ -18,23 +18,12 @@ from blockrt.budget import format_bytes
 from blockrt.config import RunConfig
 from blockrt.device import get_profile, resolve_budget
 from blockrt.pipelines.opensora.pipeline import GenerateConfig
+from blockrt.pipelines.sweep.spec import read_prompts
 
 SHAPES_PROMPT = "a red circle moving right on a blue background"  # the built-in trained model's default
 SHAPES_RESOLUTION = "64x64"
 DEMO_CAPTIONS = ["a red circle moving left on a blue background", "a green square moving up on a white background",
                  "a yellow triangle moving right on a black background", "a blue circle moving down on a gray background"]
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt a line; blank lines and lines starting with ``#`` are skipped."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--prompts: expected a text file with one prompt a line; found no file at {p}")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
-    prompts = [t for t in prompts if t and not t.startswith("#")]
-    if not prompts:
-        raise ValueError(f"--prompts: {p} holds no prompt (one a line; blank and '#' lines are skipped)")
-    return prompts
 
 
 def prepare(args: argparse.Namespace, say: Any) -> tuple[list[GenerateConfig], bool]:

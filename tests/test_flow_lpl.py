@@ -23,7 +23,7 @@ pytest.importorskip("diffusers")
 
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
-from blockrt.pipelines.flow_lpl import DynamicLeap, FixedLeap, leap, leap_scheduler  # noqa: E402
+from blockrt.pipelines.flow_lpl import DynamicLeap, leap, leap_scheduler  # noqa: E402
 
 bench = load_benchmark("flow_lpl")
 

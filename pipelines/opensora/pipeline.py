@@ -128,7 +128,8 @@ class OpenSoraPipeline:
     Args:
         weights: directory with ``t5-v1_1-xxl/``, ``OpenSora-STDiT-v3/``, ``OpenSora-VAE-v1.2/``.
         budget: the one budget every stage runs under (``"3.3GB"``, ``"iphone15pro"``, bytes).
-        config: blockrt knobs (prefetch depth, throttling, ...) applied to every stage.
+        config: blockrt knobs (prefetch depth, throttling, ...) applied to every stage; its ``store_path``, if
+            set, is a folder holding each stage's converted store (``<component>-<part>``; for ``storage_dtype``).
 
     Example:
         >>> pipe = OpenSoraPipeline("weights/", budget="3.3GB")
@@ -177,6 +178,9 @@ class OpenSoraPipeline:
     def _run(self, model: torch.nn.Module, weights: Path, **extra: Any) -> Any:
         if not self.stream:
             return _Whole(model, weights, extra.get("weights_prefix", ""))
+        if self.config.store_path is not None:  # one converted store per stage, side by side
+            part = extra.get("weights_prefix", "").rstrip(".") or "model"
+            extra["store_path"] = Path(self.config.store_path) / f"{Path(weights).parent.name}-{part}"
         conf = RunConfig(**{**self.config.__dict__, **extra})
         return blockrt.run(model, budget=self.budget_spec, weights=weights, config=conf)
 

@@ -47,9 +47,9 @@ def entry_points(model: nn.Module, plan: Plan) -> list[tuple[int, str, bool]]:
 
 
 def install_block_hooks(model: nn.Module, plan: Plan, pre: Callable[[int, str], None],
-                        post: Callable[[int, bool], None], enter: Callable[[int, str], None]) -> list[Any]:
-    """Hook every entry point: a block's own modules get ``pre(i, path)`` and an always-called ``post(i, last)``
-    (``last``: the block's last module); the weight owners inside them only ``enter(i, path)``, a pre-hook (cheap
+                        post: Callable[[int, str], None], enter: Callable[[int, str], None]) -> list[Any]:
+    """Hook every entry point: a block's own modules get ``pre(i, path)`` and an always-called ``post(i, path)``
+    (the runtime asks ``Order.ends_block`` whether it is the block's last); the weight owners inside them only ``enter(i, path)``, a pre-hook (cheap
     on the steady path; a block called from outside its top module still loads). Returns the removable handles."""
     hooks = []
     for i, path, top in entry_points(model, plan):
@@ -57,9 +57,8 @@ def install_block_hooks(model: nn.Module, plan: Plan, pre: Callable[[int, str], 
         if not top:
             hooks.append(sub.register_forward_pre_hook(lambda mod, args, i=i, path=path: enter(i, path)))
             continue
-        last = path == plan.blocks[i].modules[-1]
         hooks.append(sub.register_forward_pre_hook(lambda mod, args, i=i, path=path: pre(i, path)))
-        hooks.append(sub.register_forward_hook(lambda mod, args, out, i=i, last=last: post(i, last), always_call=True))
+        hooks.append(sub.register_forward_hook(lambda mod, args, out, i=i, path=path: post(i, path), always_call=True))
     return hooks
 
 

@@ -13,6 +13,11 @@ dictionary lookup per block. This covers an encoder run once then a decoder per 
 block leads to the decoder's first, the decoder's last to its own first), CFG, two stacks, modules
 registered in another order than they run, and a sequence repeated inside a pass (a chunked decoder: the last
 up-block leads back to the first; the exit after the last chunk is predicted wrong once per pass).
+
+A block is released after its last module returns. Which module that is is learned too (``ends_block``): plan
+order names it until a pass has run, then the module that returned last in the block's previous pass does. Flux
+packs ``x_embedder`` and ``time_text_embed`` into one block but runs them in the other order than registered;
+the first would otherwise release the block and the second read it again, every pass.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ START = -1  # the position before the first block of a pass (``upcoming(START)``
 class Order:
     """Successor map over ``n`` blocks, learned from observed acquisitions; used from the compute thread."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, last_modules: list[str] | None = None) -> None:
         self.n = n
+        self._last_module = list(last_modules or [""] * n)  # the module after which block i is released
+        self._returned: dict[int, str] = {}  # block -> its module that returned last in this pass
         self._next = [(i + 1) % n for i in range(n)] + [0]  # index n stands for START
         self._crosses = [i == n - 1 for i in range(n)] + [False]  # START is already in the pass it starts
         self._prev: int | None = None
@@ -32,8 +39,17 @@ class Order:
         self._chains: dict[int, tuple[tuple[int, bool], ...]] = {}
 
     def pass_ended(self) -> None:
-        """A pass ended: the next observed block starts the next one."""
+        """A pass ended: the next observed block starts the next one; each block's last module is the one that
+        returned last in this pass."""
         self._boundary = True
+        for i, path in self._returned.items():
+            self._last_module[i] = path
+        self._returned.clear()
+
+    def ends_block(self, i: int, path: str) -> bool:
+        """Module ``path`` of block ``i`` returned: is it the block's last (release the block now)?"""
+        self._returned[i] = path
+        return path == self._last_module[i]
 
     def observe(self, i: int) -> None:
         """Block ``i`` is acquired now: learn the transition from the block before it."""

@@ -47,7 +47,7 @@ class Residency:
         self.active: int | None = None
         self.pass_idx = -1
         self.in_pass = False  # blocks called between passes (an encoder via get_encoder()) belong to the next pass
-        self.order = Order(len(plan.blocks))
+        self.order = Order(len(plan.blocks), [b.modules[-1] for b in plan.blocks])
         self.wrap = True  # prefetch past the last block into the next pass (off for a pass known to be last)
         self._compute_start = 0.0
         self._in_flight: dict[int, tuple[str, int]] = {}  # id(request) -> (ledger kind of its buffer, bytes)

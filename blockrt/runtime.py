@@ -379,11 +379,11 @@ class Runtime:
             self._pre(i, path)
             self._running -= 1
 
-    def _post(self, i: int, last: bool) -> None:
+    def _post(self, i: int, path: str) -> None:
         if self.paused:
             return
         self._running = max(0, self._running - 1)
-        if last and not self._running and self._residency.active == i:
+        if self._residency.order.ends_block(i, path) and not self._running and self._residency.active == i:
             self._release(i)
 
     def _release(self, i: int) -> None:

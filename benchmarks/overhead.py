@@ -2,9 +2,11 @@
 
 A small Llama (``transformers.LlamaConfig``, random weights) runs a repeated forward and ``model.generate``
 (greedy, KV cache, ``--new`` tokens) three ways: plain, inside ``blockrt.run`` with a budget far above the
-model (every block retained, bound once), and at half the model's bytes (part streamed). Each mode warms up
-(the measuring passes), then times ``--repeats`` runs; the tokens of every mode are checked equal to plain
-``generate`` after timing. Prints the per-pass times and the ratios to plain, with the issue's targets
+model (every block retained, bound once), and at half the model's bytes (part streamed), each on its own copy
+of the model, all three open at once. Each mode warms up (the measuring passes), then the modes are timed in turn,
+round by round (``--repeats`` rounds of 4 forwards and one generate), and each figure is the median round: load
+that comes and goes on a shared machine hits every mode alike. The tokens of every mode are checked equal to plain
+``generate`` before and after timing. Prints the per-pass times and the ratios to plain, with the issue's targets
 (PASS/MISS, not asserted), and writes ``results.json``/``results.csv`` into ``--out``.
 
     .venv/bin/python benchmarks/overhead.py            # ~30 s on the 2-core dev machine
@@ -14,14 +16,16 @@ model (every block retained, bound once), and at half the model's bytes (part st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from statistics import median
 
 import torch
 
 import blockrt
 from blockrt.partitioners import partition
-from bench_common import BUSY_CORES, begin_run, release_freed_memory, write_results
+from bench_common import BUSY_CORES, begin_run, write_results
 
 TARGET_GENERATE = 1.10  # blockrt with every block retained / plain, generate
 TARGET_FORWARD = 1.05  # ... repeated forward
@@ -35,12 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--new", type=int, default=32, help="new tokens per generate")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per mode (default 5; --quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 9; --quick 2)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.repeats is None:
-        args.repeats = 2 if args.quick else 5
+        args.repeats = 2 if args.quick else 9
     if args.quick:
         args.layers, args.hidden, args.new = 4, 128, 8
     return args
@@ -54,27 +58,41 @@ def build(args: argparse.Namespace) -> torch.nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-def time_model(model, ids, args) -> tuple[float, float, float, float, torch.Tensor]:
-    """(forward s, generate s, forward CPU s, generate CPU s, tokens), after a warm-up that covers the measuring
-    passes. CPU: the calling thread's CPU time (``time.thread_time``), which a shared machine's other load
-    disturbs far less than wall time; blockrt's per-pass bookkeeping runs on this thread."""
-    def gen():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
-                              min_new_tokens=args.new, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        for _ in range(3):
-            model(ids)
-        tokens = gen()
-        gen()
-        t, c = time.perf_counter(), time.thread_time()
-        for _ in range(args.repeats * 4):
-            model(ids)
-        fwd, fwd_cpu = ((time.perf_counter() - t) / (args.repeats * 4), (time.thread_time() - c) / (args.repeats * 4))
-        t, c = time.perf_counter(), time.thread_time()
-        for _ in range(args.repeats):
-            gen()
-        g, g_cpu = (time.perf_counter() - t) / args.repeats, (time.thread_time() - c) / args.repeats
-    return fwd, g, fwd_cpu, g_cpu, tokens
+class Timed:
+    """One mode's model (plain, or streamed by an open runtime) and its timings, one entry per round."""
+
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> None:
+        self.model, self.ids, self.args = model, ids, args
+        self.fwd: list[float] = []
+        self.fwd_cpu: list[float] = []
+        self.gen: list[float] = []
+        self.gen_cpu: list[float] = []
+
+    def generate(self) -> torch.Tensor:
+        return self.model.generate(self.ids, attention_mask=torch.ones_like(self.ids), max_new_tokens=self.args.new,
+                                   min_new_tokens=self.args.new, do_sample=False, pad_token_id=0)
+
+    def warm_up(self) -> torch.Tensor:
+        """The measuring passes (forward, then generate's two input kinds); returns the tokens."""
+        with torch.no_grad():
+            for _ in range(3):
+                self.model(self.ids)
+            self.generate()
+            return self.generate()
+
+    def round(self) -> None:
+        """Time 4 forwards and one generate. CPU: the calling thread's CPU time (``time.thread_time``), which other
+        load disturbs far less than wall time; blockrt's per-pass bookkeeping runs on this thread."""
+        with torch.no_grad():
+            t, c = time.perf_counter(), time.thread_time()
+            for _ in range(4):
+                self.model(self.ids)
+            self.fwd.append((time.perf_counter() - t) / 4)
+            self.fwd_cpu.append((time.thread_time() - c) / 4)
+            t, c = time.perf_counter(), time.thread_time()
+            self.generate()
+            self.gen.append(time.perf_counter() - t)
+            self.gen_cpu.append(time.thread_time() - c)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,24 +101,36 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(1))
     plan = partition(build(args))
     model_bytes = plan.pinned_bytes + sum(b.nbytes for b in plan.blocks)
-    rows = []
-    fwd0, gen0, fcpu0, gcpu0, ref = time_model(build(args), ids, args)
-    rows.append(dict(mode="plain", budget=None, forward_ms=fwd0 * 1e3, forward_ratio=1.0, forward_cpu_ratio=1.0,
-                     generate_ms=gen0 * 1e3, generate_ratio=1.0, generate_cpu_ratio=1.0, retained=None, blocks=len(plan.blocks), peak_ledger_bytes=None,
-                     tokens_equal=True))
-    for mode, budget in (("retained", 100 * model_bytes), ("half", model_bytes // 2)):
-        release_freed_memory()
-        model = build(args)
-        with blockrt.run(model, budget=budget) as rt:
-            fwd, gen, fcpu, gcpu, tokens = time_model(model, ids, args)
-            rows.append(dict(mode=mode, budget=budget, forward_ms=fwd * 1e3, forward_ratio=fwd / fwd0,
-                             forward_cpu_ratio=fcpu / fcpu0, generate_ms=gen * 1e3, generate_ratio=gen / gen0,
-                             generate_cpu_ratio=gcpu / gcpu0, retained=len(rt.retention.retained),
-                             blocks=len(plan.blocks), peak_ledger_bytes=rt.ledger.peak,
-                             tokens_equal=bool(torch.equal(tokens, ref))))
+    budgets = {"plain": None, "retained": 100 * model_bytes, "half": model_bytes // 2}
+    with contextlib.ExitStack() as stack:
+        # the three modes side by side (each its own copy of the model), timed round by round in turn, so a change
+        # in the machine's load or clock between rounds hits every mode alike; each figure is the median round
+        runtimes, timed, tokens = {}, {}, {}
+        for mode, budget in budgets.items():
+            model = build(args)
+            if budget is not None:
+                runtimes[mode] = stack.enter_context(blockrt.run(model, budget=budget))
+            timed[mode] = Timed(model, ids, args)
+            tokens[mode] = timed[mode].warm_up()
+        for _ in range(args.repeats):
+            for t in timed.values():
+                t.round()
+        after = {mode: t.generate() for mode, t in timed.items()}  # after timing: still right
+        base = timed["plain"]
+        rows = []
+        for mode, t in timed.items():
+            rt = runtimes.get(mode)
+            rows.append(dict(
+                mode=mode, budget=budgets[mode], forward_ms=median(t.fwd) * 1e3,
+                forward_ratio=median(t.fwd) / median(base.fwd), forward_cpu_ratio=median(t.fwd_cpu) / median(base.fwd_cpu),
+                generate_ms=median(t.gen) * 1e3, generate_ratio=median(t.gen) / median(base.gen),
+                generate_cpu_ratio=median(t.gen_cpu) / median(base.gen_cpu),
+                retained=None if rt is None else len(rt.retention.retained), blocks=len(plan.blocks),
+                peak_ledger_bytes=None if rt is None else rt.ledger.peak,
+                tokens_equal=bool(torch.equal(tokens[mode], tokens["plain"]) and torch.equal(after[mode], tokens["plain"]))))
     hw["other_cpu_cores_during"] = other.cores()
     print(f"Llama {args.layers} layers, hidden {args.hidden}, {len(plan.blocks)} blocks, model {model_bytes / 1e6:.1f} MB;"
-          f" generate {args.new} new tokens; {args.repeats} timed runs")
+          f" generate {args.new} new tokens; medians of {args.repeats} rounds, the modes in turn")
     print(f"{'mode':<10}{'budget':>12}{'forward ms':>12}{'ratio':>8}{'cpu':>7}{'generate ms':>13}{'ratio':>8}"
           f"{'cpu':>7}{'retained':>10}{'tokens':>8}")
     for r in rows:

@@ -167,9 +167,12 @@ def test_prediction_matches_the_measured_run():
     model = SlowBlocks(n=8, dim=512, sleep_s=0.02)
     x = torch.randn(4, 512)
     blk = model.layers[0].linear.weight.nbytes
-    plan = partition(model)
+    from blockrt.partitioners.generic import generic_partition  # a block per SlowLayer, its sleep included
+
+    plan = generic_partition(model)
     budget = plan.pinned_bytes + 6 * slot_bytes(plan) + 200_000  # half the blocks retained
-    with blockrt.run(model, budget=budget, config=RunConfig(read_bytes_per_s=blk / 0.04)) as rt:
+    with blockrt.run(model, budget=budget, partitioner=generic_partition,
+                     config=RunConfig(read_bytes_per_s=blk / 0.04)) as rt:
         for _ in range(PASSES):
             rt(x)
         measured = rt.profile.summary(passes=STEADY).wall_s / len(STEADY)

@@ -37,39 +37,31 @@ def _zoo():
     return module
 
 
-def _output(o):
-    if isinstance(o, torch.Tensor):
-        return o
-    for name in ("sample", "logits", "last_hidden_state"):
-        if getattr(o, name, None) is not None:
-            return getattr(o, name)
-    return o[0]
-
-
-def _timed(fn, calls: int) -> tuple[float, torch.Tensor]:
+def _timed(fn, calls: int, output) -> tuple[float, torch.Tensor]:
     out = None
     t0 = time.perf_counter()
     for _ in range(calls):
-        out = _output(fn())
+        out = output(fn())
     return (time.perf_counter() - t0) / calls, out
 
 
 def bench_one(name: str, zoo, calls: int) -> dict:
     model, kwargs = zoo.build(name)
+    output = zoo.output
     plan = partition(model)
     with torch.no_grad():
-        _output(model(**kwargs))  # warm-up
-        plain_s, ref = _timed(lambda: model(**kwargs), calls)
+        output(model(**kwargs))  # warm-up
+        plain_s, ref = _timed(lambda: model(**kwargs), calls, output)
         ref = ref.clone()
     budget = int(plan.total_bytes * 0.5)
     release_freed_memory()
     with blockrt.run(model, budget=budget, config=RunConfig(exact_rss=True)) as rt:
-        first = [torch.equal(_output(rt(**kwargs)), ref) for _ in range(2)]  # the measuring passes
-        streamed_s, out = _timed(lambda: rt(**kwargs), calls)
+        first = [torch.equal(output(rt(**kwargs)), ref) for _ in range(2)]  # the measuring passes
+        streamed_s, out = _timed(lambda: rt(**kwargs), calls, output)
         equal = all(first) and torch.equal(out, ref)
         s = rt.profile.summary()
     with torch.no_grad():
-        after = torch.equal(_output(model(**kwargs)), ref)
+        after = torch.equal(output(model(**kwargs)), ref)
     return {"model": name, "model_bytes": plan.total_bytes, "blocks": len(plan.blocks),
             "pinned_share": plan.pinned_bytes / plan.total_bytes, "budget": budget,
             "peak_ledger_bytes": s.peak_ledger_bytes, "peak_rss_delta": s.peak_rss_delta,

@@ -6,9 +6,10 @@ block's main call (diffusers' ``DiTTransformer2DModel`` calls ``transformer_bloc
 block loop), and the runtime then loads the block again for that call. Hooks go on parameter-owning
 modules only, so their number stays small.
 
-A block's module used while *another* block runs, or a weight read directly (``self.layer.weight``) outside
-any hooked call, cannot be served by streaming: the messages here name what was used, where it belongs,
-and the fix (``RunConfig(pin=[module path])`` keeps that module resident).
+A block's module used while *another* block runs cannot be served by streaming: ``nested_use_error`` names
+what was used, where it belongs, and the fix (``RunConfig(pin=[module path])`` keeps that module resident). A
+weight read directly (``self.layer.weight``) outside any hooked call is caught by its evicted placeholder
+(``placeholder.py``).
 """
 
 from __future__ import annotations
@@ -71,23 +72,3 @@ def nested_use_error(plan: Plan, i: int, path: str, running: int) -> BlockrtErro
         f"{plan.blocks[running].name!r} runs; one block is resident at a time, so a weight shared across blocks "
         f"must stay pinned: pass config=RunConfig(pin=[{path!r}]) (or a partitioner that pins it)"
     )
-
-
-def evicted_use_error(plan: Plan, cause: BaseException) -> BlockrtError:
-    """A forward failed on a ``meta`` placeholder: a streamed weight was used outside its block's modules."""
-    names = [b.name for b in plan.blocks]
-    shown = ", ".join(repr(n) for n in names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
-    return BlockrtError(
-        f"the model used a streamed weight while it was an evicted meta placeholder ({cause}). The streamed blocks "
-        f"({shown}) are resident only while one of their own modules runs, so a weight read directly (e.g. "
-        f"self.layer.weight in another module's forward) finds a placeholder: pass "
-        f"config=RunConfig(pin=['<path of the module owning it>']) to keep it pinned, or a partitioner whose "
-        f"blocks cover that use"
-    )
-
-
-def is_meta_failure(e: BaseException) -> bool:
-    """Torch's error for computing with a ``meta`` tensor next to real ones."""
-    text = str(e)
-    return isinstance(e, (RuntimeError, NotImplementedError)) and "meta" in text and (
-        "device" in text or "data" in text)

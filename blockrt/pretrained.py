@@ -4,8 +4,8 @@ The model is built on ``meta`` from its ``config.json`` (``meta_weights``: param
 ``meta``, computed buffers such as rotary frequencies real), then streamed with ``blockrt.run(..., weights=...)``
 straight out of the checkpoint's safetensors (one file, or shards with their ``*.safetensors.index.json``): the
 whole model is never in memory. Where the files are: ``hub.py`` (a directory, or a repo id in the local Hugging
-Face cache, offline). A store converted for a ``storage_dtype`` goes to blockrt's user cache (``cache_dir.py``),
-never into the checkpoint.
+Face cache, offline). A store converted for a ``storage_dtype`` goes where ``blockrt.run`` puts every converted
+store: blockrt's user cache (``cache_dir.py``, ``conversion.py``), never into the checkpoint.
 
 Which class: ``model_class`` if given (a concrete class or a transformers ``Auto*`` class), else the checkpoint's
 own: diffusers' ``config.json`` names it (``_class_name``), transformers' lists ``architectures``.
@@ -22,7 +22,6 @@ from typing import Any
 
 from torch import nn
 
-from .cache_dir import converted_store_path
 from .config import RunConfig
 from .device import DeviceProfile
 from .errors import BlockrtError, StoreError
@@ -34,7 +33,6 @@ from .sources import CheckpointSource
 def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceProfile, *, subfolder: str = "",
                     revision: str | None = None, variant: str | None = None, model_class: Any = None,
                     config: RunConfig | None = None, partitioner: Any = None,
-                    cache_dir: str | os.PathLike | None = None,
                     hf_cache_dir: str | os.PathLike | None = None) -> Runtime:
     """Build a transformers or diffusers model on ``meta`` and stream it from its checkpoint under ``budget``.
 
@@ -48,8 +46,8 @@ def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceP
         model_class: the class to build (default: the one the checkpoint's config names), e.g.
             ``transformers.AutoModelForCausalLM`` to get a head another config does not list.
         config, partitioner: as ``blockrt.run``. ``config.store_path`` unset and a ``storage_dtype`` the
-            checkpoint does not hold: the converted store goes to ``cache_dir``.
-        cache_dir: blockrt's cache for converted stores (default ``$BLOCKRT_CACHE``, else the user cache directory).
+            checkpoint does not hold: the converted store goes to blockrt's user cache (``$BLOCKRT_CACHE``, else
+            ``$XDG_CACHE_HOME/blockrt``, else ``~/.cache/blockrt``).
         hf_cache_dir: the Hugging Face hub cache to read (default ``$HF_HUB_CACHE``, else huggingface_hub's).
 
     dtype: a transformers model is built in the dtype its config records (``_from_config``, as transformers'
@@ -77,9 +75,6 @@ def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceP
     if base and not config.weights_prefix and not hasattr(model, base) and \
             any(k.startswith(base + ".") for k in CheckpointSource(weights).segments):
         config = replace(config, weights_prefix=base + ".")  # a base model out of a checkpoint with a head
-    if config.storage_dtype is not None and config.store_path is None:
-        what = [type(model).__name__, config.storage_dtype, config.weights_prefix]
-        config = replace(config, store_path=converted_store_path(weights, what, cache_dir))
     return run(model, budget, weights=weights, partitioner=partitioner, config=config)
 
 

@@ -25,7 +25,7 @@ from .config import RunConfig
 from .device import DeviceProfile, get_profile, resolve_budget
 from .embedding_rows import EmbeddingRows, row_streamed_tables
 from .errors import BlockrtError, PartitionError, RestoreError
-from .entry_points import evicted_use_error, install_block_hooks, is_meta_failure, nested_use_error
+from .entry_points import install_block_hooks, nested_use_error
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, Staging
 from .malloc import trim_malloc
@@ -184,10 +184,8 @@ class Runtime:
         try:
             torch.set_grad_enabled(False)
             return self.model(*args, **kwargs)
-        except BaseException as e:
+        except BaseException:
             self._abort_pass()  # torch runs the always-call hooks for an Exception, never for KeyboardInterrupt
-            if is_meta_failure(e):
-                raise evicted_use_error(self.plan, e) from e
             raise
         finally:
             torch.set_grad_enabled(grad)

@@ -13,21 +13,12 @@ from blockrt.errors import BlockrtError
 from blockrt.partitioners import partition
 from blockrt.partitioners.registry import lookup
 from blockrt.partitioners.whole_model import whole_model_partition
-from zoo_models import SLOW, ZOO, build
+from zoo_models import SLOW, ZOO, build, output
 
 BUDGET_FRACTION = 0.5  # of the model's bytes
 CALLS = 2
 MAX_PINNED_SHARE = 0.10  # real size, default target
 MAX_BLOCK_SHARE = 1 / 8  # real size, default target
-
-
-def output(o) -> torch.Tensor:
-    if isinstance(o, torch.Tensor):
-        return o
-    for name in ("sample", "logits", "last_hidden_state"):
-        if getattr(o, name, None) is not None:
-            return getattr(o, name)
-    return o[0]
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ZOO])

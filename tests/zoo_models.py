@@ -18,6 +18,17 @@ _LLM: dict[str, Any] = {"vocab_size": V, "hidden_size": 64, "intermediate_size":
                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32}
 
 
+def output(o: Any) -> torch.Tensor:
+    """The tensor a zoo model's output is compared by: itself, else ``sample``/``logits``/``last_hidden_state``,
+    else its first field."""
+    if isinstance(o, torch.Tensor):
+        return o
+    for name in ("sample", "logits", "last_hidden_state"):
+        if getattr(o, name, None) is not None:
+            return getattr(o, name)
+    return o[0]
+
+
 def _g(seed: int = 1) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

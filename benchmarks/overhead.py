@@ -4,7 +4,7 @@ A small Llama (``transformers.LlamaConfig``, random weights) runs a repeated for
 (greedy, KV cache, ``--new`` tokens) three ways: plain, inside ``blockrt.run`` with a budget far above the
 model (every block retained, bound once), and at half the model's bytes (part streamed), each on its own copy
 of the model, all three open at once. Each mode warms up (the measuring passes), then the modes are timed in turn,
-round by round (``--repeats`` rounds of 4 forwards and one generate), and each figure is the median round: load
+round by round (``--repeats`` rounds of ``FORWARDS`` forwards and one generate), and each figure is the median round: load
 that comes and goes on a shared machine hits every mode alike. The tokens of every mode are checked equal to plain
 ``generate`` before and after timing. Prints the per-pass times and the ratios to plain, with the issue's targets
 (PASS/MISS, not asserted), and writes ``results.json``/``results.csv`` into ``--out``.
@@ -29,6 +29,7 @@ from bench_common import BUSY_CORES, begin_run, write_results
 
 TARGET_GENERATE = 1.10  # blockrt with every block retained / plain, generate
 TARGET_FORWARD = 1.05  # ... repeated forward
+FORWARDS = 10  # forwards per round (a round's forward time is their mean)
 CSV_FIELDS = ("mode", "budget", "forward_ms", "forward_ratio", "forward_cpu_ratio", "generate_ms", "generate_ratio",
               "generate_cpu_ratio", "retained", "blocks", "peak_ledger_bytes", "tokens_equal")
 
@@ -39,12 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--new", type=int, default=32, help="new tokens per generate")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 9; --quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 11; --quick 2)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.repeats is None:
-        args.repeats = 2 if args.quick else 9
+        args.repeats = 2 if args.quick else 11
     if args.quick:
         args.layers, args.hidden, args.new = 4, 128, 8
     return args
@@ -81,14 +82,14 @@ class Timed:
             return self.generate()
 
     def round(self) -> None:
-        """Time 4 forwards and one generate. CPU: the calling thread's CPU time (``time.thread_time``), which other
+        """Time ``FORWARDS`` forwards and one generate. CPU: the calling thread's CPU time (``time.thread_time``), which other
         load disturbs far less than wall time; blockrt's per-pass bookkeeping runs on this thread."""
         with torch.no_grad():
             t, c = time.perf_counter(), time.thread_time()
-            for _ in range(4):
+            for _ in range(FORWARDS):
                 self.model(self.ids)
-            self.fwd.append((time.perf_counter() - t) / 4)
-            self.fwd_cpu.append((time.thread_time() - c) / 4)
+            self.fwd.append((time.perf_counter() - t) / FORWARDS)
+            self.fwd_cpu.append((time.thread_time() - c) / FORWARDS)
             t, c = time.perf_counter(), time.thread_time()
             self.generate()
             self.gen.append(time.perf_counter() - t)

@@ -16,6 +16,7 @@ checks that every task has exactly one result and that no Ray process is left.
 
     .venv/bin/python benchmarks/sweep_scaling.py                       # quality-small: 24 videos (~5 min here)
     .venv/bin/python benchmarks/sweep_scaling.py --spec quality144     # the quality benchmark's 432 videos
+    .venv/bin/python benchmarks/sweep_scaling.py --spec quality144-steps30  # one setting: 144 videos
     .venv/bin/python benchmarks/sweep_scaling.py --spec smoke --kill-resume
 
 Writes ``results.json`` to ``--out`` (default ``out/bench/sweep``).
@@ -152,7 +153,7 @@ def kill_and_resume(spec_name: str, out: Path, workers: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--spec", default="quality-small", help="a preset (quality-small, quality144, smoke) or a JSON spec")
+    p.add_argument("--spec", default="quality-small", help="a preset (quality-small, quality144-steps30, quality144, smoke) or a JSON spec")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="out/bench/sweep")
     p.add_argument("--kill-resume", action="store_true", help="also run the kill-and-resume check")

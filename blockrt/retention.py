@@ -142,6 +142,11 @@ class Retention:
             if self._config.retention:
                 self.plan_retention()
 
+    @property
+    def measuring(self) -> bool:
+        """True while passes are measured (the working set of a new input kind, or the timing pass)."""
+        return self.phase is not Phase.STEADY or self._tracker is not None
+
     def stop_tracking(self) -> None:
         """Remove the working-set tracker if one runs (pass end, or closing)."""
         tracker, self._tracker = self._tracker, None

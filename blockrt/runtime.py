@@ -92,7 +92,8 @@ class Runtime:
         self._device = torch.device(config.device)
         self.profile = Profile(budget=budget_bytes, device=str(self._device))
         self._closed = True
-        self._hooks: list[Any] = []
+        self._hooks: list[Any] = []  # the root's and the row readers', for the runtime's life
+        self._block_hooks: list[Any] = []  # the blocks', off while every block is retained (``_hook_blocks``)
         self._tmpdir: str | None = None
         self._loader: Loader | None = None
         self._originals: Originals | None = None  # an in-memory model's weights, given back at close
@@ -100,9 +101,10 @@ class Runtime:
         try:
             self._setup(model, budget_bytes, weights, store, partitioner)
         except BaseException:
-            for h in self._hooks:  # a failure while installing them
+            for h in self._hooks + self._block_hooks:  # a failure while installing them
                 h.remove()
             self._hooks.clear()
+            self._block_hooks.clear()
             try:
                 _shutdown(self._loader, self._rss, None)
                 self._restore()  # the model is never left with placeholders by a failed set-up
@@ -119,6 +121,7 @@ class Runtime:
         if not self.plan.blocks:
             raise PartitionError(f"the plan for {type(model).__name__} has no blocks to stream")
         layouts = [BlockLayout.of(b) for b in self.plan.blocks]
+        self._block_bytes = self.plan.block_bytes  # what a pass served by every block reuses
         storage = {b.name: config.storage_for(b.name) for b in self.plan.blocks}
         self._rows = row_streamed_tables(model, self.plan, config.row_stream_min_bytes)  # tables read by rows
         n_slots = min(config.prefetch_depth + 1, len(self.plan.blocks))
@@ -171,7 +174,24 @@ class Runtime:
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: setattr(self, "_pass_ok", True)))
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: self._end_pass(), always_call=True))
         self._hooks += self._rows_reader.install()
-        self._hooks += install_block_hooks(m, self.plan, self._pre, self._post, self._enter)
+        self._hook_blocks(True)
+
+    def _hook_blocks(self, on: bool) -> None:
+        """Install (``on``) or remove the blocks' hooks. They come off while every block is retained and bound and
+        nothing is measured, so such a pass costs the root's hooks alone (no hook call per module); whatever
+        changes that (a new input kind, a budget, state that sheds a block, an interrupt) puts them back before
+        a block runs. Such a pass records no block events in the profile: the pass, and every block's bytes as
+        reused (also a block the pass did not run, such as an encoder during decoding)."""
+        if on and not self._block_hooks:
+            self._block_hooks = install_block_hooks(self.model, self.plan, self._pre, self._post, self._enter)
+        elif not on and self._block_hooks:
+            for h in self._block_hooks:
+                h.remove()
+            self._block_hooks.clear()
+
+    def _all_retained(self) -> bool:
+        """Every block retained and bound, and no measurement running: the blocks' hooks have nothing to do."""
+        return len(self._residency.bound) == len(self.plan.blocks) and not self._retention.measuring
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model (one pass) under ``torch.no_grad()``; same call and result as ``model(...)``.
@@ -232,6 +252,7 @@ class Runtime:
         self._retention.floor().check(new)
         self.ledger.budget = self.profile.budget = new  # the profile records what the ledger holds
         self._retention.budget_changed()
+        self._hook_blocks(not self._all_retained())  # a block called before the next pass loads
 
     def timings(self, pass_idx: int | None = None) -> tuple[list[BlockTiming], float]:
         """Per-block load/compute/gap seconds measured in one pass (default: the timing pass), and ``head_s``;
@@ -274,6 +295,7 @@ class Runtime:
             for h in self._hooks:
                 h.remove()
             self._hooks.clear()
+            self._hook_blocks(False)
             try:
                 try:
                     _shutdown(self._loader, self._rss, None)  # the restore below is no part of the run's timeline
@@ -317,6 +339,10 @@ class Runtime:
         self._pass_ok = False
         self.profile.begin_pass(self._residency.pass_idx, self.profile.now())
         self._retention.hold_state(measure_state(args, kwargs))  # a KV cache passed in grows every step
+        unhooked = self._all_retained()
+        self._hook_blocks(not unhooked)
+        if unhooked:  # no block hook notes the reuse: the pass has every block at hand, bound, none loaded
+            self.profile.record_reuse("(every block, retained)", self._residency.pass_idx, self._block_bytes)
 
     def _end_pass(self) -> None:
         if self._owner != threading.get_ident():  # begin_pass refused the call before it took the runtime
@@ -351,6 +377,8 @@ class Runtime:
             self._residency.in_pass = False
             self._residency.order.pass_ended()
             self._running = 0
+            if not self._closed:
+                self._hook_blocks(True)  # the reset unbound every block
             self._hand_over()
 
     def _hand_over(self) -> None:

@@ -314,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", parents=[common],
                         help="prompts x seeds x settings as independent, resumable tasks, serially or on Ray; "
                              "then a summary, contact sheets and quality scores")
-    sw.add_argument("spec", help="a JSON sweep spec (pipelines/sweep/spec.py) or a preset: quality144, "
+    sw.add_argument("spec", help="a JSON sweep spec (pipelines/sweep/spec.py) or a preset: quality144, quality144-steps30, "
                                  "quality-small, smoke")
     sw.add_argument("--out", default=None, help="the sweep's folder (default out/sweep/<spec name>); the same "
                                                 "folder resumes it")

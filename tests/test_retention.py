@@ -110,6 +110,40 @@ def test_set_budget_replans():
         assert torch.equal(rt(**inputs), ref)
 
 
+def test_every_block_retained_runs_unhooked_and_hooks_come_back_when_anything_changes():
+    """With every block retained and bound the blocks' hooks come off (a pass costs the root's hooks alone) and
+    the profile counts the pass's bytes as reused; a new input kind, a smaller budget and an interrupted pass
+    each put them back before a block runs, and every output stays identical."""
+    model, inputs = BUILDERS["toy"](n_layers=6)
+    long_ids = torch.randint(0, 128, (2, 24))
+    ref, ref_long = reference(model, inputs), reference(model, {"ids": long_ids})
+    plan = partition(model)
+    first = model.get_submodule(plan.blocks[0].modules[0])
+
+    def block_events(rt, p):
+        return [e for e in rt.profile.events if e.pass_idx == p and e.kind == "compute"]
+
+    hooks_before = len(first._forward_pre_hooks)
+    with blockrt.run(model, budget=100 * plan.total_bytes) as rt:
+        for p in range(PASSES):
+            assert torch.equal(output(rt(**inputs)), ref)
+        assert len(rt.retention.retained) == len(plan.blocks)
+        assert len(first._forward_pre_hooks) == hooks_before  # unhooked
+        assert block_events(rt, PASSES - 1) == []
+        steady = rt.profile.summary(passes=[PASSES - 1])
+        assert steady.bytes_loaded == 0 and steady.bytes_reused == plan.block_bytes
+        assert torch.equal(rt(ids=long_ids), ref_long)  # a new kind: measured, block by block
+        assert len(block_events(rt, PASSES)) == len(plan.blocks)
+        assert torch.equal(rt(ids=long_ids), ref_long)
+        assert len(first._forward_pre_hooks) == hooks_before
+        rt.set_budget(plan.pinned_bytes + 3 * slot_bytes(plan) + rt.retention.working_set_bytes)
+        assert len(first._forward_pre_hooks) > hooks_before  # hooked again before any call
+        assert torch.equal(output(rt(**inputs)), ref)
+        assert rt.profile.summary(passes=[PASSES + 2]).bytes_loaded > 0  # streamed again
+    assert len(first._forward_pre_hooks) == hooks_before
+    assert torch.equal(reference(model, inputs), ref)
+
+
 def test_profile_names_and_unknown_profiles():
     model, inputs = BUILDERS["toy"]()
     with blockrt.run(model, budget="iphone15pro") as rt:

@@ -15,6 +15,13 @@ def quality144() -> dict[str, Any]:
             "settings": [{"name": "steps30"}, {"name": "lpl16", "lpl": 16}, {"name": "steps16", "steps": 16}]}
 
 
+def quality144_steps30() -> dict[str, Any]:
+    """One setting of the quality benchmark, the 30-step reference: 12 prompts x 12 seeds = 144 videos (the
+    issue's serial-vs-workers figure)."""
+    doc = quality144()
+    return {**doc, "settings": doc["settings"][:1]}
+
+
 def quality_small() -> dict[str, Any]:
     """The same three settings on 4 prompts x 2 seeds (24 videos): the measured stand-in on a small machine."""
     doc = quality144()
@@ -27,5 +34,5 @@ def smoke() -> dict[str, Any]:
             "settings": [{"name": "steps2", "steps": 2}, {"name": "lpl1", "steps": 2, "lpl": 1}]}
 
 
-PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"quality144": quality144, "quality-small": quality_small,
-                                                     "smoke": smoke}
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"quality144": quality144, "quality144-steps30": quality144_steps30,
+                                                     "quality-small": quality_small, "smoke": smoke}

@@ -3,7 +3,7 @@ configs, ``tests/tiny_pipelines.py`` widened by ``--scale``): parity with the pl
 growth against the budget, per pipeline.
 
     MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072 \\
-        .venv/bin/python benchmarks/pipelines_offload.py [--scale 6] [--fraction 0.4] [--pipelines sd3,flux]
+        .venv/bin/python benchmarks/pipelines_offload.py [--scale 12] [--fraction 0.4] [--pipelines sd3,flux]
 
 The budget is ``--fraction`` of the pipeline's model bytes (raised to the smallest budget every stage fits, if
 larger). RSS growth is the peak during ``pipe(...)`` minus the RSS just before it (the models already spilled;
@@ -93,7 +93,7 @@ def one(name: str, scale: int, fraction: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipelines", default=",".join(BUILDERS), help=f"comma-separated among {','.join(BUILDERS)}")
-    ap.add_argument("--scale", type=int, default=6, help="widen the tiny pipelines' models by this factor")
+    ap.add_argument("--scale", type=int, default=12, help="widen the tiny pipelines' models by this factor")
     ap.add_argument("--fraction", type=float, default=0.4, help="budget as a fraction of the models' bytes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="out/bench/pipelines_offload")
@@ -105,14 +105,14 @@ def main() -> None:
     out_dir, hw, other = begin_run(args.threads, args.out)
     rows = []
     print(f"{'pipeline':>10} {'models':>10} {'budget':>10} {'equal':>6} {'peak ledger':>12} {'RSS growth':>11} "
-          f"{'anon growth':>12} {'plain anon':>11} {'plain s':>8} {'offload s':>10} {'runtimes':>9}")
+          f"{'over budget':>12} {'anon growth':>12} {'plain anon':>11} {'plain s':>8} {'offload s':>10} {'runtimes':>9}")
     for name in names:
         r = one(name, args.scale, args.fraction)
         rows.append(r)
         eq = "yes" if r["equal"] and r["equal_after_remove"] else "NO"
         print(f"{name:>10} {format_bytes(r['model_bytes']):>10} {format_bytes(r['budget']):>10} {eq:>6} "
               f"{format_bytes(r['peak_ledger_bytes']):>12} {format_bytes(r['rss_growth_bytes']):>11} "
-              f"{format_bytes(r['anon_growth_bytes']):>12} {format_bytes(r['plain_anon_growth_bytes']):>11} "
+              f"{format_bytes(max(0, r['rss_growth_bytes'] - r['budget'])):>12} {format_bytes(r['anon_growth_bytes']):>12} {format_bytes(r['plain_anon_growth_bytes']):>11} "
               f"{r['plain_s']:>8.2f} {r['offloaded_s']:>10.2f} {r['activations']:>9}", flush=True)
     hw["other_cpu_cores_during"] = other.cores()
     print(f"other processes used {hw['other_cpu_cores_during']:.2f} cores during the run (timings are indicative)")
@@ -120,6 +120,10 @@ def main() -> None:
                   rows, FIELDS)
     bad = [r["pipeline"] for r in rows if not (r["equal"] and r["equal_after_remove"]
                                                and r["peak_ledger_bytes"] <= r["budget"])]
+    over = {r["pipeline"]: r["rss_growth_bytes"] - r["budget"] for r in rows if r["rss_growth_bytes"] > r["budget"]}
+    print("RSS growth within the budget for every pipeline" if not over else "RSS growth over the budget (what no "
+          "ledger sees: allocator arenas, thread stacks, kernels' packing buffers; README 'Memory allowance'): "
+          + ", ".join(f"{k} by {format_bytes(v)}" for k, v in over.items()))
     print(f"wrote {out_dir / 'results.json'}; " + (f"FAILED: {bad}" if bad else "every pipeline equal, ledger under budget"))
     sys.exit(1 if bad else 0)
 

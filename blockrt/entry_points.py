@@ -10,6 +10,10 @@ A block's module used while *another* block runs cannot be served by streaming: 
 what was used, where it belongs, and the fix (``RunConfig(pin=[module path])`` keeps that module resident). A
 weight read directly (``self.layer.weight``) outside any hooked call is caught by its evicted placeholder
 (``placeholder.py``).
+
+``BlockHooks`` is what the hooks do: the first module of a block acquires it (releasing the block before it),
+the module that ends it releases it. While every block is retained and bound and nothing is measured the hooks
+come off (``set(False)``), so such a pass costs the root's hooks alone.
 """
 
 from __future__ import annotations
@@ -61,6 +65,60 @@ def install_block_hooks(model: nn.Module, plan: Plan, pre: Callable[[int, str], 
         hooks.append(sub.register_forward_pre_hook(lambda mod, args, i=i, path=path: pre(i, path)))
         hooks.append(sub.register_forward_hook(lambda mod, args, out, i=i, path=path: post(i, path), always_call=True))
     return hooks
+
+
+class BlockHooks:
+    """The blocks' hooks of one runtime and what they do (``residency`` loads and releases, ``retention`` measures);
+    ``paused()`` True makes them do nothing (an exporter calling block modules with weights it bound itself)."""
+
+    def __init__(self, model: nn.Module, plan: Plan, residency: Any, retention: Any,
+                 paused: Callable[[], bool]) -> None:
+        self.model, self.plan, self.residency, self.retention, self.paused = model, plan, residency, retention, paused
+        self.running = 0  # calls of the active block's own modules not yet returned
+        self.handles: list[Any] = []
+
+    def set(self, on: bool) -> None:
+        """Install (``on``) or remove the hooks; either is a no-op when already so."""
+        if on and not self.handles:
+            self.handles = install_block_hooks(self.model, self.plan, self.pre, self.post, self.enter)
+        elif not on and self.handles:
+            for h in self.handles:
+                h.remove()
+            self.handles.clear()
+
+    def all_retained(self) -> bool:
+        """Every block retained and bound, and no measurement running: the hooks have nothing to do."""
+        return len(self.residency.bound) == len(self.plan.blocks) and not self.retention.measuring
+
+    def pre(self, i: int, path: str) -> None:
+        if self.paused():
+            return
+        active = self.residency.active
+        if active is not None and active != i:
+            if self.running:
+                raise nested_use_error(self.plan, i, path, active)
+            self.release(active)
+        self.running += 1
+        if self.residency.active is None:
+            self.residency.acquire(i)
+            self.retention.block_started(i)
+
+    def enter(self, i: int, path: str) -> None:
+        """A module inside block ``i`` ran: load the block unless active (it stays until the next one or the end)."""
+        if not self.paused() and self.residency.active != i:
+            self.pre(i, path)
+            self.running -= 1
+
+    def post(self, i: int, path: str) -> None:
+        if self.paused():
+            return
+        self.running = max(0, self.running - 1)
+        if self.residency.order.ends_block(i, path) and not self.running and self.residency.active == i:
+            self.release(i)
+
+    def release(self, i: int) -> None:
+        self.retention.block_finished(i)
+        self.residency.release(i)
 
 
 def nested_use_error(plan: Plan, i: int, path: str, running: int) -> BlockrtError:

@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .malloc import pin_malloc_mmap_threshold, trim_malloc
 
 if TYPE_CHECKING:
     from .recording import Recording
 
-__all__ = ["COUNTERS", "RssSample", "RssSampler", "read_rss"]
+__all__ = ["COUNTERS", "RssSample", "RssSampler", "read_rss", "rise_during"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,28 @@ def _reset_hwm() -> bool:
     return True
 
 
+T = TypeVar("T")
+_marking: "weakref.WeakSet[RssSampler]" = weakref.WeakSet()  # running samplers that read the high-water mark
+
+
+def rise_during(fn: Callable[[], T]) -> tuple[T, int | None]:
+    """Run ``fn()``; return its result and how far the process's RSS rose, at the call's peak, above its level
+    before the call (the kernel's high-water mark, reset for the call), or None where that cannot be read. It
+    sees what no tensor shows, such as a CPU convolution's im2col scratch freed before the op returns; any
+    other thread's growth meanwhile counts too (an upper bound). The mark a running sampler relies on is
+    carried over to it, so its ``hwm`` stays the peak of its whole window."""
+    before = _read_proc_status()
+    if before is None or before.hwm is None:
+        return fn(), None
+    for sampler in list(_marking):
+        sampler._carry(before.hwm)
+    if not _reset_hwm():
+        return fn(), None
+    out = fn()
+    after = _read_proc_status()
+    return out, None if after is None or after.hwm is None else max(0, after.hwm - before.rss)
+
+
 class RssSampler:
     """A daemon thread sampling :func:`read_rss` into a :class:`~blockrt.profile.Profile`.
 
@@ -145,6 +169,7 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = self._stopped = False
         self._hwm_valid = False
+        self._carried = 0  # the high-water mark as it stood before a ``rise_during`` reset it
         self._written: dict[str, float] = {}  # counter -> last value written
         self._top: dict[str, float] = {}  # counter -> largest value written
         self.baseline: RssSample | None = None
@@ -160,6 +185,8 @@ class RssSampler:
             raise RuntimeError("this RssSampler was started already; make a new one")
         self._started = True
         self._hwm_valid = self._reset_hwm_at_start and _reset_hwm()
+        if self._hwm_valid:
+            _marking.add(self)
         self.baseline = self._take()
         self._thread.start()
         return self
@@ -173,11 +200,17 @@ class RssSampler:
         self._thread.join(timeout_s)
         if self._thread.is_alive():  # a daemon thread: it cannot keep the process alive
             logger.warning("RSS sampler thread %r did not stop within %.1f s", self._thread.name, timeout_s)
+        _marking.discard(self)
         last = self._take()
         if self._hwm_valid and last.hwm is not None:
-            self.hwm = last.hwm
+            with self._lock:
+                self.hwm = max(last.hwm, self._carried)
             if self.profile is not None:
                 self.profile.counter(HWM_COUNTER, self.profile.now(), float(last.hwm))
+
+    def _carry(self, hwm: int) -> None:
+        with self._lock:
+            self._carried = max(self._carried, hwm)
 
     @property
     def running(self) -> bool:

@@ -25,7 +25,7 @@ from .config import RunConfig
 from .device import DeviceProfile, get_profile, resolve_budget
 from .embedding_rows import EmbeddingRows, row_streamed_tables
 from .errors import BlockrtError, PartitionError, RestoreError
-from .entry_points import install_block_hooks, nested_use_error
+from .entry_points import BlockHooks
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, Staging
 from .malloc import trim_malloc
@@ -45,6 +45,7 @@ from .weights import bind_pinned, open_weights
 from .working_set import warm_up
 
 log = logging.getLogger(__name__)
+UNHOOKED = "(every block, retained)"  # the profile's block name for a pass run without the blocks' hooks
 
 
 def run(model: nn.Module, budget: int | str | DeviceProfile, *, weights: str | Path | None = None,
@@ -92,8 +93,8 @@ class Runtime:
         self._device = torch.device(config.device)
         self.profile = Profile(budget=budget_bytes, device=str(self._device))
         self._closed = True
-        self._hooks: list[Any] = []  # the root's and the row readers', for the runtime's life
-        self._block_hooks: list[Any] = []  # the blocks', off while every block is retained (``_hook_blocks``)
+        self._hooks: list[Any] = []  # the root's and the row readers'; the blocks' are ``_blocks``
+        self._blocks: BlockHooks | None = None
         self._tmpdir: str | None = None
         self._loader: Loader | None = None
         self._originals: Originals | None = None  # an in-memory model's weights, given back at close
@@ -101,10 +102,11 @@ class Runtime:
         try:
             self._setup(model, budget_bytes, weights, store, partitioner)
         except BaseException:
-            for h in self._hooks + self._block_hooks:  # a failure while installing them
+            for h in self._hooks:  # a failure while installing them
                 h.remove()
             self._hooks.clear()
-            self._block_hooks.clear()
+            if self._blocks is not None:
+                self._blocks.set(False)
             try:
                 _shutdown(self._loader, self._rss, None)
                 self._restore()  # the model is never left with placeholders by a failed set-up
@@ -155,10 +157,11 @@ class Runtime:
                                     self.read_bytes_per_s)
         self._rows_reader = EmbeddingRows(model, self.plan, self._rows, source, binder, ledger, self.profile,
                                           self._device, lambda: self._residency.tag)
-        self._running = 0
+        self._blocks = BlockHooks(model, self.plan, self._residency, self._retention, lambda: self.paused)
         self.paused = False  # exporters set it while they call block modules with weights bound by themselves
         self._in_pass = False
         self._pass_ok = False
+        self._unhooked_since: float | None = None
         self._turn = threading.Condition()  # guards _owner: the thread whose pass is running, or None
         self._owner: int | None = None
         self._closed = False
@@ -174,24 +177,7 @@ class Runtime:
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: setattr(self, "_pass_ok", True)))
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: self._end_pass(), always_call=True))
         self._hooks += self._rows_reader.install()
-        self._hook_blocks(True)
-
-    def _hook_blocks(self, on: bool) -> None:
-        """Install (``on``) or remove the blocks' hooks. They come off while every block is retained and bound and
-        nothing is measured, so such a pass costs the root's hooks alone (no hook call per module); whatever
-        changes that (a new input kind, a budget, state that sheds a block, an interrupt) puts them back before
-        a block runs. Such a pass records no block events in the profile: the pass, and every block's bytes as
-        reused (also a block the pass did not run, such as an encoder during decoding)."""
-        if on and not self._block_hooks:
-            self._block_hooks = install_block_hooks(self.model, self.plan, self._pre, self._post, self._enter)
-        elif not on and self._block_hooks:
-            for h in self._block_hooks:
-                h.remove()
-            self._block_hooks.clear()
-
-    def _all_retained(self) -> bool:
-        """Every block retained and bound, and no measurement running: the blocks' hooks have nothing to do."""
-        return len(self._residency.bound) == len(self.plan.blocks) and not self._retention.measuring
+        self._blocks.set(True)  # off while every block is retained (``_begin_pass``)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model (one pass) under ``torch.no_grad()``; same call and result as ``model(...)``.
@@ -252,7 +238,7 @@ class Runtime:
         self._retention.floor().check(new)
         self.ledger.budget = self.profile.budget = new  # the profile records what the ledger holds
         self._retention.budget_changed()
-        self._hook_blocks(not self._all_retained())  # a block called before the next pass loads
+        self._blocks.set(not self._blocks.all_retained())  # a block called before the next pass loads
 
     def timings(self, pass_idx: int | None = None) -> tuple[list[BlockTiming], float]:
         """Per-block load/compute/gap seconds measured in one pass (default: the timing pass), and ``head_s``;
@@ -295,7 +281,7 @@ class Runtime:
             for h in self._hooks:
                 h.remove()
             self._hooks.clear()
-            self._hook_blocks(False)
+            self._blocks.set(False)
             try:
                 try:
                     _shutdown(self._loader, self._rss, None)  # the restore below is no part of the run's timeline
@@ -334,15 +320,15 @@ class Runtime:
         self._retention.begin_pass(args, kwargs)
         self._residency.pass_idx += 1
         self._residency.in_pass = True
-        self._running = 0
+        self._blocks.running = 0
         self._in_pass = True
         self._pass_ok = False
         self.profile.begin_pass(self._residency.pass_idx, self.profile.now())
         self._retention.hold_state(measure_state(args, kwargs))  # a KV cache passed in grows every step
-        unhooked = self._all_retained()
-        self._hook_blocks(not unhooked)
-        if unhooked:  # no block hook notes the reuse: the pass has every block at hand, bound, none loaded
-            self.profile.record_reuse("(every block, retained)", self._residency.pass_idx, self._block_bytes)
+        # every block retained and bound, nothing measured: the blocks' hooks come off (a pass then costs the
+        # root's hooks alone); whatever changes that puts them back before a block runs
+        self._unhooked_since = self.profile.now() if self._blocks.all_retained() else None
+        self._blocks.set(self._unhooked_since is None)
 
     def _end_pass(self) -> None:
         if self._owner != threading.get_ident():  # begin_pass refused the call before it took the runtime
@@ -351,10 +337,14 @@ class Runtime:
             self._in_pass = False
             self._residency.wrap = True
             if self._residency.active is not None:
-                self._release(self._residency.active)
+                self._blocks.release(self._residency.active)
+            if self._unhooked_since is not None:  # one event for the pass, which had every block bound
+                p, now = self._residency.pass_idx, self.profile.now()
+                self.profile.record("compute", UNHOOKED, p, self._unhooked_since, now, 0, "compute")
+                self.profile.record_reuse(UNHOOKED, p, self._block_bytes)
             self._residency.in_pass = False
             self._residency.order.pass_ended()
-            self._running = 0
+            self._blocks.running = 0
             if self.config.exact_rss:
                 trim_malloc()  # freed activations that glibc served from old heap chunks leave RSS again
             self.profile.end_pass(self._residency.pass_idx, self.profile.now())
@@ -376,45 +366,15 @@ class Runtime:
             self._in_pass = False
             self._residency.in_pass = False
             self._residency.order.pass_ended()
-            self._running = 0
+            self._blocks.running = 0
             if not self._closed:
-                self._hook_blocks(True)  # the reset unbound every block
+                self._blocks.set(True)  # the reset unbound every block
             self._hand_over()
 
     def _hand_over(self) -> None:
         with self._turn:
             self._owner = None
             self._turn.notify()
-
-    def _pre(self, i: int, path: str) -> None:
-        if self.paused:
-            return
-        active = self._residency.active
-        if active is not None and active != i:
-            if self._running:
-                raise nested_use_error(self.plan, i, path, active)
-            self._release(active)
-        self._running += 1
-        if self._residency.active is None:
-            self._residency.acquire(i)
-            self._retention.block_started(i)
-
-    def _enter(self, i: int, path: str) -> None:
-        """A module inside block ``i`` ran: load the block unless active (it stays until the next one or the end)."""
-        if not self.paused and self._residency.active != i:
-            self._pre(i, path)
-            self._running -= 1
-
-    def _post(self, i: int, path: str) -> None:
-        if self.paused:
-            return
-        self._running = max(0, self._running - 1)
-        if self._residency.order.ends_block(i, path) and not self._running and self._residency.active == i:
-            self._release(i)
-
-    def _release(self, i: int) -> None:
-        self._retention.block_finished(i)
-        self._residency.release(i)
 
 
 def _shutdown(loader: Loader | None, rss: RssSampler | None, tmpdir: str | None) -> None:

@@ -157,6 +157,44 @@ def test_kernel_high_water_mark_catches_a_peak_between_samples() -> None:
     assert [v for _, v in p.counters["rss_hwm_bytes"]] == [rss.hwm]
 
 
+def test_rise_during_sees_scratch_and_a_sampler_keeps_the_peak_it_reset() -> None:
+    """``rise_during`` resets the kernel's mark for one call: it sees a peak freed inside the call, and a running
+    sampler's ``hwm`` still holds a peak from before that reset."""
+    rss = RssSampler(interval_s=60.0).start()
+    if not rss._hwm_valid:
+        rss.stop()
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    x = torch.ones(TENSOR_BYTES // 4)
+    del x  # the sampler's peak, before the reset below
+
+    def transient() -> int:
+        y = torch.ones(TENSOR_BYTES // 8)  # 100 MB, freed before the call returns
+        return int(y[0])
+
+    out, rise = memory.rise_during(transient)
+    rss.stop()
+    assert out == 1 and TENSOR_BYTES // 2 - SLACK <= rise <= TENSOR_BYTES // 2 + SLACK
+    assert rss.hwm_rss_delta >= TENSOR_BYTES - SLACK
+
+
+def test_working_set_counts_a_convolutions_hidden_scratch() -> None:
+    """A CPU Conv3d at batch 1 fp32 builds im2col columns (C_in x 27 x outputs values) inside the op and frees
+    them before it returns; the working set counts them while the op runs."""
+    from blockrt.working_set import LiveBytes
+
+    if memory.rise_during(lambda: None)[1] is None:
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    conv = torch.nn.Conv3d(32, 32, 3, padding=1)
+    x = torch.randn(1, 32, 9, 64, 64)
+    columns = 32 * 27 * 9 * 64 * 64 * 4  # 127 MB, against a 4.7 MB output
+    with torch.no_grad():
+        conv(x)  # first-call set-up outside the measurement
+        with LiveBytes() as live:
+            y = conv(x)
+    assert live.live == y.numel() * 4  # the scratch is gone once the op returned
+    assert live.peak >= 0.9 * columns  # a kernel that needs no columns (a future oneDNN path) would fail here
+
+
 def test_sampler_thread_starts_stops_and_never_hangs() -> None:
     rss = RssSampler(interval_s=30.0, name="rss-test")  # a long interval: stop must not wait it out
     assert rss.peak_rss_delta is None and not rss.running

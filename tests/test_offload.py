@@ -16,6 +16,9 @@ from blockrt.memory import RssSampler  # noqa: E402
 from tiny_pipelines import BUILDERS, output  # noqa: E402
 
 BUDGET = 2_000_000  # bytes; the tiny pipelines' models are 0.6-1.2 MB together, the largest 0.6 MB
+# the video VAE decoders run Conv3d through torch's CPU slow_conv3d, whose im2col columns are part of the
+# measured working set: LTX needs 9.4 MB (7.9 MB of columns in its last up block), CogVideoX 2.3 MB
+BUDGETS = {"ltx": 10_000_000, "cogvideox": 3_000_000}
 RSS_SLACK = 64 << 20  # memory outside any ledger (allocator, thread stacks), as tests/test_retention.py allows
 
 
@@ -35,7 +38,8 @@ def test_offload_equals_plain_pipeline(name: str) -> None:
     want = output(pipe(**kwargs()))
     before = _tensors(pipe)
     values = {k: t.detach().clone() for k, t in before.items()}
-    off = blockrt.offload(pipe, budget=BUDGET, config=RunConfig(exact_rss=True))
+    budget = BUDGETS.get(name, BUDGET)
+    off = blockrt.offload(pipe, budget=budget, config=RunConfig(exact_rss=True))
     try:
         streamed = [k for k, t in _tensors(pipe).items() if t.is_meta]
         assert len(streamed) > 0.9 * len(before)  # the models hold (almost) nothing between calls
@@ -46,8 +50,8 @@ def test_offload_equals_plain_pipeline(name: str) -> None:
         ran = {s for s, r in report.items() if r["activations"]}
         assert "transformer" in ran and "vae.decoder" in ran and any(s.startswith("text_encoder") for s in ran)
         assert all(r["passes"] >= 1 for s, r in report.items() if s in ran)
-        assert off.peak_ledger_bytes <= BUDGET
-        assert rss.peak_anon_delta <= BUDGET + RSS_SLACK
+        assert off.peak_ledger_bytes <= budget
+        assert rss.peak_anon_delta <= budget + RSS_SLACK
         assert torch.equal(output(pipe(**kwargs())), want)  # a second call: every stage opens again
         off.release()  # the last stage's runtime closes: the models hold nothing again
         assert off.active is None and all(t.is_meta for k, t in _tensors(pipe).items() if k in streamed)

@@ -206,7 +206,7 @@ class RssSampler:
             with self._lock:
                 self.hwm = max(last.hwm, self._carried)
             if self.profile is not None:
-                self.profile.counter(HWM_COUNTER, self.profile.now(), float(last.hwm))
+                self.profile.counter(HWM_COUNTER, self.profile.now(), float(self.hwm))
 
     def _carry(self, hwm: int) -> None:
         with self._lock:

@@ -160,7 +160,8 @@ def test_kernel_high_water_mark_catches_a_peak_between_samples() -> None:
 def test_rise_during_sees_scratch_and_a_sampler_keeps_the_peak_it_reset() -> None:
     """``rise_during`` resets the kernel's mark for one call: it sees a peak freed inside the call, and a running
     sampler's ``hwm`` still holds a peak from before that reset."""
-    rss = RssSampler(interval_s=60.0).start()
+    p = Profile()
+    rss = RssSampler(p, interval_s=60.0).start()
     if not rss._hwm_valid:
         rss.stop()
         pytest.skip("/proc/self/clear_refs is not writable here")
@@ -175,6 +176,7 @@ def test_rise_during_sees_scratch_and_a_sampler_keeps_the_peak_it_reset() -> Non
     rss.stop()
     assert out == 1 and TENSOR_BYTES // 2 - SLACK <= rise <= TENSOR_BYTES // 2 + SLACK
     assert rss.hwm_rss_delta >= TENSOR_BYTES - SLACK
+    assert [v for _, v in p.counters["rss_hwm_bytes"]] == [rss.hwm]  # the profile says the same
 
 
 def test_working_set_counts_a_convolutions_hidden_scratch() -> None:

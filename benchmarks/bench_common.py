@@ -39,7 +39,7 @@ def hardware() -> dict[str, Any]:
 
 class OtherCpu:
     """CPU cores used by *other* processes since ``start()``: all busy time in /proc/stat minus this process's
-    own (``os.times``), per second of wall time. Timings are only comparable when this is near 0."""
+    own and its finished children's (``os.times``), per second of wall time. Timings are only comparable when this is near 0."""
 
     def __init__(self) -> None:
         self._t0 = self._busy0 = self._own0 = 0.0
@@ -53,7 +53,7 @@ class OtherCpu:
     @staticmethod
     def _own_s() -> float:
         t = os.times()
-        return t.user + t.system
+        return t.user + t.system + t.children_user + t.children_system
 
     def start(self) -> "OtherCpu":
         self._t0, self._busy0, self._own0 = time.perf_counter(), self._busy_s(), self._own_s()

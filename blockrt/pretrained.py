@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import RunConfig
@@ -28,12 +29,13 @@ from .errors import BlockrtError, StoreError
 from .hub import checkpoint_file, resolve_model_dir
 from .runtime import Runtime, run
 from .skeleton import meta_weights
+from .partitioners.plan import FLOAT_DTYPES, dtype_from_name
 from .sources import CheckpointSource
 
 def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceProfile, *, subfolder: str = "",
                     revision: str | None = None, variant: str | None = None, model_class: Any = None,
                     config: RunConfig | None = None, partitioner: Any = None,
-                    hf_cache_dir: str | os.PathLike | None = None) -> Runtime:
+                    hf_cache_dir: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None) -> Runtime:
     """Build a transformers or diffusers model on ``meta`` and stream it from its checkpoint under ``budget``.
 
     Args:
@@ -49,9 +51,11 @@ def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceP
             checkpoint does not hold: the converted store goes to blockrt's user cache (``$BLOCKRT_CACHE``, else
             ``$XDG_CACHE_HOME/blockrt``, else ``~/.cache/blockrt``).
         hf_cache_dir: the Hugging Face hub cache to read (default ``$HF_HUB_CACHE``, else huggingface_hub's).
-
-    dtype: a transformers model is built in the dtype its config records (``_from_config``, as transformers'
-    ``from_pretrained`` does by default), a diffusers model in float32; a narrower checkpoint widens as it loads.
+        dtype: the dtype to compute in (``torch.bfloat16`` or ``"bfloat16"``), as transformers' and diffusers'
+            ``from_pretrained(dtype=...)``. Default: a transformers model in the dtype its config records (as
+            transformers does by default), a diffusers model in float32. A narrower checkpoint widens as it loads;
+            a wider one (float32 weights, ``dtype=torch.bfloat16``) is converted once into a store in that dtype,
+            in blockrt's user cache, unless ``config.storage_dtype`` asks for another storage.
     A transformers base model (``model_class=GPT2Model``) reads a checkpoint saved with a head under its
     ``base_model_prefix`` (``transformer.``), as transformers does. An autoencoder is called through ``decode()``,
     which no hook sees: stream its decoder (``blockrt.run(vae.decoder, ..., RunConfig(weights_prefix="decoder."))``)
@@ -68,9 +72,11 @@ def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceP
         ...     tokens = rt.model.generate(input_ids, max_new_tokens=20)
     """
     directory = resolve_model_dir(name_or_path, subfolder=subfolder, revision=revision, cache_dir=hf_cache_dir)
-    model = build_skeleton(directory, model_class)
+    model = build_skeleton(directory, model_class, dtype)
     weights = checkpoint_file(directory, variant)
     config = config or RunConfig()
+    if dtype is not None and config.storage_dtype is None and _narrower(model, CheckpointSource(weights)):
+        config = replace(config, storage_dtype=str(_dtype(dtype)).removeprefix("torch."))  # converted once, cached
     base = getattr(model, "base_model_prefix", "")
     if base and not config.weights_prefix and not hasattr(model, base) and \
             any(k.startswith(base + ".") for k in CheckpointSource(weights).segments):
@@ -78,8 +84,26 @@ def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceP
     return run(model, budget, weights=weights, partitioner=partitioner, config=config)
 
 
-def build_skeleton(directory: str | os.PathLike, model_class: Any = None) -> nn.Module:
-    """The model a checkpoint directory's ``config.json`` describes, its weights on ``meta``, in eval mode."""
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    found = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ValueError(f"dtype: expected a floating torch dtype such as torch.bfloat16 or 'float16', found {dtype!r}")
+    return found
+
+
+def _narrower(model: nn.Module, source: CheckpointSource) -> bool:
+    """Whether some floating tensor of ``model`` is narrower than the checkpoint holds it (it must be converted)."""
+    stored = {k: s.dtype for k, s in source.segments.items()}
+    return any(t.is_floating_point() and k in stored and stored[k] in FLOAT_DTYPES
+               and dtype_from_name(stored[k]).itemsize > t.element_size()
+               for k, t in model.state_dict(keep_vars=True).items())
+
+
+def build_skeleton(directory: str | os.PathLike, model_class: Any = None,
+                   dtype: torch.dtype | str | None = None) -> nn.Module:
+    """The model a checkpoint directory's ``config.json`` describes, its weights on ``meta``, in eval mode (in
+    ``dtype`` if given, see ``from_pretrained``)."""
+    dtype = None if dtype is None else _dtype(dtype)
     directory = Path(directory)
     path = directory / "config.json"
     try:
@@ -92,8 +116,10 @@ def build_skeleton(directory: str | os.PathLike, model_class: Any = None) -> nn.
         raise StoreError(f"{path}: expected a JSON object, found {type(raw).__name__}")
     if "_class_name" in raw and "architectures" not in raw:
         model = _diffusers_model(directory, raw, model_class)
+        if dtype is not None:
+            model = model.to(dtype)  # on meta: nothing is allocated
     else:
-        model = _transformers_model(directory, raw, model_class)
+        model = _transformers_model(directory, raw, model_class, dtype)
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()  # a tied head shares its embedding's Parameter: one tensor in the plan, stored once
@@ -119,7 +145,7 @@ def _diffusers_model(directory: Path, raw: dict, model_class: Any) -> nn.Module:
         return cls.from_config(cls.load_config(directory))
 
 
-def _transformers_model(directory: Path, raw: dict, model_class: Any) -> nn.Module:
+def _transformers_model(directory: Path, raw: dict, model_class: Any, dtype: torch.dtype | None) -> nn.Module:
     transformers = _require("transformers")
 
     cfg = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
@@ -131,7 +157,11 @@ def _transformers_model(directory: Path, raw: dict, model_class: Any) -> nn.Modu
             raise StoreError(f"{directory}/config.json lists architectures {names or 'none'}, none of them in "
                              f"transformers {transformers.__version__}; fix: pass model_class= (e.g. "
                              "transformers.AutoModelForCausalLM)")
+    kwargs = {} if dtype is None else {"dtype": dtype}  # as transformers' from_pretrained(dtype=...) builds it
     with meta_weights():
         if hasattr(cls, "from_config"):  # the Auto* classes
-            return cls.from_config(cfg)
-        return cls._from_config(cfg) if hasattr(cls, "_from_config") else cls(cfg)
+            return cls.from_config(cfg, **kwargs)
+        if hasattr(cls, "_from_config"):
+            return cls._from_config(cfg, **kwargs)
+        model = cls(cfg)
+        return model if dtype is None else model.to(dtype)

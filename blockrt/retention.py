@@ -163,7 +163,9 @@ class Retention:
         Retained blocks are shed to make room; when even that is not enough, ``BudgetError`` names the state, its
         size and the budget the run needs."""
         held = self.state_bytes
-        if state.nbytes <= held:
+        if state.nbytes == held:  # most passes: no state, or a cache that did not grow
+            return
+        if state.nbytes < held:
             self._ledger.release("state", held - state.nbytes)
             self.state_bytes = state.nbytes
             return
@@ -268,11 +270,16 @@ class Retention:
         return measured_timings(self._profile, self._plan, self._layouts, p, self._read_bytes_per_s)
 
 
+_FLAT = (torch.Tensor, bool, int, float, str, type(None))
+
+
 def signature_of(args: tuple, kwargs: dict) -> tuple:
     """What makes two calls need the same memory: each tensor's shape, dtype and device, and the flags
     (bools, ints, strings, Nones) among the arguments. Floats are left out: a timestep passed as a float
     changes every call without changing what a pass allocates."""
-    leaves = tree_leaves((args, kwargs))
+    leaves = [*args, *kwargs.values()]  # the common call, flat: what tree_leaves gives, without its cost per pass
+    if not all(isinstance(x, _FLAT) for x in leaves):
+        leaves = tree_leaves((args, kwargs))
     return tuple((tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else
                  (type(x).__name__, x) if isinstance(x, (bool, int, str)) or x is None else type(x).__name__
                  for x in leaves)

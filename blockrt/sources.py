@@ -9,6 +9,7 @@ stored narrower than it is computed (float16/bfloat16, or int8 with scales in a 
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -148,13 +149,14 @@ class CheckpointSource(WeightSource):
             raise StoreError(f"{p} names shard(s) {missing} that do not exist in {p.parent}; fix: copy the missing shards")
         return shards
 
-    def resolve(self, plan: Plan, strict: bool = True, prefix: str = "") -> None:
+    def resolve(self, plan: Plan, strict: bool = True, prefix: str = "", converted: Collection[str] = ()) -> None:
         """Check every plan tensor is present with its shape and dtype; keep only the plan's keys.
 
         A tied tensor may be stored under any of its names. ``prefix`` reads a submodule out of a whole
         model's checkpoint (plan key ``k`` is stored as ``prefix + k``; keys outside the prefix are ignored).
-        With ``strict``, keys under the prefix that the plan does not know are an error too. All problems
-        are reported together.
+        With ``strict``, keys under the prefix that the plan does not know are an error too. A key in
+        ``converted`` (written into a store in another dtype before anything reads it) may be stored as any float
+        for a float tensor, a wider one too. All problems are reported together.
         """
         if prefix:
             self.segments = {k[len(prefix):]: v for k, v in self.segments.items() if k.startswith(prefix)}
@@ -170,7 +172,8 @@ class CheckpointSource(WeightSource):
             found = next((self.segments[n] for n in [key, *names_of.get(key, [])] if n in self.segments), None)
             if found is None:
                 missing.append(key)
-            elif found.shape != spec.shape or not _widens(found.dtype, spec.dtype):
+            elif found.shape != spec.shape or not (_widens(found.dtype, spec.dtype) or key in converted and
+                                                    {found.dtype, spec.dtype} <= set(FLOAT_DTYPES)):
                 wrong.append(f"{key}: expected {spec.dtype}{list(spec.shape)}, found {found.dtype}{list(found.shape)}")
             else:
                 resolved[key] = found

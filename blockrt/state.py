@@ -41,37 +41,48 @@ def measure_state(args: tuple, kwargs: dict) -> State:
     seen_storage: set[int] = set()
     seen_obj: set[int] = set()
     total, largest, largest_bytes = 0, "", 0
-    named = [*((f"argument {k}", a) for k, a in enumerate(args)), *kwargs.items()]
-    for name, value in named:
-        if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, float, str)):
-            continue  # an input, not state
-        n = _walk(value, MAX_DEPTH, seen_storage, seen_obj)
+    for name, value in [*enumerate(args), *kwargs.items()]:
+        if isinstance(value, _LEAVES):
+            continue  # an input or a flag, not state
+        n = _walk(value, seen_storage, seen_obj)
         total += n
         if n > largest_bytes:
+            name = f"argument {name}" if isinstance(name, int) else name
             largest, largest_bytes = f"{name} ({type(value).__name__})", n
     return State(total, largest, largest_bytes)
 
 
-def _walk(x: Any, depth: int, storages: set[int], objects: set[int]) -> int:
-    if isinstance(x, torch.Tensor):
-        if x.device.type == "meta":
-            return 0
-        s = x.untyped_storage()
-        ptr = s.data_ptr()
-        if ptr in storages or s.nbytes() == 0:
-            return 0
-        storages.add(ptr)
-        return s.nbytes()
-    if depth == 0 or x is None or isinstance(x, (bool, int, float, str, bytes, type, nn.Module)) or id(x) in objects:
-        return 0
-    objects.add(id(x))
-    if isinstance(x, dict):
-        items = x.values()
-    elif isinstance(x, (list, tuple, set, frozenset)):
-        items = x
-    else:
-        items = getattr(x, "__dict__", None)
-        if not isinstance(items, dict):
-            return 0
-        items = items.values()
-    return sum(_walk(v, depth - 1, storages, objects) for v in items)
+_LEAVES = (torch.Tensor, type(None), bool, int, float, str)  # passed directly: inputs and flags
+_OPAQUE = (type(None), bool, int, float, str, bytes, type, nn.Module, torch.dtype, torch.device)  # never entered
+
+
+def _walk(root: Any, storages: set[int], objects: set[int]) -> int:
+    """Bytes of the storages not yet in ``storages`` reachable from ``root`` (``MAX_DEPTH`` levels, iteratively:
+    this runs at the start of every pass, a decode step's cache is about 40 objects)."""
+    total = 0
+    stack = [(root, MAX_DEPTH)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "meta":
+                continue
+            s = x.untyped_storage()
+            ptr = s.data_ptr()
+            if ptr not in storages and s.nbytes():
+                storages.add(ptr)
+                total += s.nbytes()
+            continue
+        if depth == 0 or isinstance(x, _OPAQUE) or id(x) in objects:
+            continue
+        objects.add(id(x))
+        if isinstance(x, dict):
+            items = x.values()
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            items = x
+        else:
+            items = getattr(x, "__dict__", None)
+            if not isinstance(items, dict):
+                continue
+            items = items.values()
+        stack.extend((v, depth - 1) for v in items if not isinstance(v, _OPAQUE))
+    return total

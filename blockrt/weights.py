@@ -37,7 +37,9 @@ def open_weights(model: nn.Module, plan: Plan, config: RunConfig, storage: Any, 
             require_storage(found, plan, storage)
             return found, None
         source = CheckpointSource(weights)
-        source.resolve(plan, strict=config.strict_keys, prefix=config.weights_prefix)
+        converted = {k for b in plan.blocks if storage.get(b.name) for k in b.keys}  # rewritten in a storage dtype
+        converted |= {s.key for s in plan.pinned} if converted else set()  # a converted store's pinned: as computed
+        source.resolve(plan, strict=config.strict_keys, prefix=config.weights_prefix, converted=converted)
         if needs_conversion(source, plan, storage):  # once, then cached (RunConfig.store_path)
             return converted_store(source, plan, storage, config.store_path, config.weights_prefix, verify=verify), None
         return source, None

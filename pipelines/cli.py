@@ -273,7 +273,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--working-set", default=None, help="activation bytes to reserve, e.g. 20MB (default 0)")
     plan.add_argument("--layers", type=_count(1), default=12)
     plan.add_argument("--dim", type=_count(8), default=512)
-    plan.add_argument("--tokens", type=_count(1), default=256, help="tokens of the example pass (FLOPs)")
+    plan.add_argument("--tokens", type=_count(1), default=256, help="tokens of the example pass (FLOPs): the "
+                      "prompt's for a language model, the text embeddings' for a diffusers denoiser")
+    plan.add_argument("--height", type=_count(8), default=512, help="pixels of the example image or video "
+                      "(diffusers models)")
+    plan.add_argument("--width", type=_count(8), default=512)
+    plan.add_argument("--frames", type=_count(1), default=1, help="frames of the example video (video models)")
     gen = sub.add_parser("generate", parents=[common],
                          help="text to video with Open-Sora v1.2 (T5 -> STDiT3 -> VAE) under one budget")
     gen.add_argument("--prompt", default=None, help="the text (default with the built-in model: "

@@ -2,9 +2,11 @@
 
 The model is built on ``meta`` from its ``config.json`` as ``blockrt.from_pretrained`` builds it (a directory, or a
 repo id in the local Hugging Face cache, read offline), partitioned, and checked against the checkpoint's
-safetensors headers (no tensor is read). Compute per block comes from FLOPs on a ``meta`` pass where the model
-takes token ids (``--tokens`` of them); for other models (diffusers transformers, VAEs) no example input is
-known, and the times printed are the loads alone.
+safetensors headers (no tensor is read). Compute per block comes from FLOPs on a ``meta`` pass (nothing computed)
+with inputs shaped from the model's config (``plan_inputs.py``): token ids for transformers models (``--tokens``),
+latents for the diffusers denoisers at ``--height``/``--width``/``--frames`` with ``--tokens`` of text, an image
+for ``AutoencoderKL``. A class ``plan_inputs`` does not know, or one whose ``meta`` pass fails, is planned from
+its loads alone, and the header says so and why.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from blockrt.partitioners import partition
 from blockrt.planning import block_flops, flop_timings, plan_sweep
 from blockrt.hub import checkpoint_file, resolve_model_dir
 from blockrt.pretrained import build_skeleton
+from blockrt.pipelines.plan_inputs import Size, describe, example_inputs
 from blockrt.sources import CheckpointSource
 
 
@@ -33,13 +36,7 @@ def plan_model(args: argparse.Namespace) -> int:
     plan = partition(model)
     source = CheckpointSource(checkpoint_file(directory))
     source.resolve(plan)  # the checkpoint holds this model: every key, shape and dtype (headers only)
-    inputs = _example(model, args.tokens)
-    if inputs is not None:
-        flops, pinned_flops = block_flops(model, plan, (), inputs)
-        compute = f"compute from FLOPs on {args.tokens} tokens"
-    else:
-        flops, pinned_flops = [0.0] * len(plan.blocks), 0.0
-        compute = f"compute not estimated (no example input for {type(model).__name__}): loads only"
+    flops, pinned_flops, compute = _flops(model, plan, args)
     timings, head = flop_timings(plan, flops, pinned_flops, profile)
     big = plan.largest_block()
     print(f"plan for {type(model).__name__} from {directory} on {profile.name}: {len(plan.blocks)} blocks "
@@ -64,11 +61,17 @@ def _time(seconds: float) -> str:
     return f"{seconds:.3f}s" if seconds >= 1 else f"{seconds * 1e3:.3f}ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f}us"
 
 
-def _example(model: torch.nn.Module, tokens: int) -> dict[str, torch.Tensor] | None:
-    """Keyword inputs of one pass for a model that takes token ids, else None."""
-    if getattr(model, "main_input_name", None) != "input_ids":
-        return None
-    inputs = {"input_ids": torch.zeros(1, tokens, dtype=torch.long)}
-    if getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = torch.zeros(1, 1, dtype=torch.long)
-    return inputs
+def _flops(model: torch.nn.Module, plan: Any, args: argparse.Namespace) -> tuple[list[float], float, str]:
+    """FLOPs per block and of the pinned part on one example pass, and how they were found (for the header)."""
+    size = Size(height=args.height, width=args.width, frames=args.frames, tokens=args.tokens)
+    inputs = example_inputs(model, size)
+    why = f"no example input for {type(model).__name__}"
+    if inputs is not None:
+        try:
+            flops, pinned = block_flops(model, plan, (), inputs)
+            if "input_ids" in inputs:
+                return flops, pinned, f"compute from FLOPs on {args.tokens} tokens"
+            return flops, pinned, f"compute from FLOPs on {describe(inputs)}"
+        except Exception as e:  # noqa: BLE001 - a model whose forward cannot run on meta: plan its loads
+            why = f"its meta pass failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return [0.0] * len(plan.blocks), 0.0, f"compute not estimated ({why}): loads only"

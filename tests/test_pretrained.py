@@ -183,3 +183,61 @@ def test_converted_store_goes_to_the_user_cache(tmp_path: Path, monkeypatch, rea
     assert len(stores) == 1 and all(Path(f).is_relative_to(stores[0]) for f in files)
     assert torch.equal(outs[0], outs[1])
     assert tree_state(ckpt) == before
+
+
+def test_dtype_narrower_than_the_checkpoint_equals_transformers(tmp_path: Path, monkeypatch, read_only) -> None:
+    """``dtype=torch.bfloat16`` on a float32 checkpoint: built in bfloat16 as transformers builds it, the blocks
+    converted once into a bfloat16 store in the user cache (the checkpoint untouched); logits and tokens equal
+    transformers' ``from_pretrained(dtype=torch.bfloat16)``. A diffusers model narrows the same way."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import LlamaForCausalLM
+
+    cache = tmp_path / "blockrt-cache"
+    monkeypatch.setenv("BLOCKRT_CACHE", str(cache))
+    ckpt = save_llama(tmp_path / "llama")
+    before = read_only(ckpt)
+    plain = aligned(LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval())
+    ids = _ids()
+    with torch.no_grad():
+        want, want_tokens = plain(ids).logits, plain.generate(ids, max_new_tokens=5, do_sample=False)
+    with blockrt.from_pretrained(ckpt, budget=BUDGET, dtype=torch.bfloat16) as rt:
+        assert {p.dtype for p in rt.model.parameters()} == {torch.bfloat16}
+        assert rt.config.storage_dtype == "bfloat16"
+        got, tokens = rt(ids).logits, rt.model.generate(ids, max_new_tokens=5, do_sample=False)
+        assert all(Path(f).is_relative_to(cache) for f in rt.weight_files)
+        assert rt.ledger.peak <= BUDGET
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert torch.equal(tokens, want_tokens)
+    assert tree_state(ckpt) == before
+
+    root = save_flux_pipeline_dir(tmp_path / "flux")
+    plain = aligned(FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=torch.bfloat16))
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in flux_inputs().items()}
+    with torch.no_grad():
+        want = plain.eval()(**inputs).sample
+    with blockrt.from_pretrained(root, budget=BUDGET, subfolder="transformer", dtype="bfloat16") as rt:
+        got = rt(**inputs).sample
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_dtype_wider_than_the_checkpoint_reads_it_in_place_and_bad_dtype_is_refused(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """A bfloat16 checkpoint with ``dtype=torch.float32`` widens as it loads (no store is written); a dtype that
+    is not a float is refused with what was expected."""
+    from transformers import LlamaForCausalLM
+
+    cache = tmp_path / "blockrt-cache"
+    monkeypatch.setenv("BLOCKRT_CACHE", str(cache))
+    src = LlamaForCausalLM.from_pretrained(save_llama(tmp_path / "llama"))
+    ckpt = tmp_path / "llama-bf16"
+    src.to(torch.bfloat16).save_pretrained(ckpt)
+    plain = aligned(LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval())
+    ids = _ids()
+    with torch.no_grad():
+        want = plain(ids).logits
+    with blockrt.from_pretrained(ckpt, budget=BUDGET, dtype=torch.float32) as rt:
+        assert rt.config.storage_dtype is None
+        got = rt(ids).logits
+    assert torch.equal(got, want) and not cache.exists()
+    with pytest.raises(ValueError, match="expected a floating torch dtype"):
+        blockrt.from_pretrained(ckpt, budget=BUDGET, dtype="int8")

@@ -27,10 +27,11 @@ from .config import RunConfig
 from .device import DeviceProfile
 from .errors import BlockrtError, StoreError
 from .hub import checkpoint_file, resolve_model_dir
+from .partitioners.plan import FLOAT_DTYPES, dtype_from_name
 from .runtime import Runtime, run
 from .skeleton import meta_weights
-from .partitioners.plan import FLOAT_DTYPES, dtype_from_name
 from .sources import CheckpointSource
+
 
 def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceProfile, *, subfolder: str = "",
                     revision: str | None = None, variant: str | None = None, model_class: Any = None,

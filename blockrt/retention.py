@@ -31,9 +31,9 @@ from .ledger import Ledger
 from .loader import BlockLayout
 from .partitioners.plan import Plan
 from .predict import Prediction, predict
-from .schedule import BlockTiming, RetentionDecision, choose_retained
 from .recording import Recording
 from .residency import Residency
+from .schedule import BlockTiming, RetentionDecision, choose_retained
 from .state import State
 from .working_set import LiveBytes
 

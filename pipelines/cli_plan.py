@@ -15,14 +15,14 @@ import argparse
 from typing import Any
 
 import torch
+from blockrt.partitioners import partition
+from blockrt.pipelines.plan_inputs import Size, describe, example_inputs
 
 from blockrt.budget import format_bytes, parse_budget
 from blockrt.device import get_profile
-from blockrt.partitioners import partition
-from blockrt.planning import block_flops, flop_timings, plan_sweep
 from blockrt.hub import checkpoint_file, resolve_model_dir
+from blockrt.planning import block_flops, flop_timings, plan_sweep
 from blockrt.pretrained import build_skeleton
-from blockrt.pipelines.plan_inputs import Size, describe, example_inputs
 from blockrt.sources import CheckpointSource
 
 

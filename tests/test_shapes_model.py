@@ -85,3 +85,22 @@ def test_the_resident_generator_equals_the_pipeline():
     ref = OpenSoraPipeline(WEIGHTS_DIR, stream=False).generate(cfg)
     assert torch.equal(ours.video, ref.video) and ours.steps_run == ref.steps_run == 4 and ours.leapt_at == 3
     assert np.array_equal(ours.frames, to_uint8_frames(ref.video))
+
+
+def test_round_trip_attributes_reads_what_a_vae_keeps():
+    """A lossless round trip keeps every attribute; a blur that rounds corners off (as the first shipped VAE
+    did) keeps colour and direction and loses the squares' and triangles' shape."""
+    from blockrt.pipelines.shapes.dataset import make_batch
+    from blockrt.pipelines.shapes.train_vae import round_trip_attributes
+
+    frames, specs = make_batch(5, 0, 12)
+    assert round_trip_attributes(frames, frames.copy(), specs) == {"shape": 1.0, "colour": 1.0, "direction": 1.0}
+    x = torch.from_numpy(frames).float().permute(0, 1, 4, 2, 3).flatten(0, 1)  # (n*T, 3, H, W)
+    blurred = torch.nn.functional.avg_pool2d(x, 9, 1, 4, count_include_pad=False)
+    blurred = blurred.unflatten(0, frames.shape[:2]).permute(0, 1, 3, 4, 2).round().to(torch.uint8).numpy()
+    kept = round_trip_attributes(frames, blurred, specs)
+    assert kept["colour"] == 1.0 and kept["direction"] == 1.0
+    circles = sum(s.shape == "circle" for s in specs) / len(specs)
+    assert kept["shape"] < 0.5 and kept["shape"] >= circles  # 9-pixel blur: every shape reads as a circle or worse
+    with pytest.raises(ValueError, match="as many originals"):
+        round_trip_attributes(frames, frames[:3], specs)

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from blockrt.pipelines.shapes import layout
-from blockrt.pipelines.shapes.dataset import FPS, SIZE, all_captions
-from blockrt.pipelines.shapes.train_vae import encode_spatial, finish_vae, reconstruction_psnr, train_spatial, train_temporal
+from blockrt.pipelines.shapes.dataset import FPS, SIZE, all_captions, make_batch
+from blockrt.pipelines.shapes.train_vae import (encode_spatial, finish_vae, reconstruction_psnr, round_trip_attributes,
+                                                train_spatial, train_temporal)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ GRAD_CLIP = 1.0
 UNIFORM_FRACTION = 0.5  # share of timesteps drawn uniformly instead of logit-normal + transform
 LOG_EVERY = 50
 FOCUS_LR = 5e-4  # spatial VAE phase 2
+ROUND_TRIP_CLIPS = 48  # held-out clips through the trained VAE: PSNR and what the judge reads back
 FOCUS_REL = 2.0  # shape_cells: deviation over this many times the clip's median deviation
 
 
@@ -310,9 +312,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save_file({"latents": latents.contiguous()}, lat_cache)
     vae.eval().requires_grad_(False)
     layout.write_vae(out, vae)
-    psnr, _, _ = reconstruction_psnr(vae, args.seed + 1, 0, 16)  # held-out clips (another seed)
+    psnr, originals, rebuilt = reconstruction_psnr(vae, args.seed + 1, 0, ROUND_TRIP_CLIPS)  # held out (another seed)
     record["vae_reconstruction_psnr_db"] = psnr
-    log.info("VAE written; round-trip PSNR on 16 held-out clips: %.2f dB", psnr)
+    kept = round_trip_attributes(originals, rebuilt, make_batch(args.seed + 1, 0, ROUND_TRIP_CLIPS)[1])
+    record["vae_round_trip_kept"], record["vae_round_trip_clips"] = kept, ROUND_TRIP_CLIPS
+    log.info("VAE written; on %d held-out clips: round-trip PSNR %.2f dB, the judge reads back shape %.0f%%, "
+             "colour %.0f%%, direction %.0f%%", ROUND_TRIP_CLIPS, psnr, 100 * kept["shape"], 100 * kept["colour"],
+             100 * kept["direction"])
     write_record()
 
     cap_idx = _caption_index(args.seed, args.clips)
@@ -352,7 +358,11 @@ def _record_lines(r: dict[str, Any], name: str) -> list[str]:
         secs = r.get("stdit3_s") if stage == "stdit3_loss" else r["times"].get(stage_time.get(stage, ""))
         when = "-" if secs is None else f"{secs / 60:.1f} min"
         lines.append(f"| {stage} | {s1} | {when} | {v0:.4f} (step {s0}) -> {v1:.4f} |")
-    lines += ["", f"VAE round-trip PSNR on 16 held-out clips: {r.get('vae_reconstruction_psnr_db', float('nan')):.2f} dB. "
+    kept = r.get("vae_round_trip_kept")
+    read_back = "" if kept is None else (
+        f" The judge reads back shape {kept['shape']:.0%}, colour {kept['colour']:.0%}, direction {kept['direction']:.0%}.")
+    lines += ["", f"VAE round-trip PSNR on {r.get('vae_round_trip_clips', 16)} held-out clips: "
+              f"{r.get('vae_reconstruction_psnr_db', float('nan')):.2f} dB.{read_back} "
               f"STDiT3 (EMA, decay {r['objective']['ema_decay']}) saved at step {r.get('stdit3_steps_saved')}."
               + (f" Started from `{r['init_stdit3']['file']}` (sha256 {r['init_stdit3']['sha256'][:16]}...)."
                  if r.get("init_stdit3") else ""), ""]

@@ -75,12 +75,13 @@ def from_pretrained(name_or_path: str | os.PathLike, budget: int | str | DeviceP
     directory = resolve_model_dir(name_or_path, subfolder=subfolder, revision=revision, cache_dir=hf_cache_dir)
     model = build_skeleton(directory, model_class, dtype)
     weights = checkpoint_file(directory, variant)
+    stored = CheckpointSource(weights).segments  # the checkpoint's headers: its keys and dtypes
     config = config or RunConfig()
-    if dtype is not None and config.storage_dtype is None and _narrower(model, CheckpointSource(weights)):
+    if dtype is not None and config.storage_dtype is None and _narrower(model, stored):
         config = replace(config, storage_dtype=str(_dtype(dtype)).removeprefix("torch."))  # converted once, cached
     base = getattr(model, "base_model_prefix", "")
     if base and not config.weights_prefix and not hasattr(model, base) and \
-            any(k.startswith(base + ".") for k in CheckpointSource(weights).segments):
+            any(k.startswith(base + ".") for k in stored):
         config = replace(config, weights_prefix=base + ".")  # a base model out of a checkpoint with a head
     return run(model, budget, weights=weights, partitioner=partitioner, config=config)
 
@@ -92,11 +93,11 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     return found
 
 
-def _narrower(model: nn.Module, source: CheckpointSource) -> bool:
-    """Whether some floating tensor of ``model`` is narrower than the checkpoint holds it (it must be converted)."""
-    stored = {k: s.dtype for k, s in source.segments.items()}
-    return any(t.is_floating_point() and k in stored and stored[k] in FLOAT_DTYPES
-               and dtype_from_name(stored[k]).itemsize > t.element_size()
+def _narrower(model: nn.Module, stored: dict[str, Any]) -> bool:
+    """Whether some floating tensor of ``model`` is narrower than the checkpoint (``stored``: key -> segment)
+    holds it, so it must be converted."""
+    return any(t.is_floating_point() and k in stored and stored[k].dtype in FLOAT_DTYPES
+               and dtype_from_name(stored[k].dtype).itemsize > t.element_size()
                for k, t in model.state_dict(keep_vars=True).items())
 
 

@@ -34,7 +34,7 @@ from .predict import Prediction, predict
 from .recording import Recording
 from .residency import Residency
 from .schedule import BlockTiming, RetentionDecision, choose_retained
-from .state import State
+from .state import LEAVES, State
 from .working_set import LiveBytes
 
 log = logging.getLogger(__name__)
@@ -270,15 +270,12 @@ class Retention:
         return measured_timings(self._profile, self._plan, self._layouts, p, self._read_bytes_per_s)
 
 
-_FLAT = (torch.Tensor, bool, int, float, str, type(None))
-
-
 def signature_of(args: tuple, kwargs: dict) -> tuple:
     """What makes two calls need the same memory: each tensor's shape, dtype and device, and the flags
     (bools, ints, strings, Nones) among the arguments. Floats are left out: a timestep passed as a float
     changes every call without changing what a pass allocates."""
     leaves = [*args, *kwargs.values()]  # the common call, flat: what tree_leaves gives, without its cost per pass
-    if not all(isinstance(x, _FLAT) for x in leaves):
+    if not all(isinstance(x, LEAVES) for x in leaves):
         leaves = tree_leaves((args, kwargs))
     return tuple((tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else
                  (type(x).__name__, x) if isinstance(x, (bool, int, str)) or x is None else type(x).__name__

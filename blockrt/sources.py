@@ -173,7 +173,7 @@ class CheckpointSource(WeightSource):
             if found is None:
                 missing.append(key)
             elif found.shape != spec.shape or not (_widens(found.dtype, spec.dtype) or key in converted and
-                                                    {found.dtype, spec.dtype} <= set(FLOAT_DTYPES)):
+                                                    found.dtype in FLOAT_DTYPES and spec.dtype in FLOAT_DTYPES):
                 wrong.append(f"{key}: expected {spec.dtype}{list(spec.shape)}, found {found.dtype}{list(found.shape)}")
             else:
                 resolved[key] = found

@@ -42,7 +42,7 @@ def measure_state(args: tuple, kwargs: dict) -> State:
     seen_obj: set[int] = set()
     total, largest, largest_bytes = 0, "", 0
     for name, value in [*enumerate(args), *kwargs.items()]:
-        if isinstance(value, _LEAVES):
+        if isinstance(value, LEAVES):
             continue  # an input or a flag, not state
         n = _walk(value, seen_storage, seen_obj)
         total += n
@@ -52,7 +52,7 @@ def measure_state(args: tuple, kwargs: dict) -> State:
     return State(total, largest, largest_bytes)
 
 
-_LEAVES = (torch.Tensor, type(None), bool, int, float, str)  # passed directly: inputs and flags
+LEAVES = (torch.Tensor, type(None), bool, int, float, str)  # an argument passed directly: an input or a flag
 _OPAQUE = (type(None), bool, int, float, str, bytes, type, nn.Module, torch.dtype, torch.device)  # never entered
 
 

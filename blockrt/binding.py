@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .errors import BlockrtError
+from .packed_compute import PackedWeight
 from .partitioners.plan import TensorSpec, dtype_from_name
 from .placeholder import Evicted
 
@@ -59,6 +61,12 @@ class Binder:
         try:
             torch.utils.swap_tensors(old, new)
         except RuntimeError:
+            if isinstance(new, PackedWeight):  # its class is its behaviour: moving the data alone cannot carry it
+                raise BlockrtError(
+                    f"binding the packed weight {key!r} needs the model's own tensor object (torch.utils.swap_tensors)"
+                    ", but something else holds it: typically the autograd graph of an output the model computed "
+                    "with gradients enabled; fix: compute such outputs under torch.no_grad() (or delete them) before "
+                    "blockrt.run, or packed_compute=False") from None
             # something else still holds the tensor (a view of a weight in a traceback's frame, say): move the
             # data alone. Across devices (meta) that is impossible: an empty tensor then fails any stray use.
             old.data = new if new.device == old.device else torch.empty(0, dtype=new.dtype, device=old.device)

@@ -16,6 +16,7 @@ DEFAULT_RESERVE_FRACTION = 0.03  # of the budget, kept out of retention for memo
 DEFAULT_RESERVE_CAP = 128 << 20  # the full-size run measured 58-71 MB of RSS outside the ledger at 3.3 GB
 DEFAULT_ROW_STREAM_MIN_BYTES = 16 << 20  # a table this large is read by rows (T5-large's is 131.6 MB)
 # as blockrt.quantize and blockrt.int4.INT4_STORAGE ("int4" = groups of 128)
+PACKED_DTYPES = ("float32", "bfloat16", "float16")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g256")
 
 
@@ -70,6 +71,17 @@ class RunConfig:
             skeletons and stay so either way.
         pin: module paths whose weights stay resident instead of streaming, whatever the partitioner decided
             (e.g. ``["transformer_blocks.0.norm1"]`` for a module a model calls while another block runs).
+        packed_compute: compute the ``nn.Linear`` layers of int4/int8-stored blocks with PyTorch's weight-only
+            int4/int8 CPU kernels on the stored bytes (``packed_compute.py``) instead of widening them: a block's
+            slot then holds those weights packed (int4: half a byte per weight plus its scales), the loader only
+            reads them, and the outputs are those of the packed kernels (not ``torch.equal`` to widening).
+            int4 weights are stored in the kernel's nibble order (stored dtype ``int4pack-<cpu>-g<G>``, its own
+            store); Linears the kernels cannot take (int4: out features not a multiple of 16; a weight another
+            module reads too) are widened as usual. Needs int4/int8 ``storage_dtype`` and ``device="cpu"``.
+        packed_dtype: the dtype the packed kernels compute in: None = each layer's own dtype; ``"bfloat16"``
+            (or ``"float16"``/``"float32"``) = activations cast to it and the result cast back. PyTorch 2.13 runs
+            float32 activations on the kernels' scalar path, which only breaks even with widening at one token;
+            bfloat16 ones on the vectorised path (``benchmarks/packed_matmul.py``).
 
     Example:
         >>> RunConfig(prefetch_depth=2, read_bytes_per_s=1.45e9)
@@ -94,6 +106,8 @@ class RunConfig:
     row_stream_min_bytes: int | None = DEFAULT_ROW_STREAM_MIN_BYTES
     restore: bool = True
     pin: tuple[str, ...] = ()
+    packed_compute: bool = False
+    packed_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
@@ -128,6 +142,7 @@ class RunConfig:
         if not isinstance(self.pin, (list, tuple)) or not all(isinstance(p, str) and p for p in self.pin):
             raise ValueError(f"pin must be a list of module paths such as ['encoder.block.0.layer.0']; got {self.pin!r}")
         object.__setattr__(self, "pin", tuple(self.pin))
+        self._check_packed()
         if self.store_path is not None and not isinstance(self.store_path, (str, os.PathLike)):
             raise ValueError(f"store_path must be a directory path or None; got {self.store_path!r}")
 
@@ -146,6 +161,27 @@ class RunConfig:
             object.__setattr__(self, "storage_dtype", dict(s))  # a private copy: the caller's later edits do nothing
             return
         raise ValueError(f"storage_dtype {s!r} is not accepted; {accepted}")
+
+    def _check_packed(self) -> None:
+        if not isinstance(self.packed_compute, bool):
+            raise ValueError(f"packed_compute must be True or False; got {self.packed_compute!r}")  # noqa: TRY004
+        if self.packed_dtype is not None and self.packed_dtype not in PACKED_DTYPES:
+            raise ValueError(f"packed_dtype: expected None (each layer's own dtype) or one of {PACKED_DTYPES}; "
+                             f"found {self.packed_dtype!r}")
+        if not self.packed_compute:
+            if self.packed_dtype is not None:
+                raise ValueError(f"packed_dtype={self.packed_dtype!r} without packed_compute: expected "
+                                 "packed_compute=True with it; fix: set packed_compute=True or drop packed_dtype")
+            return
+        s = self.storage_dtype
+        asked = set(s.values()) if isinstance(s, dict) else {s}
+        if not any(d == "int8" or (d or "").startswith("int4") for d in asked):
+            raise ValueError(f"packed_compute=True computes with int4/int8-stored weights: expected storage_dtype "
+                             f"'int8', 'int4' or 'int4-g<G>' (or a dict giving one to some blocks), found {s!r}; fix: "
+                             "set storage_dtype='int4' (or 'int8'), or packed_compute=False")
+        if self.device != "cpu":
+            raise ValueError(f"packed_compute=True runs PyTorch's CPU weight-only kernels: expected device 'cpu', "
+                             f"found {self.device!r}; fix: device='cpu' or packed_compute=False")
 
     def reserve_for(self, budget: int) -> int:
         """Bytes of ``budget`` that retention leaves free (``reserve_bytes``, or its default)."""

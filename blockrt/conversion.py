@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +77,16 @@ def _refresh(source: StoreSource, ident: list[list[Any]]) -> None:
 
 
 def converted_store(source: CheckpointSource, plan: Plan, storage: dict[str, str | None],
-                    store_path: str | os.PathLike | None, prefix: str = "", *, verify: bool = True) -> StoreSource:
+                    store_path: str | os.PathLike | None, prefix: str = "", *, verify: bool = True,
+                    packed: Collection[str] = ()) -> StoreSource:
     """The store holding ``source``'s blocks in the ``storage`` dtypes: reused when it exists for this
-    checkpoint's content, plan and storage, else converted once (block by block, atomically).
+    checkpoint's content, plan and storage, else converted once (block by block, atomically). ``packed``: keys the
+    packed kernels compute (``quantize.stored_dtype``).
 
     Default location: ``<checkpoint dir>/.blockrt/<key>-<fingerprint>`` (see the module docstring); a checkpoint
     directory that is not writable needs ``store_path``. ``verify``: check the pinned file's crc32 on opening.
     """
-    wanted = wanted_dtypes(source, plan, storage)
+    wanted = wanted_dtypes(source, plan, storage, packed)
     ident = identity(source)  # before any read: a change while converting makes the next open hash again
     origin = {"kind": "checkpoint", "path": str(source.path), "prefix": prefix, "identity": ident}
     keys = sorted(plan.all_specs())

@@ -14,6 +14,11 @@ multiple of G are refused by ``quantize_int4`` (``quantize.stored_dtype`` stores
 
 The loader widens in place (``widen``), a chunk of whole groups at a time through the float32 ``tmp`` buffer,
 whose tail (an eighth more) holds the chunk's nibbles as bytes; every op releases the GIL.
+
+``RunConfig(packed_compute=True)`` stores ``nn.Linear`` weights as ``int4pack-<layout>-g<G>`` (``kernel_name``):
+the same nibbles and scales, the nibbles in the order PyTorch's int4 CPU kernel reads them on this machine
+(``packed_kernels.int4_to_kernel``; ``<layout>`` names the CPU kernel, e.g. ``avx512``). They are never widened:
+the kernel multiplies them (``packed_compute.py``).
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ import re
 
 import torch
 
+from .packed_kernels import int4_layout
+
 INT4_GROUPS = (32, 64, 128, 256)
 INT4_DEFAULT_GROUP = 128
 INT4_STORAGE = ("int4",) + tuple(f"int4-g{g}" for g in INT4_GROUPS)  # the storage dtype names RunConfig accepts
 INT4_QMAX = 7
 _OFFSET = 8  # a nibble holds q + 8
 _NAME = re.compile(r"int4-g(\d+)")
+_KERNEL_NAME = re.compile(r"int4pack-([a-z0-9_]+)-g(\d+)")
 
 
 def group_of(name: str | None) -> int | None:
@@ -37,6 +45,23 @@ def group_of(name: str | None) -> int | None:
         return INT4_DEFAULT_GROUP
     m = _NAME.fullmatch(name or "")
     return int(m.group(1)) if m else None
+
+
+def kernel_name(group: int) -> str:
+    """The stored dtype name of int4 with groups of ``group`` in the int4 kernel's order on this machine."""
+    return f"int4pack-{int4_layout()}-g{group}"
+
+
+def kernel_of(name: str | None) -> tuple[str, int] | None:
+    """(layout, group) of a stored dtype name in the int4 kernel's order (``"int4pack-avx512-g128"``), or None."""
+    m = _KERNEL_NAME.fullmatch(name or "")
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def any_group_of(name: str | None) -> int | None:
+    """The group size of int4 stored in either nibble order (the scales and the byte count are the same)."""
+    k = kernel_of(name)
+    return k[1] if k else group_of(name)
 
 
 def stored_name(group: int) -> str:

@@ -145,7 +145,7 @@ def check_schema(path: Any, m: Any, version: int) -> None:
         if not _is_int(e.get("crc32")) or not 0 <= e["crc32"] < 2**32:
             bad(f"'{where}.crc32' (a crc32)", e.get("crc32"))
         stored = e.get("stored", {})
-        if not isinstance(stored, dict) or not all(isinstance(v, str) and (v in _DTYPE_NAMES or int4.group_of(v) is not None)
+        if not isinstance(stored, dict) or not all(isinstance(v, str) and (v in _DTYPE_NAMES or int4.any_group_of(v) is not None)
                                                     for v in stored.values()):
             bad(f"'{where}.stored' (tensor name -> dtype name)", stored)
         if version >= 3:
@@ -179,7 +179,7 @@ def expected_tensors(plan: Plan, manifest: dict) -> list[dict[str, tuple[str, li
         for t in b.tensors:
             d = stored.get(t.key, t.dtype)
             want[t.key] = (d, list(t.shape))
-            group = int4.group_of(d)
+            group = int4.any_group_of(d)  # either nibble order: the same bytes and scales
             if group is not None:
                 want[t.key] = ("uint8", int4.packed_shape(t.shape))
                 want[scale_key(t.key)] = (SCALE_DTYPE, int4.scale_shape(t.shape, group))

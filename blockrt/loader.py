@@ -7,10 +7,12 @@ On CPU the loader ``preadv``s each tensor's bytes straight into the slot (the th
 itself, and ``preadv`` releases the GIL). On CUDA it reads into one pinned host staging buffer and copies
 to the device slot on a side stream, waiting for the compute stream to release the slot first.
 
-Slots always hold the compute dtype. A tensor stored narrower (float16/bfloat16, or int8/int4 weight-only)
+Slots hold the compute dtype. A tensor stored narrower (float16/bfloat16, or int8/int4 weight-only)
 is read into the tail of its own slot region and widened in place (``quantize.convert_in_place``); int8/int4
 scales go to a small per-loader buffer. That buffer and the widening chunk buffer are the loader's
 ``Staging``, which the runtime holds in the ledger. Load events record the bytes read (as stored).
+A weight computed packed (``BlockLayout.packed``, ``packed_compute.py``) stays as stored in the slot: its bytes are
+only read, and its float32 scales go through the staging buffer into the slot in the kernel's form.
 """
 
 from __future__ import annotations
@@ -20,16 +22,21 @@ import queue
 import threading
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import LoadError
 from .guards import open_regular
-from .partitioners.plan import Block, TensorSpec
+from .partitioners.plan import Block, TensorSpec, dtype_from_name
 from .quantize import convert_in_place, has_scales, scale_elements, scale_key, tmp_elements
 from .safetensors_format import Segment
 from .sources import WeightSource, read_exactly
+
+if TYPE_CHECKING:
+    from .packed_compute import PackedSpec
 
 log = logging.getLogger(__name__)
 ALIGN = 64  # bytes; the CPU allocator's alignment, so slot views compute exactly like ordinary tensors
@@ -37,11 +44,13 @@ ALIGN = 64  # bytes; the CPU allocator's alignment, so slot views compute exactl
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Where each tensor of a block sits inside a slot: byte offsets aligned to ``ALIGN``."""
+    """Where each tensor of a block sits inside a slot: byte offsets aligned to ``ALIGN``. With ``packed`` (weight
+    key -> ``PackedSpec``) ``block.tensors`` holds each packed weight as its data and its scales."""
 
     block: Block
     offsets: tuple[int, ...]  # slot offset of each tensor in block.tensors
     nbytes: int  # slot bytes the block needs (including padding)
+    packed: Mapping[str, PackedSpec] = field(default_factory=dict)
 
     @classmethod
     def of(cls, block: Block) -> "BlockLayout":
@@ -54,17 +63,39 @@ class BlockLayout:
 
     def views(self, buf: torch.Tensor) -> list[tuple[TensorSpec, torch.Tensor]]:
         """Typed views of ``buf`` (a flat uint8 tensor) for every tensor of the block."""
-        from .partitioners.plan import dtype_from_name
-
         out = []
         for spec, off in zip(self.block.tensors, self.offsets):
             raw = buf[off : off + spec.nbytes]
             out.append((spec, raw.view(dtype_from_name(spec.dtype)).view(spec.shape)))
         return out
 
+    def bindings(self, buf: torch.Tensor) -> list[tuple[TensorSpec, torch.Tensor]]:
+        """What binds the block's weights to the model from ``buf``: its typed views, each packed weight's data
+        and scales as one ``PackedWeight`` of the weight's own spec."""
+        views = self.views(buf)
+        if not self.packed:
+            return views
+        by_key = {spec.key: v for spec, v in views}
+        scales = {p.scales.key for p in self.packed.values()}
+        out = []
+        for spec, v in views:
+            p = self.packed.get(spec.key)
+            if p is not None:
+                out.append((p.weight, p.bind(v, by_key[p.scales.key])))
+            elif spec.key not in scales:
+                out.append((spec, v))
+        return out
+
 
 def _aligned(n: int) -> int:
     return n + (-n % ALIGN)
+
+
+def _scale_keys(layout: BlockLayout) -> set[str]:
+    return {p.scales.key for p in layout.packed.values()}
+
+
+PACKED_SCALES = "packed scales"  # a _Widen that fills a packed weight's scales in the slot
 
 
 @dataclass(frozen=True)
@@ -87,8 +118,10 @@ class Staging:
         """What loading ``layouts`` needs when tensor ``key`` is stored as ``stored[key]`` (default: as computed)."""
         scale_bytes, tmp = 0, 0
         for lay in layouts:
-            block_scales = 0
+            block_scales = sum(_aligned(p.stored_scale_bytes) for p in lay.packed.values())
             for t in lay.block.tensors:
+                if t.key in lay.packed or t.key in _scale_keys(lay):
+                    continue  # packed: read as stored; its scales are counted above
                 dtype = stored.get(t.key, t.dtype)
                 if dtype == t.dtype:
                     continue
@@ -274,9 +307,16 @@ class Loader:
         reads: list[_Read] = []
         pending: list[tuple[TensorSpec, int, str, _Read, _Read | None]] = []
         scale_at = 0
+        packed_scales = _scale_keys(layout)
         for spec, off in zip(layout.block.tensors, layout.offsets):
             seg = self.source.segment(spec.key)
-            if seg.dtype == spec.dtype:
+            if spec.key in packed_scales:  # float32 as stored -> the staging buffer -> the kernel's form
+                scale = _Read(seg, scale_at, into_scales=True)
+                scale_at += _aligned(seg.nbytes)
+                reads.append(scale)
+                pending.append((spec, off, PACKED_SCALES, scale, None))
+                continue
+            if seg.dtype == spec.dtype or spec.key in layout.packed:  # packed data: read as stored
                 reads.append(_Read(seg, off))
                 continue
             data = _Read(seg, off + spec.nbytes - seg.nbytes)  # the tail of its region: widened front to back
@@ -286,14 +326,14 @@ class Loader:
                 scale_at += _aligned(scale.seg.nbytes)
             reads += [data] + ([scale] if scale else [])
             pending.append((spec, off, seg.dtype, data, scale))
-        if scale_at > self.staging.scale_bytes or any(tmp_elements(s, d) > self.staging.tmp_elements
+        if scale_at > self.staging.scale_bytes or any(d != PACKED_SCALES and tmp_elements(s, d) > self.staging.tmp_elements
                                                       for s, _, d, _, _ in pending):
             raise LoadError(f"block {layout.block.name!r} needs more loader staging than was reserved "
                             f"({self.staging}); the runtime computed it from other storage dtypes")
         reads.sort(key=lambda r: (r.seg.path, r.seg.offset))
         pos = {id(r): k for k, r in enumerate(reads)}
-        widen = sorted((_Widen(spec, off, dtype, scale.offset if scale else None,
-                               max(pos[id(data)], pos[id(scale)] if scale else -1))
+        widen = sorted((_Widen(spec, off, dtype, data.offset if dtype == PACKED_SCALES else
+                               scale.offset if scale else None, max(pos[id(data)], pos[id(scale)] if scale else -1))
                         for spec, off, dtype, data, scale in pending), key=lambda w: w.after)
         self._reads[req.block_index] = reads, widen
         return reads, widen
@@ -341,6 +381,14 @@ class Loader:
 
     def _widen(self, host: torch.Tensor, w: _Widen) -> None:
         region = host[w.offset : w.offset + w.spec.nbytes]
+        if w.stored == PACKED_SCALES:
+            from .packed_compute import fill_scales
+
+            n = w.spec.nbytes // dtype_from_name(w.spec.dtype).itemsize
+            n = n // 2 if len(w.spec.shape) == 3 else n  # int4: (K/G, N, 2) holds K/G x N scales
+            stored = self._scales[w.scale_offset : w.scale_offset + 4 * n].view(torch.float32)
+            fill_scales(stored, region.view(dtype_from_name(w.spec.dtype)).view(w.spec.shape))
+            return
         scale = None
         if w.scale_offset is not None:
             n = scale_elements(w.spec, w.stored)

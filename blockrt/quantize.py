@@ -6,16 +6,21 @@ a floating tensor with ``ndim >= 2`` and at least ``INT8_MIN_ELEMENTS`` elements
 ``q = round(w / scale)``, dequantised ``q * scale`` (error at most ``scale / 2``). Biases, norms, small and
 non-floating tensors stay as they are. ``int4`` (``int4-g<G>``): 4-bit with group-wise scales (``int4.py``);
 a tensor whose row length is not a multiple of G is stored as int8 instead. The loader widens in place
-(``convert_in_place``): no full-size temporary, and every op releases the GIL.
+(``convert_in_place``): no full-size temporary, and every op releases the GIL. With ``packed`` (the ``nn.Linear``
+weights of a run with ``RunConfig(packed_compute=True)``) int4 weights are stored in the int4 kernel's nibble
+order (``int4pack-<layout>-g<G>``, ``int4.kernel_name``), which is never widened; int8 is stored as ever.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import torch
 
 from .config import STORAGE_DTYPES
 from .errors import StoreError
 from . import int4
+from .packed_kernels import int4_layout, int4_supported, int4_to_kernel
 from .partitioners.plan import FLOAT_DTYPES, Plan, TensorSpec, dtype_from_name
 from .safetensors_format import Segment
 
@@ -34,9 +39,10 @@ def scale_key(key: str) -> str:
     return key + SCALE_SUFFIX
 
 
-def stored_dtype(spec: TensorSpec, storage: str | None) -> str:
-    """The dtype ``spec`` (in its compute dtype) is stored in when its block asks for ``storage``; a storage
-    dtype wider than the compute dtype raises ``ValueError`` (it would only cost bytes)."""
+def stored_dtype(spec: TensorSpec, storage: str | None, packed: bool = False) -> str:
+    """The dtype ``spec`` (in its compute dtype) is stored in when its block asks for ``storage``; ``packed``: it is
+    an ``nn.Linear`` weight computed by the packed kernels. A storage dtype wider than the compute dtype raises
+    ``ValueError`` (it would only cost bytes)."""
     if storage is None or spec.dtype not in FLOAT_DTYPES:
         return spec.dtype
     group = int4.group_of(storage)
@@ -46,6 +52,8 @@ def stored_dtype(spec: TensorSpec, storage: str | None) -> str:
             n *= s
         if len(spec.shape) < 2 or n < INT8_MIN_ELEMENTS:
             return spec.dtype
+        if packed and group is not None and int4.fits(spec.shape, group) and int4_supported(spec.shape):
+            return int4.kernel_name(group)
         return int4.stored_name(group) if group is not None and int4.fits(spec.shape, group) else "int8"
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"storage dtype {storage!r} is not one of {STORAGE_DTYPES}")
@@ -82,12 +90,12 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 def has_scales(stored: str) -> bool:
     """Whether a tensor stored as ``stored`` comes with ``key + ".scale"`` (int8 and int4)."""
-    return stored == "int8" or int4.group_of(stored) is not None
+    return stored == "int8" or int4.any_group_of(stored) is not None
 
 
 def scale_elements(spec: TensorSpec, stored: str) -> int:
     """float32 scales of ``spec`` stored as ``stored``: one per output channel (int8) or group (int4)."""
-    group = int4.group_of(stored)
+    group = int4.any_group_of(stored)
     if group is not None:
         return spec.shape[0] * int4.row_elements(spec.shape) // group
     return spec.shape[0] if stored == "int8" else 0
@@ -95,16 +103,18 @@ def scale_elements(spec: TensorSpec, stored: str) -> int:
 
 def stored_nbytes(spec: TensorSpec, stored: str) -> int:
     """Bytes of ``spec``'s data stored as ``stored`` (without its scales)."""
-    if int4.group_of(stored) is not None:
+    if int4.any_group_of(stored) is not None:
         return spec.nbytes // dtype_from_name(spec.dtype).itemsize // 2
     return spec.nbytes // dtype_from_name(spec.dtype).itemsize * dtype_from_name(stored).itemsize
 
 
 def to_storage(key: str, t: torch.Tensor, stored: str) -> dict[str, torch.Tensor]:
     """The tensors a file holds for ``key`` stored as ``stored``: itself (cast), or int8/int4 plus its scales."""
-    group = int4.group_of(stored)
+    group = int4.any_group_of(stored)
     if group is not None:
         packed, scale = int4.quantize_int4(t, group)
+        if int4.kernel_of(stored) is not None:
+            packed = int4_to_kernel(packed)  # the same nibbles in the kernel's order
         return {key: packed, scale_key(key): scale}
     if stored == "int8" and t.dtype != torch.int8:
         q, scale = quantize_int8(t)
@@ -182,14 +192,16 @@ def tmp_elements(spec: TensorSpec, stored: str) -> int:
     return int4.tmp_elements(step) if int4.group_of(stored) is not None else step
 
 
-def stored_dtypes(plan: Plan, storage: dict[str, str | None]) -> dict[str, str]:
-    """Every streamed tensor's stored dtype for ``storage`` (block name -> storage dtype or None)."""
-    return {t.key: stored_dtype(t, storage.get(b.name)) for b in plan.blocks for t in b.tensors}
+def stored_dtypes(plan: Plan, storage: dict[str, str | None], packed: Collection[str] = ()) -> dict[str, str]:
+    """Every streamed tensor's stored dtype for ``storage`` (block name -> storage dtype or None); ``packed``: the
+    keys of the weights the packed kernels compute (``packed_compute.packed_keys``)."""
+    return {t.key: stored_dtype(t, storage.get(b.name), t.key in packed) for b in plan.blocks for t in b.tensors}
 
 
 def check_stored(plan: Plan, segments: dict[str, Segment], where: str) -> None:
     """Check each streamed tensor's stored form can be widened into its compute dtype by the loader: the
-    same dtype, a narrower float, int8 with float32 ``(out,)`` scales, or int4 with ``(out, K/G)`` ones. Raises StoreError naming all problems."""
+    same dtype, a narrower float, int8 with float32 ``(out,)`` scales, or int4 with ``(out, K/G)`` ones (in the
+    int4 kernel's order: this machine's kernel). Raises StoreError naming all problems."""
     bad = []
     for b in plan.blocks:
         for spec in b.tensors:
@@ -200,10 +212,18 @@ def check_stored(plan: Plan, segments: dict[str, Segment], where: str) -> None:
             elif seg.dtype == spec.dtype or spec.dtype not in FLOAT_DTYPES:
                 if seg.dtype != spec.dtype:
                     bad.append(f"{spec.key}: {seg.dtype}, expected {spec.dtype}")
-            elif int4.group_of(seg.dtype) is not None:
-                group = int4.group_of(seg.dtype)
+            elif int4.any_group_of(seg.dtype) is not None:
+                group = int4.any_group_of(seg.dtype)
                 want = int4.scale_shape(spec.shape, group)
-                if not int4.fits(spec.shape, group):
+                kernel = int4.kernel_of(seg.dtype)
+                if kernel is not None and kernel[0] != int4_layout():
+                    bad.append(f"{spec.key}: stored as {seg.dtype}, the nibble order of PyTorch's {kernel[0]} int4 "
+                               f"kernel, but this machine runs its {int4_layout()} kernel (expected "
+                               f"{int4.kernel_name(group)})")
+                elif kernel is not None and not int4_supported(spec.shape):
+                    bad.append(f"{spec.key}: stored as {seg.dtype}, but the int4 kernel cannot take its shape "
+                               f"{list(spec.shape)}")
+                elif not int4.fits(spec.shape, group):
                     bad.append(f"{spec.key}: stored as {seg.dtype}, but its shape {list(spec.shape)} has rows that "
                                f"are not a multiple of {group}")
                 elif scale is None or scale.dtype != SCALE_DTYPE or list(scale.shape) != want:

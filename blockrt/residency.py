@@ -41,7 +41,7 @@ class Residency:
         ledger.reserve("slots", staging_bytes, "the loader's staging buffer (scales, widening)")
         self.slot_of: dict[int, Slot] = {}  # streamed block -> the slot it is in (loading, loaded or active)
         self.retained: dict[int, Slot] = {}  # retained block -> its own buffer
-        self._nbytes = [b.nbytes for b in plan.blocks]  # Block.nbytes sums its specs on every read
+        self._nbytes = [lay.block.nbytes for lay in layouts]  # as held in a slot; Block.nbytes sums on every read
         self.bound: set[int] = set()  # retained blocks whose weights stay bound to the model between passes
         self.verified: set[int] = set()
         self.active: int | None = None
@@ -87,7 +87,7 @@ class Residency:
         elif i in self.retained and req.pass_idx < self.tag:
             self.profile.record_reuse(name, self.tag, self._nbytes[i])
         self.verified.add(i)
-        self.binder.materialize(self.layouts[i].views(slot.buf))
+        self.binder.materialize(self.layouts[i].bindings(slot.buf))
         self.active = i
         self._compute_start = self.profile.now()
         self.prefetch(i)

@@ -27,10 +27,11 @@ from .embedding_rows import EmbeddingRows, row_streamed_tables
 from .errors import BlockrtError, PartitionError, RestoreError
 from .entry_points import BlockHooks
 from .ledger import Ledger
-from .loader import BlockLayout, Loader, Staging
+from .loader import Loader, Staging
 from .malloc import trim_malloc
 from .memory import RssSampler, start_rss
 from .page_cache import drop_page_cache
+from .packed_compute import check_packed_bound, layout_of, packed_keys
 from .partitioners import partition
 from .partitioners.plan import Plan
 from .predict import Prediction
@@ -122,9 +123,11 @@ class Runtime:
                                     pin=config.pin)
         if not self.plan.blocks:
             raise PartitionError(f"the plan for {type(model).__name__} has no blocks to stream")
-        layouts = [BlockLayout.of(b) for b in self.plan.blocks]
-        self._block_bytes = self.plan.block_bytes  # what a pass served by every block reuses
         storage = {b.name: config.storage_for(b.name) for b in self.plan.blocks}
+        packed = packed_keys(model, self.plan) if config.packed_compute else frozenset()
+        stored = stored_dtypes(self.plan, storage, packed)
+        layouts = [layout_of(b, stored, packed, config.packed_dtype) for b in self.plan.blocks]
+        self._block_bytes = sum(lay.block.nbytes for lay in layouts)  # what a pass served by every block reuses
         self._rows = row_streamed_tables(model, self.plan, config.row_stream_min_bytes)  # tables read by rows
         n_slots = min(config.prefetch_depth + 1, len(self.plan.blocks))
         big = max(layouts, key=lambda lay: lay.nbytes)
@@ -133,9 +136,10 @@ class Runtime:
         def floor_for(staging: Staging) -> Floor:
             return Floor(pinned_bytes, big.nbytes, n_slots, staging.nbytes, 0, big.block.name, config.prefetch_depth)
 
-        floor_for(Staging.of(layouts, stored_dtypes(self.plan, storage))).check(budget)  # before any spilling
-        source, self._tmpdir = open_weights(model, self.plan, config, storage, weights, store)
+        floor_for(Staging.of(layouts, stored)).check(budget)  # before any spilling
+        source, self._tmpdir = open_weights(model, self.plan, config, storage, weights, store, packed)
         self._source = source
+        check_packed_bound(layouts, source.segments, source.description)
         staging = Staging.of(layouts, {k: source.segment(k).dtype for b in self.plan.blocks for k in b.keys})
         floor = floor_for(staging)
         floor.check(budget)  # a checkpoint stored narrower than computed needs staging too

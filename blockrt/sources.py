@@ -45,6 +45,10 @@ class WeightSource:
         Returned in its stored dtype, or in ``dtype`` if given (an int8 tensor stored with ``key.scale`` is
         dequantised, see ``quantize.py``)."""
         seg = self.segments[key]
+        if dtype is not None and seg.dtype.startswith("int4pack"):
+            raise StoreError(f"{key!r} is stored as {seg.dtype}, in the nibble order of PyTorch's int4 kernel, which "
+                             "only a runtime with RunConfig(packed_compute=True) computes with; fix: read it from the "
+                             "checkpoint, or from a store written without packed_compute")
         if seg.dtype.startswith("int4"):  # packed: the bytes as uint8 (out, K/2)
             out = torch.empty(seg.shape[0], seg.nbytes // max(1, seg.shape[0]), dtype=torch.uint8)
         else:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .binding import Binder
 from .config import RunConfig
+from .packed_compute import packed_keys
 from .partitioners import partition
 from .partitioners.plan import Plan
 from .quantize import stored_dtypes
@@ -85,7 +86,8 @@ class Stage:
         storage = {b.name: self.config.storage_for(b.name) for b in self.plan.blocks}
         binder = Binder(self.module)
         tensors = {k: binder.tensor(k).detach() for k in self.plan.all_specs()}
-        source = open_or_write(self.store, self.plan, tensors, stored_dtypes(self.plan, storage), storage,
+        packed = packed_keys(self.module, self.plan) if self.config.packed_compute else frozenset()
+        source = open_or_write(self.store, self.plan, tensors, stored_dtypes(self.plan, storage, packed), storage,
                                verify=self.config.verify != "never")
         del tensors
         self._originals = keep_originals(self.module, self.plan, {}, source, str(self.store.parent))

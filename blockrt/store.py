@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import replace
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ class StoreSource(WeightSource):
         specs = plan.all_specs()
         for entry in files["blocks"]:  # int4: the packed uint8 bytes stand for the tensor's own shape
             for key, d in entry.get("stored", {}).items():
-                if int4.group_of(d) is not None and key in segments:
+                if int4.any_group_of(d) is not None and key in segments:
                     segments[key] = replace(segments[key], dtype=d, shape=tuple(specs[key].shape))
         super().__init__(segments)
 
@@ -318,27 +318,30 @@ def write_store(root: str | os.PathLike, plan: Plan, tensors: Mapping[str, torch
     return StoreSource(dest, manifest, verify=False)
 
 
-def wanted_dtypes(source: WeightSource, plan: Plan, storage: dict[str, str | None]) -> dict[str, str]:
+def wanted_dtypes(source: WeightSource, plan: Plan, storage: dict[str, str | None],
+                  packed: Collection[str] = ()) -> dict[str, str]:
     """Each streamed tensor's stored dtype for ``storage`` (block name -> storage dtype); a block asked for
-    None keeps the dtypes ``source`` holds it in."""
+    None keeps the dtypes ``source`` holds it in. ``packed``: keys the packed kernels compute (``stored_dtype``)."""
     out = {}
     for b in plan.blocks:
         asked = storage.get(b.name)
         for t in b.tensors:
-            out[t.key] = source.segment(t.key).dtype if asked is None else stored_dtype(t, asked)
+            out[t.key] = source.segment(t.key).dtype if asked is None else stored_dtype(t, asked, t.key in packed)
     return out
 
 
-def needs_conversion(source: WeightSource, plan: Plan, storage: dict[str, str | None]) -> bool:
+def needs_conversion(source: WeightSource, plan: Plan, storage: dict[str, str | None],
+                     packed: Collection[str] = ()) -> bool:
     """Whether ``source`` holds some block tensor in another dtype than ``storage`` asks for."""
-    wanted = wanted_dtypes(source, plan, storage)
+    wanted = wanted_dtypes(source, plan, storage, packed)
     return any(source.segment(k).dtype != d for k, d in wanted.items())
 
 
-def require_storage(source: WeightSource, plan: Plan, storage: dict[str, str | None]) -> None:
+def require_storage(source: WeightSource, plan: Plan, storage: dict[str, str | None],
+                    packed: Collection[str] = ()) -> None:
     """Refuse a store that holds some block in another dtype than ``storage`` asks for (a store is never
     converted into another one: convert the checkpoint again, with ``convert_store``)."""
     held = {k: source.segment(k).dtype for b in plan.blocks for k in b.keys}
-    problem = _mismatch(source.description, plan, held, wanted_dtypes(source, plan, storage))
+    problem = _mismatch(source.description, plan, held, wanted_dtypes(source, plan, storage, packed))
     if problem:
         raise StoreError(problem)

@@ -4,6 +4,7 @@ binding the pinned part, which stays resident, once at set-up."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,10 @@ from .store import needs_conversion, open_or_write, open_store, require_storage
 
 
 def open_weights(model: nn.Module, plan: Plan, config: RunConfig, storage: Any, weights: str | Path | None,
-                 store: str | Path | None) -> tuple[WeightSource, str | None]:
+                 store: str | Path | None, packed: Collection[str] = ()) -> tuple[WeightSource, str | None]:
     """The source of ``plan``'s tensors, and the temporary directory it lives in (None unless the in-memory
     model was spilled without a ``store`` path; the caller removes it at close). ``storage`` is the per-block
-    storage dtypes asked for."""
+    storage dtypes asked for; ``packed`` the keys the packed kernels compute (``packed_compute.packed_keys``)."""
     verify = config.verify != "never"  # the pinned file's crc32 on opening a store (blocks': as they load)
     if weights is not None:
         weights = resolve_weights(weights)  # a repo id: its checkpoint in the local Hugging Face cache
@@ -34,14 +35,15 @@ def open_weights(model: nn.Module, plan: Plan, config: RunConfig, storage: Any, 
             raise ValueError("pass either weights= (stream from a checkpoint) or store= (spill the model), not both")
         if (Path(weights) / "manifest.json").exists():
             found = open_store(weights, plan, fingerprint=None, verify=verify)
-            require_storage(found, plan, storage)
+            require_storage(found, plan, storage, packed)
             return found, None
         source = CheckpointSource(weights)
         converted = {k for b in plan.blocks if storage.get(b.name) for k in b.keys}  # rewritten in a storage dtype
         converted |= {s.key for s in plan.pinned} if converted else set()  # a converted store's pinned: as computed
         source.resolve(plan, strict=config.strict_keys, prefix=config.weights_prefix, converted=converted)
-        if needs_conversion(source, plan, storage):  # once, then cached (RunConfig.store_path)
-            return converted_store(source, plan, storage, config.store_path, config.weights_prefix, verify=verify), None
+        if needs_conversion(source, plan, storage, packed):  # once, then cached (RunConfig.store_path)
+            return converted_store(source, plan, storage, config.store_path, config.weights_prefix, verify=verify,
+                                   packed=packed), None
         return source, None
     binder = Binder(model)
     tensors = {k: binder.tensor(k) for k in plan.all_specs()}
@@ -57,7 +59,7 @@ def open_weights(model: nn.Module, plan: Plan, config: RunConfig, storage: Any, 
         tmpdir = tempdirs.create()
         store = Path(tmpdir) / "store"
     try:
-        stored = stored_dtypes(plan, storage)
+        stored = stored_dtypes(plan, storage, packed)
         return open_or_write(store, plan, tensors, stored, storage, verify=verify), tmpdir
     except BaseException:
         if tmpdir is not None:

@@ -17,7 +17,9 @@ read per step (per forward; per token = / batch), the read bandwidth achieved (b
 **physical limit** (tokens/s if reading those bytes at the bandwidth of a plain sequential read of the same
 files, measured in the same process after the run, were the only cost), peak RSS above the baseline
 (anonymous / file-backed beside it), and parity: the tokens equal to the resident model's, and the first
-row's logits ``torch.equal`` (``=``), or their max abs difference.
+row's logits ``torch.equal`` (``=``), or their max abs difference. The packed contenders (``blockrt_int4_packed``,
+``blockrt_int8_packed``) also give the fraction of their new tokens equal to their widened contender's
+(``blockrt_int4``/``blockrt_int8``, same regime, budget and batch; ``agree`` in the table).
 
     .venv/bin/python benchmarks/decode.py --small                       # the small grid (~15 min on 2 busy cores)
     .venv/bin/python benchmarks/decode.py --size tiny --batches 1 --budgets 50 --regimes warm   # the smoke run
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from decode_worker import CONTENDERS, DEFAULT_CONTENDERS, NO_BUDGET
+from decode_worker import CONTENDERS, DEFAULT_CONTENDERS, NO_BUDGET, PACKED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +60,7 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131
               "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
 FIELDS = ("regime", "budget_share", "batch", "contender", "tokens_per_s", "bytes_per_step", "bytes_per_token",
           "read_gbps", "plain_read_gbps", "limit_tokens_per_s", "of_limit", "peak_rss", "peak_anon", "peak_file", "peak_gpu",
-          "tokens_equal", "logits_equal", "logits_max_abs", "error")
+          "tokens_equal", "logits_equal", "logits_max_abs", "agree_widened", "error")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -199,8 +201,20 @@ def rows_of(results: dict[str, dict[str, Any]], args: argparse.Namespace, regime
                     row["tokens_equal"] = torch.equal(got["sequences"], want["sequences"])
                     row["logits_equal"] = torch.equal(got["logits"], want["logits"])
                     row["logits_max_abs"] = float((got["logits"] - want["logits"]).abs().max())
+                if name in PACKED and got is not None:
+                    row["agree_widened"] = agreement(got, results.get(PACKED[name]), batch, args.prompt_tokens)
             out.append(row)
     return out
+
+
+def agreement(got: dict[str, Any], widened: dict[str, Any] | None, batch: int, prompt_tokens: int) -> float | None:
+    """The fraction of the new tokens in ``got`` equal to the widened contender's at ``batch`` (None: not run)."""
+    b = (widened or {}).get("batches", {}).get(str(batch), {})
+    other = _load(b.get("output"))
+    if other is None:
+        return None
+    new, ref = got["sequences"][:, prompt_tokens:], other["sequences"][:, prompt_tokens:]  # (batch, new)
+    return float((new == ref).float().mean())
 
 
 def _fmt(x: Any, spec: str, none: str = "-") -> str:
@@ -227,6 +241,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['read_gbps']:9.2f} {_fmt(r['plain_read_gbps'], '10.2f')} {_fmt(r['limit_tokens_per_s'], '11.1f')} "
             f"{_fmt(r['of_limit'], '8.2f')} {r['peak_rss'] / 1e6:7.0f} {r['peak_anon'] / 1e6:7.0f} "
             f"{r['peak_file'] / 1e6:7.0f} {parity}"
+            + (f" agree {r['agree_widened']:.3f}" if r.get("agree_widened") is not None else "")
             + (f" GPU peak {r['peak_gpu'] / 1e9:.2f} GB" if r.get("peak_gpu") is not None else ""))
     return "\n".join(lines)
 

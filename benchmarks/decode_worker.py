@@ -18,6 +18,10 @@ wall, bytes its hooks read per step, peak RSS above the baseline (anonymous and 
     blockrt_sequential        blockrt, prefetch 0, retention off (the paper's sequential baseline)
     blockrt                   blockrt, prefetch 1, retention under the budget
     blockrt_int8, blockrt_int4   the same, blocks stored int8 / int4 (groups of 128), converted once
+    blockrt_int8_packed, blockrt_int4_packed   the same stores (int4 in the kernel's nibble order), the Linears
+                              computed packed by PyTorch's weight-only kernels (``RunConfig(packed_compute=True)``)
+                              on bfloat16 activations (``PACKED_DTYPE``: the kernels' float32 path is scalar,
+                              ``benchmarks/packed_matmul.py``), never widened
 
 A failure is a result (``error``), not a crash.
 """
@@ -37,11 +41,14 @@ from typing import Any
 from peers_worker import Contender, _files_under, _on_disk, _unique_param_bytes, read_files
 
 CONTENDERS = ("resident", "accelerate_disk_offload", "accelerate_device_map", "accelerate_cpu_offload",
-              "diffusers_group_offload", "airllm", "blockrt_sequential", "blockrt", "blockrt_int8", "blockrt_int4")
+              "diffusers_group_offload", "airllm", "blockrt_sequential", "blockrt", "blockrt_int8", "blockrt_int4",
+              "blockrt_int8_packed", "blockrt_int4_packed")
 DEFAULT_CONTENDERS = tuple(c for c in CONTENDERS if c != "accelerate_cpu_offload")  # on CPU it is the resident model
 # run once per regime (no budget to give them)
 NO_BUDGET = ("resident", "accelerate_disk_offload", "accelerate_cpu_offload", "diffusers_group_offload", "airllm")
-STORAGE = {"blockrt_int8": "int8", "blockrt_int4": "int4"}
+STORAGE = {"blockrt_int8": "int8", "blockrt_int4": "int4", "blockrt_int8_packed": "int8", "blockrt_int4_packed": "int4"}
+PACKED = {"blockrt_int8_packed": "blockrt_int8", "blockrt_int4_packed": "blockrt_int4"}  # -> its widened contender
+PACKED_DTYPE = "bfloat16"
 SEED = 0
 
 
@@ -118,9 +125,12 @@ def setup(job: dict[str, Any]) -> Contender:
         with blockrt.meta_weights():
             skeleton = LlamaForCausalLM(LlamaConfig.from_pretrained(ckpt)).eval()
         seq = name == "blockrt_sequential"
+        packed = name in PACKED
+        store = STORAGE[name] + ("-packed" if packed else "") if name in STORAGE else None  # int4: another layout
         cfg = RunConfig(prefetch_depth=0 if seq else 1, retention=not seq, storage_dtype=STORAGE.get(name),
-                        store_path=str(Path(job["store_root"]) / STORAGE[name]) if name in STORAGE else None,
-                        rss_interval_s=None, device=job["device"])
+                        store_path=str(Path(job["store_root"]) / store) if store else None,
+                        rss_interval_s=None, device=job["device"], packed_compute=packed,
+                        packed_dtype=PACKED_DTYPE if packed else None)
         rt = blockrt.run(skeleton, budget=budget, weights=ckpt, config=cfg)
         stored = sum(rt._source.segment(k).nbytes for b in rt.plan.blocks for k in b.keys)
         return Contender(skeleton, [Path(f) for f in rt.weight_files], stored, device=job["device"], runtime=rt,

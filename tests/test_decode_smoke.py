@@ -1,6 +1,7 @@
 """Smoke test of ``benchmarks/decode.py``: the smallest config (a 2-layer Llama, batch 1, 4 new tokens), contenders
-in this process; blockrt's tokens and logits equal the resident model's, int4's rows are measured and reported.
-Timings are measured, never asserted."""
+in this process; blockrt's tokens and logits equal the resident model's, int4's rows (widened and packed) are
+measured and reported, the packed row's agreement with the widened one's tokens too. Timings are measured, never
+asserted."""
 
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ def test_decode_smallest_config_runs_and_matches_resident(tmp_path, decode_modul
     out = tmp_path / "out"
     rc = decode_module.main(["--size", "tiny", "--batches", "1", "--budgets", "100", "--regimes", "warm",
                              "--new-tokens", "4", "--threads", "1", "--in-process",
-                             "--contenders", "resident,blockrt_sequential,blockrt,blockrt_int4",
+                             "--contenders", "resident,blockrt_sequential,blockrt,blockrt_int4,blockrt_int4_packed",
                              "--cache", str(tmp_path / "weights"), "--out", str(out)])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     rows = {r["contender"]: r for r in results["rows"]}
-    assert set(rows) == {"resident", "blockrt_sequential", "blockrt", "blockrt_int4"}
+    assert set(rows) == {"resident", "blockrt_sequential", "blockrt", "blockrt_int4", "blockrt_int4_packed"}
     for name, r in rows.items():
         assert r["error"] is None, f"{name}: {r['error']}"
         assert r["tokens_per_s"] > 0 and r["peak_rss"] is not None
@@ -46,4 +47,8 @@ def test_decode_smallest_config_runs_and_matches_resident(tmp_path, decode_modul
     int4 = rows["blockrt_int4"]
     assert int4["bytes_per_step"] < rows["blockrt_sequential"]["bytes_per_step"] / 4  # a quarter or less is read
     assert math.isfinite(int4["logits_max_abs"])  # lossy: reported, not required equal
+    packed = rows["blockrt_int4_packed"]
+    assert packed["bytes_per_step"] <= int4["bytes_per_step"]  # the same bytes stored, in the kernel's order
+    assert math.isfinite(packed["logits_max_abs"]) and 0.0 <= packed["agree_widened"] <= 1.0
+    assert int4.get("agree_widened") is None and "agree" in (out / "decode.md").read_text()
     assert (out / "results.csv").is_file() and "blockrt_int4" in (out / "decode.md").read_text()

@@ -24,19 +24,17 @@ import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from .errors import LoadError
 from .guards import open_regular
+from .packed_kernels import fill_scales
 from .partitioners.plan import Block, TensorSpec, dtype_from_name
 from .quantize import convert_in_place, has_scales, scale_elements, scale_key, tmp_elements
 from .safetensors_format import Segment
 from .sources import WeightSource, read_exactly
-
-if TYPE_CHECKING:
-    from .packed_compute import PackedSpec
 
 log = logging.getLogger(__name__)
 ALIGN = 64  # bytes; the CPU allocator's alignment, so slot views compute exactly like ordinary tensors
@@ -45,12 +43,13 @@ ALIGN = 64  # bytes; the CPU allocator's alignment, so slot views compute exactl
 @dataclass(frozen=True)
 class BlockLayout:
     """Where each tensor of a block sits inside a slot: byte offsets aligned to ``ALIGN``. With ``packed`` (weight
-    key -> ``PackedSpec``) ``block.tensors`` holds each packed weight as its data and its scales."""
+    key -> ``packed_compute.PackedSpec``) ``block.tensors`` holds each packed weight as its data and its scales
+    (``packed_compute.bindings`` binds them)."""
 
     block: Block
     offsets: tuple[int, ...]  # slot offset of each tensor in block.tensors
     nbytes: int  # slot bytes the block needs (including padding)
-    packed: Mapping[str, PackedSpec] = field(default_factory=dict)
+    packed: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, block: Block) -> "BlockLayout":
@@ -69,29 +68,14 @@ class BlockLayout:
             out.append((spec, raw.view(dtype_from_name(spec.dtype)).view(spec.shape)))
         return out
 
-    def bindings(self, buf: torch.Tensor) -> list[tuple[TensorSpec, torch.Tensor]]:
-        """What binds the block's weights to the model from ``buf``: its typed views, each packed weight's data
-        and scales as one ``PackedWeight`` of the weight's own spec."""
-        views = self.views(buf)
-        if not self.packed:
-            return views
-        by_key = {spec.key: v for spec, v in views}
-        scales = {p.scales.key for p in self.packed.values()}
-        out = []
-        for spec, v in views:
-            p = self.packed.get(spec.key)
-            if p is not None:
-                out.append((p.weight, p.bind(v, by_key[p.scales.key])))
-            elif spec.key not in scales:
-                out.append((spec, v))
-        return out
 
 
 def _aligned(n: int) -> int:
     return n + (-n % ALIGN)
 
 
-def _scale_keys(layout: BlockLayout) -> set[str]:
+def scale_keys(layout: BlockLayout) -> set[str]:
+    """The slot keys of the packed weights' scales in ``layout``."""
     return {p.scales.key for p in layout.packed.values()}
 
 
@@ -119,8 +103,9 @@ class Staging:
         scale_bytes, tmp = 0, 0
         for lay in layouts:
             block_scales = sum(_aligned(p.stored_scale_bytes) for p in lay.packed.values())
+            packed = set(lay.packed) | scale_keys(lay)
             for t in lay.block.tensors:
-                if t.key in lay.packed or t.key in _scale_keys(lay):
+                if t.key in packed:
                     continue  # packed: read as stored; its scales are counted above
                 dtype = stored.get(t.key, t.dtype)
                 if dtype == t.dtype:
@@ -307,7 +292,7 @@ class Loader:
         reads: list[_Read] = []
         pending: list[tuple[TensorSpec, int, str, _Read, _Read | None]] = []
         scale_at = 0
-        packed_scales = _scale_keys(layout)
+        packed_scales = scale_keys(layout)
         for spec, off in zip(layout.block.tensors, layout.offsets):
             seg = self.source.segment(spec.key)
             if spec.key in packed_scales:  # float32 as stored -> the staging buffer -> the kernel's form
@@ -382,8 +367,6 @@ class Loader:
     def _widen(self, host: torch.Tensor, w: _Widen) -> None:
         region = host[w.offset : w.offset + w.spec.nbytes]
         if w.stored == PACKED_SCALES:
-            from .packed_compute import fill_scales
-
             n = w.spec.nbytes // dtype_from_name(w.spec.dtype).itemsize
             n = n // 2 if len(w.spec.shape) == 3 else n  # int4: (K/G, N, 2) holds K/G x N scales
             stored = self._scales[w.scale_offset : w.scale_offset + 4 * n].view(torch.float32)

@@ -3,10 +3,11 @@
 With ``RunConfig(packed_compute=True)`` the ``nn.Linear`` weights of int4/int8-stored blocks (``packed_keys``) are
 never widened. Their slot region holds the stored bytes (int4 in the kernel's nibble order, ``int4pack-*``; int8
 as stored) and their scales in the kernel's form (``layout_of``), which the loader fills from the stored float32
-scales (``fill_scales``); the ledger and the budget count exactly those bytes. While the block is resident the
-user's own ``nn.Parameter`` object holds a ``PackedWeight`` (swapped in and out by ``Binder``, as every weight
-is): a tensor of the weight's shape and dtype whose ``F.linear`` runs ``packed_kernels.linear_int4``/``linear_int8``
-and whose any other use raises. At ``close`` the model gets its original weights back (``restore.py``).
+scales (``packed_kernels.fill_scales``); the ledger and the budget count exactly those bytes. While the block is
+resident the user's own ``nn.Parameter`` object holds a ``PackedWeight`` (``bindings``; swapped in and out by
+``Binder``, as every weight is): a tensor of the weight's shape and dtype whose ``F.linear`` runs
+``packed_kernels.linear_int4``/``linear_int8`` and whose any other use raises. At ``close`` the model gets its
+original weights back (``restore.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from . import int4
 from .errors import BlockrtError, StoreError
-from .loader import ALIGN, BlockLayout
+from .loader import ALIGN, BlockLayout, scale_keys
 from .packed_kernels import int8_supported, linear_int4, linear_int8
 from .partitioners.plan import Block, Plan, TensorSpec, dtype_from_name
 from .quantize import scale_elements, scale_key
@@ -34,7 +35,7 @@ class PackedSpec:
 
     ``data``: uint8 (N, K/2) in the int4 kernel's order, or int8 (N, K); ``scales``: the kernel's scales in
     ``dtype`` (int4: (K/G, N, 2), scale and zero 0; int8: (N,)); ``stored_scale_bytes``: the float32 scales as
-    stored, which the loader reads into its staging buffer before ``fill_scales``."""
+    stored, which the loader reads into its staging buffer before ``packed_kernels.fill_scales``."""
 
     weight: TensorSpec
     group: int | None  # None: int8
@@ -116,15 +117,22 @@ def check_packed_bound(layouts: list[BlockLayout], segments: Mapping[str, Segmen
                          f"RunConfig(storage_dtype='int4-g{int4.kernel_of(dtype)[1]}', packed_compute=True)")
 
 
-def fill_scales(stored: torch.Tensor, out: torch.Tensor) -> None:
-    """The kernel's scales ``out`` (int4: (K/G, N, 2); int8: (N,)) from the stored float32 ``stored`` (flat:
-    (N * K/G,) or (N,))."""
-    if out.ndim == 3:  # int4: scale, zero
-        groups, n, _ = out.shape
-        out[:, :, 0].copy_(stored.view(n, groups).T)
-        out[:, :, 1].zero_()
-    else:
-        out.copy_(stored)
+def bindings(layout: BlockLayout, buf: torch.Tensor) -> list[tuple[TensorSpec, torch.Tensor]]:
+    """What binds a block's weights to the model from its slot ``buf``: its typed views (``BlockLayout.views``),
+    each packed weight's data and scales as one ``PackedWeight`` of the weight's own spec."""
+    views = layout.views(buf)
+    if not layout.packed:
+        return views
+    by_key = {spec.key: v for spec, v in views}
+    scales = scale_keys(layout)
+    out = []
+    for spec, v in views:
+        p = layout.packed.get(spec.key)
+        if p is not None:
+            out.append((p.weight, p.bind(v, by_key[p.scales.key])))
+        elif spec.key not in scales:
+            out.append((spec, v))
+    return out
 
 
 class PackedWeight(torch.Tensor):

@@ -85,3 +85,14 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
     y = torch.ops.aten._weight_int8pack_mm(x2, q, scales)  # (M, N)
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias
+
+
+def fill_scales(stored: torch.Tensor, out: torch.Tensor) -> None:
+    """The kernel's scales ``out`` (int4: (K/G, N, 2); int8: (N,)) from the stored float32 ``stored`` (flat:
+    (N * K/G,) or (N,))."""
+    if out.ndim == 3:  # int4: scale, zero
+        groups, n, _ = out.shape
+        out[:, :, 0].copy_(stored.view(n, groups).T)
+        out[:, :, 1].zero_()
+    else:
+        out.copy_(stored)

@@ -21,6 +21,7 @@ from .errors import LoadError
 from .ledger import Ledger
 from .loader import BlockLayout, Loader, LoadRequest, Slot
 from .order import START, Order
+from .packed_compute import bindings
 from .partitioners.plan import Plan
 
 
@@ -87,7 +88,7 @@ class Residency:
         elif i in self.retained and req.pass_idx < self.tag:
             self.profile.record_reuse(name, self.tag, self._nbytes[i])
         self.verified.add(i)
-        self.binder.materialize(self.layouts[i].bindings(slot.buf))
+        self.binder.materialize(bindings(self.layouts[i], slot.buf))
         self.active = i
         self._compute_start = self.profile.now()
         self.prefetch(i)

@@ -17,6 +17,8 @@ wall, bytes its hooks read per step, peak RSS above the baseline (anonymous and 
     airllm                    ``airllm.AutoModel.from_pretrained(dir, device="cpu")`` (layer files on disk)
     blockrt_sequential        blockrt, prefetch 0, retention off (the paper's sequential baseline)
     blockrt                   blockrt, prefetch 1, retention under the budget
+    blockrt_mapped            the same, streamed blocks bound to their files' pages instead of copied
+                              (``RunConfig(mapped=True)``; the checkpoint converted once into an aligned store)
     blockrt_int8, blockrt_int4   the same, blocks stored int8 / int4 (groups of 128), converted once
     blockrt_int8_packed, blockrt_int4_packed   the same stores (int4 in the kernel's nibble order), the Linears
                               computed packed by PyTorch's weight-only kernels (``RunConfig(packed_compute=True)``)
@@ -41,8 +43,8 @@ from typing import Any
 from peers_worker import Contender, _files_under, _on_disk, _unique_param_bytes, read_files
 
 CONTENDERS = ("resident", "accelerate_disk_offload", "accelerate_device_map", "accelerate_cpu_offload",
-              "diffusers_group_offload", "airllm", "blockrt_sequential", "blockrt", "blockrt_int8", "blockrt_int4",
-              "blockrt_int8_packed", "blockrt_int4_packed")
+              "diffusers_group_offload", "airllm", "blockrt_sequential", "blockrt", "blockrt_mapped", "blockrt_int8",
+              "blockrt_int4", "blockrt_int8_packed", "blockrt_int4_packed")
 DEFAULT_CONTENDERS = tuple(c for c in CONTENDERS if c != "accelerate_cpu_offload")  # on CPU it is the resident model
 # run once per regime (no budget to give them)
 NO_BUDGET = ("resident", "accelerate_disk_offload", "accelerate_cpu_offload", "diffusers_group_offload", "airllm")
@@ -127,10 +129,11 @@ def setup(job: dict[str, Any]) -> Contender:
         seq = name == "blockrt_sequential"
         packed = name in PACKED
         store = STORAGE[name] + ("-packed" if packed else "") if name in STORAGE else None  # int4: another layout
+        store = "aligned" if name == "blockrt_mapped" else store
         cfg = RunConfig(prefetch_depth=0 if seq else 1, retention=not seq, storage_dtype=STORAGE.get(name),
                         store_path=str(Path(job["store_root"]) / store) if store else None,
                         rss_interval_s=None, device=job["device"], packed_compute=packed,
-                        packed_dtype=PACKED_DTYPE if packed else None)
+                        packed_dtype=PACKED_DTYPE if packed else None, mapped=name == "blockrt_mapped")
         rt = blockrt.run(skeleton, budget=budget, weights=ckpt, config=cfg)
         stored = sum(rt._source.segment(k).nbytes for b in rt.plan.blocks for k in b.keys)
         return Contender(skeleton, [Path(f) for f in rt.weight_files], stored, device=job["device"], runtime=rt,

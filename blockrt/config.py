@@ -82,6 +82,13 @@ class RunConfig:
             (or ``"float16"``/``"float32"``) = activations cast to it and the result cast back. PyTorch 2.13 runs
             float32 activations on the kernels' scalar path, which only breaks even with widening at one token;
             bfloat16 ones on the vectorised path (``benchmarks/packed_matmul.py``).
+        mapped: copy-free streaming (``mapping.py``): a streamed block whose tensors are stored as computed, each
+            at a 64-byte offset of its file (every blockrt store), is bound to its file's pages instead of being
+            copied into a slot; a checkpoint whose tensors are not so aligned is converted once into a store, as
+            for ``storage_dtype`` (at ``store_path``, else the user cache). The loader thread only prefetches them
+            (``madvise``); they are unmapped after the block runs. Those bytes are file-backed (the ledger's
+            ``mapped``): clean pages the OS may drop, not anonymous memory. Other blocks, and retained ones,
+            load by copying as usual. Outputs stay ``torch.equal`` to copying. ``device="cpu"`` only.
 
     Example:
         >>> RunConfig(prefetch_depth=2, read_bytes_per_s=1.45e9)
@@ -108,6 +115,7 @@ class RunConfig:
     pin: tuple[str, ...] = ()
     packed_compute: bool = False
     packed_dtype: str | None = None
+    mapped: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
@@ -143,6 +151,12 @@ class RunConfig:
             raise ValueError(f"pin must be a list of module paths such as ['encoder.block.0.layer.0']; got {self.pin!r}")
         object.__setattr__(self, "pin", tuple(self.pin))
         self._check_packed()
+        if not isinstance(self.mapped, bool):
+            raise ValueError(f"mapped must be True (bind streamed blocks to their files' pages) or False; "
+                             f"got {self.mapped!r}")
+        if self.mapped and self.device != "cpu":
+            raise ValueError(f"mapped=True binds blocks to file pages in host memory, so it needs device='cpu'; "
+                             f"got device={self.device!r}; fix: drop mapped=True on {self.device}")
         if self.store_path is not None and not isinstance(self.store_path, (str, os.PathLike)):
             raise ValueError(f"store_path must be a directory path or None; got {self.store_path!r}")
 

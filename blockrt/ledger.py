@@ -13,8 +13,10 @@ from collections.abc import Callable
 from .budget import format_bytes
 from .errors import BudgetError
 
-KINDS = ("pinned", "slots", "retained", "in_flight", "working_set", "rows", "state")  # rows: embedding_rows.py,
-# state: tensors that outlive a pass, such as a KV cache (state.py)
+KINDS = ("pinned", "slots", "retained", "in_flight", "working_set", "rows", "state", "mapped")  # rows:
+# embedding_rows.py; state: tensors that outlive a pass, such as a KV cache (state.py); mapped: the window of
+# blocks bound to their files' pages (mapping.py), clean and file-backed where every other kind is anonymous
+FILE_BACKED = ("mapped",)
 
 
 class Ledger:

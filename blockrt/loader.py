@@ -12,7 +12,8 @@ is read into the tail of its own slot region and widened in place (``quantize.co
 scales go to a small per-loader buffer. That buffer and the widening chunk buffer are the loader's
 ``Staging``, which the runtime holds in the ledger. Load events record the bytes read (as stored).
 A weight computed packed (``BlockLayout.packed``, ``packed_compute.py``) stays as stored in the slot: its bytes are
-only read, and its float32 scales go through the staging buffer into the slot in the kernel's form.
+only read, and its float32 scales go through the staging buffer into the slot in the kernel's form. A mapped
+request (``mapping.py``) copies nothing: its tensors become views of the file's pages, which the thread prefetches.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from .errors import LoadError
 from .guards import open_regular
+from .mapping import MappedFiles
 from .packed_kernels import fill_scales
 from .partitioners.plan import Block, TensorSpec, dtype_from_name
 from .quantize import convert_in_place, has_scales, scale_elements, scale_key, tmp_elements
@@ -67,7 +69,6 @@ class BlockLayout:
             raw = buf[off : off + spec.nbytes]
             out.append((spec, raw.view(dtype_from_name(spec.dtype)).view(spec.shape)))
         return out
-
 
 
 def _aligned(n: int) -> int:
@@ -120,7 +121,6 @@ class Staging:
 @dataclass(frozen=True)
 class _Read:
     """One stored tensor's bytes to read: ``seg`` into the slot at ``offset`` (or the scale buffer)."""
-
     seg: Segment
     offset: int
     into_scales: bool = False
@@ -129,7 +129,6 @@ class _Read:
 @dataclass(frozen=True)
 class _Widen:
     """Widen ``spec`` (at slot ``offset``, stored as ``stored``) once the reads up to ``after`` are done."""
-
     spec: TensorSpec
     offset: int
     stored: str
@@ -188,8 +187,10 @@ class LoadRequest:
     slot: Slot
     pass_idx: int
     verify: bool
+    mapped: bool = False  # bind the block to its file's pages (``views``) instead of copying it into ``slot``
     done: Signal = field(default_factory=Signal)
     error: BaseException | None = None
+    views: list[tuple[TensorSpec, torch.Tensor]] | None = None  # a mapped block's tensors, once loaded
 
 
 class Loader:
@@ -197,8 +198,9 @@ class Loader:
 
     def __init__(self, source: WeightSource, profile, device: torch.device, *, read_bytes_per_s: float | None,
                  slot_bytes: int, name: str = "blockrt-loader",
-                 staging: Staging | None = None) -> None:
+                 staging: Staging | None = None, maps: MappedFiles | None = None) -> None:
         self.source = source
+        self.maps = maps
         self.staging = staging = staging or Staging()
         # scales and the widening chunk buffer (faulted in now, as the slots are); the runtime's ledger holds them
         self._scales = torch.zeros(staging.scale_bytes, dtype=torch.uint8)
@@ -323,9 +325,27 @@ class Loader:
         self._reads[req.block_index] = reads, widen
         return reads, widen
 
+    def _load_mapped(self, req: LoadRequest, start: float) -> None:
+        specs = req.layout.block.tensors
+        views, nbytes, crc = self.maps.load(specs, [self.source.segment(t.key) for t in specs], req.verify)
+        self._check_crc(req, crc)
+        self._throttle(start, nbytes)
+        req.views = views
+        self.profile.record("load", req.layout.block.name, req.pass_idx, start, self.profile.now(), nbytes, "loader")
+        self.profile.record_materialised(req.layout.block.name, req.pass_idx, req.layout.block.nbytes)
+
+    def _check_crc(self, req: LoadRequest, crc: int) -> None:
+        expected = self.source.block_crc32(req.block_index) if req.verify else None
+        if expected is not None and crc != expected:
+            raise LoadError(f"block {req.layout.block.name!r} from {self.source.segment(req.layout.block.tensors[0].key).path}"
+                            f": crc32 {crc:#010x} does not match the manifest's {expected:#010x}: the file is "
+                            "corrupt; fix: delete the store so it is rewritten")
+
     def _load(self, req: LoadRequest) -> None:
         layout, slot = req.layout, req.slot
         start = self.profile.now()
+        if req.mapped:  # copy-free: views of the file's pages
+            return self._load_mapped(req, start)
         host = self._pinned if self._cuda else slot.buf
         arr, scales = host.numpy(), self._scales.numpy()
         reads, widen = self._plan_reads(req)
@@ -348,12 +368,7 @@ class Loader:
                 w += 1
             self._throttle(start, done_bytes)
             i = j
-        if req.verify:
-            expected = self.source.block_crc32(req.block_index)
-            if expected is not None and crc != expected:
-                raise LoadError(
-                    f"block {layout.block.name!r} from {reads[0].seg.path}: crc32 {crc:#010x} does not match the "
-                    f"manifest's {expected:#010x}: the file is corrupt; fix: delete the store so it is rewritten")
+        self._check_crc(req, crc)
         if self._cuda:
             assert self._stream is not None
             with torch.cuda.stream(self._stream):

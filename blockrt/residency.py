@@ -7,6 +7,11 @@ The prefetch window after block i is the next ``prefetch_depth`` blocks predicte
 what runs (``order.py``; plan order, cyclically, until something is observed) that still need loading, so
 while retained blocks compute the loader is already on the next streamed one. A slot is reclaimed from the
 block predicted furthest ahead.
+
+With ``RunConfig(mapped=True)`` a streamed block in ``mapped`` (stored as computed, aligned; ``mapping.py``) takes
+no slot bytes: its load binds views of its file's pages, unmapped again when it is released. The slots then
+hold only the other blocks, and the ledger holds the window of mapped pages (``prefetch_depth + 1`` of the
+largest mapped block) as ``mapped`` bytes: file-backed, where every other kind is anonymous.
 """
 
 from __future__ import annotations
@@ -29,11 +34,15 @@ class Residency:
     """Slots, retained buffers and load requests of one runtime; used from the compute thread only."""
 
     def __init__(self, plan: Plan, layouts: list[BlockLayout], loader: Loader, ledger: Ledger, binder: Binder,
-                 profile, config: RunConfig, device: torch.device, *, n_slots: int, staging_bytes: int) -> None:
+                 profile, config: RunConfig, device: torch.device, *, n_slots: int, staging_bytes: int,
+                 mapped: frozenset[int] = frozenset()) -> None:
         self.plan, self.layouts = plan, layouts
         self.loader, self.ledger, self.binder, self.profile = loader, ledger, binder, profile
         self.config, self.device = config, device
-        slot_bytes = max(lay.nbytes for lay in layouts)
+        self.mapped = mapped  # blocks bound to their file's pages when streamed
+        slot_bytes = max((lay.nbytes for i, lay in enumerate(layouts) if i not in mapped), default=0)
+        self._map_bytes = n_slots * max((layouts[i].nbytes for i in mapped), default=0)
+        ledger.reserve("mapped", self._map_bytes, "the window of mapped (file-backed) blocks")
         self.slots: list[Slot] = []
         for s in range(n_slots):
             ledger.reserve("slots", slot_bytes, f"slot {s}")
@@ -88,7 +97,7 @@ class Residency:
         elif i in self.retained and req.pass_idx < self.tag:
             self.profile.record_reuse(name, self.tag, self._nbytes[i])
         self.verified.add(i)
-        self.binder.materialize(bindings(self.layouts[i], slot.buf))
+        self.binder.materialize(req.views if req.mapped else bindings(self.layouts[i], slot.buf))
         self.active = i
         self._compute_start = self.profile.now()
         self.prefetch(i)
@@ -105,6 +114,7 @@ class Residency:
         else:
             self.binder.evict(block.tensors, block.name)
             slot = self.slot_of.pop(i)
+            self._unmap(slot.request)
             slot.block, slot.request = None, None
             if self.device.type == "cuda":
                 slot.release_event = torch.cuda.Event()
@@ -143,7 +153,10 @@ class Residency:
             buf = Slot(-1 - i, lay.nbytes, self.device, prefault=False)  # the loader's read faults the pages in
             buf.block = i
             slot = self.slot_of.get(i)
-            if slot is not None and slot.request is not None and i != self.active:
+            if slot is not None and slot.request is not None and i != self.active and slot.request.mapped:
+                self.settle(slot.request)  # mapped: nothing to copy; its own buffer loads on its next turn
+                self._forget(i, slot)
+            elif slot is not None and slot.request is not None and i != self.active:
                 try:
                     self.loader.wait(slot.request, self.config.load_timeout_s)
                     buf.buf.copy_(slot.buf[: lay.nbytes])
@@ -177,7 +190,8 @@ class Residency:
     def _request(self, j: int, slot: Slot, pass_idx: int) -> None:
         verify = self.config.verify == "always" or (self.config.verify == "first" and j not in self.verified)
         slot.block = j
-        slot.request = LoadRequest(j, self.layouts[j], slot, pass_idx, verify)
+        slot.request = LoadRequest(j, self.layouts[j], slot, pass_idx, verify,
+                                   mapped=j in self.mapped and j not in self.retained)
         if j not in self.retained:
             self.slot_of[j] = slot
         kind = "retained" if j in self.retained else "slots"
@@ -204,8 +218,15 @@ class Residency:
         if i in self.retained and self.retained[i] is slot:
             slot.request = None
             return
+        self._unmap(slot.request)
         slot.block, slot.request = None, None
         self.slot_of.pop(i, None)
+
+    def _unmap(self, req: LoadRequest | None) -> None:
+        """Drop a finished mapped load's views and unmap its pages (they stay in the page cache)."""
+        if req is not None and req.views is not None and req.done.is_set():
+            req.views = None
+            self.loader.maps.drop(self.loader.source.segment(t.key) for t in req.layout.block.tensors)
 
     def _free_slot(self, i: int) -> Slot:
         free = [s for s in self.slots if s.block is None]
@@ -231,8 +252,10 @@ class Residency:
         self._in_flight.clear()
         retained = self.retained.values()  # the buffers themselves are the truth, whatever move an interrupt cut
         self.ledger.correct({"in_flight": 0, "retained": sum(b.buf.numel() for b in retained),
-                             "slots": sum(s.buf.numel() for s in self.slots) + self._staging_bytes})
+                             "slots": sum(s.buf.numel() for s in self.slots) + self._staging_bytes,
+                             "mapped": self._map_bytes})
         for s in self.slots:
+            self._unmap(s.request)
             s.block, s.request = None, None
         for buf in self.retained.values():
             if buf.request is not None and not (buf.request.done.is_set() and buf.request.error is None):
@@ -249,9 +272,13 @@ class Residency:
         self._settle_all()
         self.unretain_all()
         for s in self.slots:
+            self._unmap(s.request)
             s.request = None
             self.ledger.release("slots", s.buf.numel())
         self.ledger.release("slots", self._staging_bytes)
-        self._staging_bytes = 0
+        self.ledger.release("mapped", self._map_bytes)
+        self._staging_bytes = self._map_bytes = 0
+        if self.loader.maps is not None:
+            self.loader.maps.close()  # each mapping goes with its last view
         self.slots.clear()
         self.slot_of.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import weakref
 from pathlib import Path
@@ -29,6 +30,7 @@ from .entry_points import BlockHooks
 from .ledger import Ledger
 from .loader import Loader, Staging
 from .malloc import trim_malloc
+from .mapping import MappedFiles, mapped_blocks
 from .memory import RssSampler, start_rss
 from .page_cache import drop_page_cache
 from .packed_compute import check_packed_bound, layout_of, packed_keys
@@ -153,10 +155,12 @@ class Runtime:
             self._originals = keep_originals(model, self.plan, self._rows, source, self._tmpdir)
             self._tmpdir = self._originals.tmpdir
         bind_pinned(model, self.plan, self._rows, binder, source if weights is not None else None, self._device)
+        mapped = mapped_blocks(layouts, source) if config.mapped else frozenset()
         self._loader = Loader(source, self.profile, self._device, read_bytes_per_s=self.read_bytes_per_s,
-                              slot_bytes=floor.slot_bytes, staging=staging)
+                              slot_bytes=floor.slot_bytes, staging=staging,
+                              maps=MappedFiles({f: os.path.getsize(f) for f in source.files()}) if mapped else None)
         self._residency = Residency(self.plan, layouts, self._loader, ledger, binder, self.profile, config,
-                                    self._device, n_slots=n_slots, staging_bytes=staging.nbytes)
+                                    self._device, n_slots=n_slots, staging_bytes=staging.nbytes, mapped=mapped)
         self._retention = Retention(self.plan, layouts, self._residency, ledger, self.profile, config, floor,
                                     self.read_bytes_per_s)
         self._rows_reader = EmbeddingRows(model, self.plan, self._rows, source, binder, ledger, self.profile,

@@ -38,6 +38,7 @@ CODE_TO_DTYPE: dict[str, str] = {
 }
 DTYPE_TO_CODE = {v: k for k, v in CODE_TO_DTYPE.items()}
 _MAX_HEADER = 100_000_000  # the safetensors limit
+ALIGN = 64  # bytes: where write_file starts the data and each tensor whose size is a multiple of it
 
 
 @dataclass(frozen=True)
@@ -149,10 +150,15 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
 def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> tuple[int, int]:
     """Write ``tensors`` as one safetensors file, fsynced; return (file size, crc32 of the data section).
 
-    Tensors are laid out largest element size first, so every tensor is naturally aligned in the file.
-    The caller writes into a temporary location and renames (see ``store.py``).
+    The data starts at a multiple of ``ALIGN`` bytes (the header is padded with spaces) and the tensors whose
+    sizes are multiples of ``ALIGN`` come first, so each of them sits at an ``ALIGN``-byte file offset, where a
+    mapping of the file can serve it as it is (``mapping.py``); the rest follow largest element size first, so
+    every tensor is naturally aligned. The caller writes into a temporary location and renames (``store.py``).
     """
-    order = sorted(tensors, key=lambda k: -tensors[k].element_size())
+    def nbytes(k: str) -> int:
+        return tensors[k].numel() * tensors[k].element_size()
+
+    order = sorted(tensors, key=lambda k: (nbytes(k) % ALIGN != 0, -tensors[k].element_size()))
     header: dict[str, object] = {}
     offset = 0
     for key in order:
@@ -163,7 +169,7 @@ def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metada
     if metadata:
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    blob += b" " * (-(8 + len(blob)) % ALIGN)
     crc = 0
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))

@@ -1,5 +1,5 @@
 """Where a Runtime's block weights come from: a checkpoint read in place, a blockrt store, a store converted
-once from a checkpoint (storage dtypes it does not hold), or the in-memory model spilled into a store; and
+once from a checkpoint (storage dtypes it does not hold, or ``mapped=True`` where its tensors are not aligned), or the in-memory model spilled into a store; and
 binding the pinned part, which stays resident, once at set-up."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .hub import resolve_weights
 from .partitioners.plan import Plan, dtype_from_name
 from .quantize import stored_dtypes
 from .sources import CheckpointSource, WeightSource
+from .mapping import mappable
 from .store import needs_conversion, open_or_write, open_store, require_storage
 
 
@@ -41,7 +42,8 @@ def open_weights(model: nn.Module, plan: Plan, config: RunConfig, storage: Any, 
         converted = {k for b in plan.blocks if storage.get(b.name) for k in b.keys}  # rewritten in a storage dtype
         converted |= {s.key for s in plan.pinned} if converted else set()  # a converted store's pinned: as computed
         source.resolve(plan, strict=config.strict_keys, prefix=config.weights_prefix, converted=converted)
-        if needs_conversion(source, plan, storage, packed):  # once, then cached (RunConfig.store_path)
+        unaligned = config.mapped and not all(mappable(b.tensors, map(source.segment, b.keys)) for b in plan.blocks)
+        if needs_conversion(source, plan, storage, packed) or unaligned:  # once, then cached (RunConfig.store_path)
             return converted_store(source, plan, storage, config.store_path, config.weights_prefix, verify=verify,
                                    packed=packed), None
         return source, None

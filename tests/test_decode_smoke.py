@@ -29,16 +29,17 @@ def test_decode_smallest_config_runs_and_matches_resident(tmp_path, decode_modul
     out = tmp_path / "out"
     rc = decode_module.main(["--size", "tiny", "--batches", "1", "--budgets", "100", "--regimes", "warm",
                              "--new-tokens", "4", "--threads", "1", "--in-process",
-                             "--contenders", "resident,blockrt_sequential,blockrt,blockrt_int4,blockrt_int4_packed",
+                             "--contenders", "resident,blockrt_sequential,blockrt,blockrt_mapped,blockrt_int4,blockrt_int4_packed",
                              "--cache", str(tmp_path / "weights"), "--out", str(out)])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     rows = {r["contender"]: r for r in results["rows"]}
-    assert set(rows) == {"resident", "blockrt_sequential", "blockrt", "blockrt_int4", "blockrt_int4_packed"}
+    assert set(rows) == {"resident", "blockrt_sequential", "blockrt", "blockrt_mapped", "blockrt_int4",
+                         "blockrt_int4_packed"}
     for name, r in rows.items():
         assert r["error"] is None, f"{name}: {r['error']}"
         assert r["tokens_per_s"] > 0 and r["peak_rss"] is not None
-    for name in ("resident", "blockrt_sequential", "blockrt"):
+    for name in ("resident", "blockrt_sequential", "blockrt", "blockrt_mapped"):
         assert rows[name]["tokens_equal"], name
         assert rows[name]["logits_max_abs"] < 1e-5, rows[name]  # the same maths (equal but for kernel choice)
     assert rows["blockrt_sequential"]["bytes_per_step"] > 0  # it streams every block each step

@@ -167,3 +167,25 @@ def test_page_renders_present_sections_and_skips_absent_ones(tmp_path, tiny_run)
     other = text.split("## Other outputs: `newbench`")[1]
     assert "Other CPU" in other and "| 1 | 2 |" in other and "store_bytes (MB)" in other
     assert results_page.build_page(bench, docs) == text  # no timestamps: regenerating changes nothing
+
+
+def test_results_page_keeps_the_sections_it_has_no_outputs_for(tmp_path):
+    """``out/`` does not travel between machines: a rerun of one benchmark replaces only its own section."""
+    docs, first, second = tmp_path / "docs", tmp_path / "first", tmp_path / "second"
+    for bench, value in ((first, "1.5"), (second, "2.5")):
+        (bench / "storage").mkdir(parents=True)
+        (bench / "storage" / "storage.md").write_text(f"# Storage\n\n| storage | cosine |\n|---|---|\n| int8 | {value} |\n")
+        (bench / "storage" / "results.json").write_text("{}")
+    (first / "decode").mkdir()
+    (first / "decode" / "decode.md").write_text("# Decode\n\n| contender | tok/s |\n|---|---|\n| blockrt | 9.5 |\n")
+    (first / "decode" / "results.json").write_text("{}")
+    (first / "oldbench").mkdir()
+    (first / "oldbench" / "results.json").write_text(json.dumps({"hardware": {"cpu": "Old CPU"}}))
+    (first / "oldbench" / "results.csv").write_text("x\n7\n")
+    results_page.build_page(first, docs)
+    text = results_page.build_page(second, docs)
+    assert "| int8 | 2.5 |" in text and "| int8 | 1.5 |" not in text  # rerun: replaced
+    assert "| blockrt | 9.5 |" in text  # not rerun: kept
+    assert "## Other outputs: `oldbench`" in text and "| 7 |" in text
+    dropped = results_page.build_page(second, docs, keep=False)
+    assert "| blockrt | 9.5 |" not in dropped and "oldbench" not in dropped

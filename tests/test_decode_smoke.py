@@ -53,3 +53,24 @@ def test_decode_smallest_config_runs_and_matches_resident(tmp_path, decode_modul
     assert math.isfinite(packed["logits_max_abs"]) and 0.0 <= packed["agree_widened"] <= 1.0
     assert int4.get("agree_widened") is None and "agree" in (out / "decode.md").read_text()
     assert (out / "results.csv").is_file() and "blockrt_int4" in (out / "decode.md").read_text()
+    table = (out / "decode.md").read_text()
+    (out / "decode.md").unlink()
+    assert decode_module.main(["--report", "--out", str(out)]) == 0  # the tables rebuilt from results.json alone
+    assert (out / "decode.md").read_text() == table
+
+
+def test_targets_compare_blockrt_with_the_best_peer(decode_module):
+    def row(name, tps, anon, limit=None):
+        return {"regime": "cold", "budget_share": 50, "batch": 1, "contender": name, "tokens_per_s": tps,
+                "peak_anon": anon, "peak_file": 0, "of_limit": limit, "budget_bytes": 100e6}
+    text = decode_module.targets([row("resident", 50.0, 40e6), row("accelerate_device_map", 4.0, 50e6),
+                                  row("diffusers_group_offload", 5.0, 60e6), row("blockrt", 9.0, 90e6, 0.9),
+                                  row("blockrt_mapped", 10.0, 20e6, 0.95), row("blockrt_int4", 25.0, 120e6, 0.5),
+                                  row("blockrt_int4_packed", 30.0, 200e6)])
+    line = text.splitlines()[1]
+    assert "best peer diffusers_group_offload 5.0 tok/s" in line
+    assert "blockrt_mapped x2.00" in line and "blockrt_int4_packed x6.00" in line
+    # anonymous memory counted above the resident model's (its weights are file-backed): 90 - 40 within 100 MB
+    assert "blockrt of limit 0.90, anon +50 MB within" in line and "blockrt_int4 of limit 0.50, anon +80 MB within" in line
+    assert "blockrt_mapped of limit 0.95, anon -20 MB within" in line
+    assert "blockrt_int4_packed of limit -, anon +160 MB OVER budget" in line

@@ -6,9 +6,13 @@ From uint8 frames ``[T, H, W, 3]``:
   the background is the most frequent label; the shape's colour is the most frequent *shape* colour
   (red/green/blue/yellow) other than the background, provided it covers ``MIN_SHAPE_PIXELS`` per frame on
   average; the direction comes from the least-squares slope of that colour's centroid over the frames (the
-  larger axis, if it travels at least ``MIN_TRAVEL_PX`` over the clip; else ``"static"``); the shape from the
-  mask's geometry: the median over frames of the fill ratio of its bounding box (circle pi/4, square 1,
-  triangle 1/2), which reads the generator's own clean clips right every time (``tests/test_shapes_dataset.py``).
+  larger axis, if it travels at least ``MIN_TRAVEL_PX`` over the clip; else ``"static"``); the shape from its
+  outline: in each frame where the whole shape is seen, the pixels nearer the shape's colour than the
+  background's (a blurred edge splits at half contrast), resampled over their bounding box to a ``TEMPLATE_PX``
+  square, are matched to a disc, a square and an upward triangle filling that box (intersection over union); the
+  best median score over the frames names the shape. It reads the generator's own clean clips right every time,
+  and blurred ones too (``tests/test_shapes_dataset.py``); the bounding box's fill ratio, used before, read
+  blurred triangles as circles.
 - ``fidelity``: the fraction of videos whose detected colour *and* direction are the caption's; with
   ``shape=True`` the shape must match too. The shape stays off the default fidelity (the benchmark reports it as
   its own column) until a model that draws its shapes is trained: the shipped model draws round blobs.
@@ -35,7 +39,8 @@ MIN_SHAPE_PIXELS = 12.0  # mean pixels per frame for a shape to be seen at all (
 MIN_TRAVEL_PX = 6.0  # fitted travel over the clip below which the shape is "static" (the smallest is 16)
 FLICKER_MARGIN_PX = 3
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
-FILL_RATIOS = {"triangle": 0.5, "circle": float(np.pi / 4), "square": 1.0}
+TEMPLATE_PX = 16  # the shape's bounding box is resampled to this square to match the templates
+OUTLINE_MARGIN_PX = 3  # how far past the colour mask a blurred edge is looked for
 
 _NAMES = list(PALETTE)
 _RGB = np.array([PALETTE[n] for n in _NAMES], dtype=np.float32)  # (K, 3)
@@ -70,17 +75,53 @@ def labels(frames: np.ndarray) -> np.ndarray:
     return lab
 
 
-def _shape_of(mask: np.ndarray) -> str | None:
-    """Circle / square / triangle from the median fill ratio of the per-frame bounding boxes."""
-    ratios = []
-    for m in mask:
-        ys, xs = np.nonzero(m)
-        if len(ys) >= MIN_SHAPE_PIXELS:
-            ratios.append(len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)))
-    if not ratios:
+def _templates(n: int) -> dict[str, np.ndarray]:
+    """The three shapes filling an ``n x n`` box (boolean, sampled at pixel centres), drawn as ``dataset`` draws
+    them: a disc, a full square, an upward isosceles triangle with its base the box's bottom edge."""
+    y, x = (np.mgrid[0:n, 0:n] + 0.5) / n
+    return {"circle": (x - 0.5) ** 2 + (y - 0.5) ** 2 <= 0.25, "square": np.ones((n, n), dtype=bool),
+            "triangle": np.abs(x - 0.5) <= y / 2}
+
+
+_TEMPLATES = _templates(TEMPLATE_PX)
+
+
+def _outline(frame: np.ndarray, mask: np.ndarray, colour: int, background: int) -> np.ndarray | None:
+    """The shape in one frame ``(H, W, 3)`` at half contrast: the pixels nearer the shape's colour than the
+    background's, inside the colour mask's bounding box grown by ``OUTLINE_MARGIN_PX`` (a blurred edge splits at
+    its middle, as the eye reads it; stray pixels elsewhere do not count). None when the shape is not seen or
+    touches the frame's edge (a shape cut by the edge has another outline)."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) < MIN_SHAPE_PIXELS:
         return None
-    r = float(np.median(ratios))
-    return min(FILL_RATIOS, key=lambda k: abs(FILL_RATIOS[k] - r))
+    H, W = mask.shape
+    y0, y1 = max(ys.min() - OUTLINE_MARGIN_PX, 0), min(ys.max() + 1 + OUTLINE_MARGIN_PX, H)
+    x0, x1 = max(xs.min() - OUTLINE_MARGIN_PX, 0), min(xs.max() + 1 + OUTLINE_MARGIN_PX, W)
+    px = frame[y0:y1, x0:x1].astype(np.float32)
+    near = np.linalg.norm(px - _RGB[colour], axis=-1) < np.linalg.norm(px - _RGB[background], axis=-1)
+    ys, xs = np.nonzero(near)
+    if len(ys) < MIN_SHAPE_PIXELS:
+        return None
+    if y0 + ys.min() == 0 or x0 + xs.min() == 0 or y0 + ys.max() == H - 1 or x0 + xs.max() == W - 1:
+        return None
+    return near[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def _shape_of(frames: np.ndarray, mask: np.ndarray, colour: int, background: int) -> str | None:
+    """Circle / square / triangle: each frame's outline (``_outline``) resampled to ``TEMPLATE_PX`` square over
+    its bounding box, the template with the best intersection over union, its median score over the frames."""
+    scores: dict[str, list[float]] = {k: [] for k in _TEMPLATES}
+    for frame, m in zip(frames, mask):
+        box = _outline(frame, m, colour, background)
+        if box is None:
+            continue
+        t = torch.from_numpy(box.astype(np.float32))[None, None]
+        fit = F.interpolate(t, size=(TEMPLATE_PX, TEMPLATE_PX), mode="area")[0, 0].numpy() >= 0.5
+        for name, tpl in _TEMPLATES.items():
+            scores[name].append(float((fit & tpl).sum() / max((fit | tpl).sum(), 1)))
+    if not scores["circle"]:
+        return None
+    return max(scores, key=lambda k: float(np.median(scores[k])))
 
 
 def judge(frames: np.ndarray) -> Verdict:
@@ -110,7 +151,7 @@ def judge(frames: np.ndarray) -> Verdict:
         travel = (sx, sy)
         if max(abs(sx), abs(sy)) >= MIN_TRAVEL_PX:
             direction = ("right" if sx > 0 else "left") if abs(sx) >= abs(sy) else ("down" if sy > 0 else "up")
-    return Verdict(_NAMES[best], direction, _shape_of(mask), background, travel, float(counts[best] / T))
+    return Verdict(_NAMES[best], direction, _shape_of(frames, mask, best, bg_idx), background, travel, float(counts[best] / T))
 
 
 def matches(verdict: Verdict, caption: str, shape: bool = False) -> bool:

@@ -314,6 +314,11 @@ def targets(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def report_text(rows: list[dict[str, Any]]) -> str:
+    """The table, the throughput-batching lines and the targets, as printed and written to ``decode.md``."""
+    return table(rows) + "\n\n" + batching(rows) + "\n\n" + targets(rows)
+
+
 def save(out: Path, results: dict[str, Any], rows: list[dict[str, Any]], wall_s: float) -> None:
     """results.json, results.csv and decode.md as they stand, each written atomically."""
     from bench_common import write_results
@@ -322,7 +327,7 @@ def save(out: Path, results: dict[str, Any], rows: list[dict[str, Any]], wall_s:
     results["wall_s"] = wall_s
     write_results(out, results, rows, FIELDS)
     tmp = out / ".decode.md.tmp"
-    tmp.write_text("```\n" + table(rows) + "\n\n" + batching(rows) + "\n\n" + targets(rows) + "\n```\n")
+    tmp.write_text("```\n" + report_text(rows) + "\n```\n")
     tmp.rename(out / "decode.md")
 
 
@@ -337,9 +342,7 @@ def report(out: Path) -> int:
         ref = {b: v for b in args.batches if (v := _load(resident.get(str(b), {}).get("output"))) is not None}
         rows += rows_of(res, args, regime, int(share), ref, int(results["weights_bytes"] * int(share) / 100))
     save(out, results, rows, results.get("wall_s", 0.0))
-    print(table(rows))
-    print(batching(rows))
-    print(targets(rows))
+    print(report_text(rows))
     return 0
 
 
@@ -397,9 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             results["runs"][f"{regime}/{share}"] = res
             all_rows += rows_of(res, args, regime, share, ref, budget)
             save(out, results, all_rows, time.perf_counter() - t0)  # after each budget: a cut-short run keeps its rows
-    print(table(all_rows))
-    print(batching(all_rows))
-    print(targets(all_rows))
+    print(report_text(all_rows))
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'} and {out / 'decode.md'} "
           f"({time.perf_counter() - t0:.0f} s)")
     return 0

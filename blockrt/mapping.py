@@ -104,9 +104,11 @@ class MappedFiles:
         crc32 (0 unless ``verify``) runs over the tensors in file order, as the copying loader computes it."""
         views, seen = [], set()
         for spec, seg in zip(specs, segments):
-            mm = self._map(seg.path, use=seg.path not in seen)
-            seen.add(seg.path)
-            self.check_size(seg.path)
+            first = seg.path not in seen  # a file's size is checked once per block, not once per tensor
+            mm = self._map(seg.path, use=first)
+            if first:
+                seen.add(seg.path)
+                self.check_size(seg.path)
             if seg.offset + seg.nbytes > len(mm):
                 raise LoadError(f"{seg.path}: tensor {seg.key!r} ends at byte {seg.offset + seg.nbytes}, past the "
                                 f"file's {len(mm)}; fix: write the checkpoint again")
@@ -140,9 +142,6 @@ class MappedFiles:
                 self._users[p] -= 1
                 if self._users[p] <= 0:
                     del self._users[p], self._maps[p]
-
-    def mapped_files(self) -> list[str]:
-        return sorted(self._maps)
 
     def close(self) -> None:
         """Forget the mappings; each goes away with the last tensor that views it (never unmapped under one)."""

@@ -153,16 +153,14 @@ class Residency:
             buf = Slot(-1 - i, lay.nbytes, self.device, prefault=False)  # the loader's read faults the pages in
             buf.block = i
             slot = self.slot_of.get(i)
-            if slot is not None and slot.request is not None and i != self.active and slot.request.mapped:
-                self.settle(slot.request)  # mapped: nothing to copy; its own buffer loads on its next turn
-                self._forget(i, slot)
-            elif slot is not None and slot.request is not None and i != self.active:
-                try:
-                    self.loader.wait(slot.request, self.config.load_timeout_s)
-                    buf.buf.copy_(slot.buf[: lay.nbytes])
-                    buf.request = slot.request
-                except LoadError:
-                    pass
+            if slot is not None and slot.request is not None and i != self.active:
+                if not slot.request.mapped:  # mapped: nothing to copy; its own buffer loads on its next turn
+                    try:
+                        self.loader.wait(slot.request, self.config.load_timeout_s)
+                        buf.buf.copy_(slot.buf[: lay.nbytes])
+                        buf.request = slot.request
+                    except LoadError:
+                        pass
                 self.settle(slot.request)
                 self._forget(i, slot)
             self.retained[i] = buf

@@ -1,6 +1,6 @@
 """Where a Runtime's block weights come from: a checkpoint read in place, a blockrt store, a store converted
-once from a checkpoint (storage dtypes it does not hold, or ``mapped=True`` where its tensors are not aligned), or the in-memory model spilled into a store; and
-binding the pinned part, which stays resident, once at set-up."""
+once from a checkpoint (storage dtypes it does not hold, or ``mapped=True`` where its tensors are not aligned),
+or the in-memory model spilled into a store; and binding the pinned part, which stays resident, once at set-up."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from .config import RunConfig
 from .conversion import converted_store
 from .errors import BlockrtError
 from .hub import resolve_weights
+from .mapping import mappable
 from .partitioners.plan import Plan, dtype_from_name
 from .quantize import stored_dtypes
 from .sources import CheckpointSource, WeightSource
-from .mapping import mappable
 from .store import needs_conversion, open_or_write, open_store, require_storage
 
 

@@ -175,6 +175,12 @@ def _load(path: str | None) -> dict[str, Any] | None:
     return load_file(path)
 
 
+def resident_outputs(res: dict[str, dict[str, Any]], batches: list[int]) -> dict[int, dict[str, Any]]:
+    """The resident model's outputs per batch (the parity reference of one budget's runs), where it wrote them."""
+    runs = res.get("resident", {}).get("batches", {})
+    return {b: v for b in batches if (v := _load(runs.get(str(b), {}).get("output"))) is not None}
+
+
 def rows_of(results: dict[str, dict[str, Any]], args: argparse.Namespace, regime: str, share: int,
             ref: dict[int, dict[str, Any]], budget: int | None = None) -> list[dict[str, Any]]:
     """The table rows of one (regime, budget): every contender at every batch, parity against ``ref``."""
@@ -338,8 +344,7 @@ def report(out: Path) -> int:
     rows: list[dict[str, Any]] = []
     for key, res in results["runs"].items():
         regime, share = key.split("/")
-        resident = res.get("resident", {}).get("batches", {})
-        ref = {b: v for b in args.batches if (v := _load(resident.get(str(b), {}).get("output"))) is not None}
+        ref = resident_outputs(res, args.batches)
         rows += rows_of(res, args, regime, int(share), ref, int(results["weights_bytes"] * int(share) / 100))
     save(out, results, rows, results.get("wall_s", 0.0))
     print(report_text(rows))
@@ -395,8 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name in NO_BUDGET:
                     once[name] = res[name]
                 if name == "resident":
-                    ref = {b: _load(res[name]["batches"].get(str(b), {}).get("output")) for b in args.batches}
-                    ref = {b: v for b, v in ref.items() if v is not None}
+                    ref = resident_outputs(res, args.batches)
             results["runs"][f"{regime}/{share}"] = res
             all_rows += rows_of(res, args, regime, share, ref, budget)
             save(out, results, all_rows, time.perf_counter() - t0)  # after each budget: a cut-short run keeps its rows

@@ -151,7 +151,8 @@ def judge(frames: np.ndarray) -> Verdict:
         travel = (sx, sy)
         if max(abs(sx), abs(sy)) >= MIN_TRAVEL_PX:
             direction = ("right" if sx > 0 else "left") if abs(sx) >= abs(sy) else ("down" if sy > 0 else "up")
-    return Verdict(_NAMES[best], direction, _shape_of(frames, mask, best, bg_idx), background, travel, float(counts[best] / T))
+    shape = _shape_of(frames, mask, best, bg_idx)
+    return Verdict(_NAMES[best], direction, shape, background, travel, float(counts[best] / T))
 
 
 def matches(verdict: Verdict, caption: str, shape: bool = False) -> bool:

@@ -1,7 +1,7 @@
 """LPL and TDTM quality on a model we can judge: the paper's Tables 3/4 on the shapes model trained here.
 
 For a fixed set of prompts x seeds, every setting generates each video with the shipped shapes model
-(``pipelines/shapes/weights``, 64x64, 17 frames, the model's CFG scale ``layout.CFG_SCALE``), all models
+(``pipelines/shapes/weights``, 64x64, 17 frames or ``--frames``, the model's CFG scale ``layout.CFG_SCALE``), all models
 resident (``ShapesGenerator``, the same maths as ``OpenSoraPipeline(stream=False)``), and
 ``pipelines/shapes/judge.py`` scores it:
 
@@ -47,6 +47,7 @@ import numpy as np
 
 from blockrt.files import write_atomic
 from blockrt.pipelines.opensora.pipeline import GenerateConfig
+from blockrt.pipelines.shapes.dataset import FRAMES, GEOMETRIES
 from blockrt.pipelines.shapes.generate import ShapesGenerator
 from blockrt.pipelines.shapes.scoring import QUALITY_PROMPTS
 from blockrt.pipelines.shapes.scoring import score as score_videos
@@ -103,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/bench/quality")
     p.add_argument("--weights", default=None, help="weights directory (default: the shipped shapes model)")
+    p.add_argument("--frames", type=int, default=FRAMES, choices=sorted(GEOMETRIES),
+                   help=f"video length (default {FRAMES}, the shipped model's clips)")
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} prompts")
     p.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per prompt")
     p.add_argument("--cfg", type=float, default=CFG_SCALE, help=f"CFG scale (default {CFG_SCALE}, the shapes model's)")
@@ -130,11 +133,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_setting(gen: ShapesGenerator, s: Setting, prompts: list[str], seeds: list[int],
-                cfg_scale: float = CFG_SCALE) -> tuple[dict, list]:
+                cfg_scale: float = CFG_SCALE, frames: int = FRAMES) -> tuple[dict, list]:
     videos, calls, denoise, total = [], [], 0.0, 0.0
     for prompt in prompts:
         for seed in seeds:
-            cfg = GenerateConfig(prompt, resolution="64x64", aspect="1:1", frames=17, steps=s.steps, seed=seed,
+            cfg = GenerateConfig(prompt, resolution="64x64", aspect="1:1", frames=frames, steps=s.steps, seed=seed,
                                  cfg_scale=cfg_scale, lpl=s.lpl, merge_steps=s.merge_steps,
                                  merge_positions=s.merge_positions, merge_blocks=s.merge_blocks, merge_when=s.merge_when)
             t0 = time.perf_counter()
@@ -217,14 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         by_name = {s.name: s for s in rows}
         rows = [rows[0]] + [by_name.get(n) or tdtm_setting(n, rows[0].steps) for n in args.rows if n != rows[0].name]
     print(f"weights: {gen.root}; {len(prompts)} prompts x {len(seeds)} seeds = {len(captions)} videos per setting, "
-          f"{len(rows)} settings; 64x64, 17 frames, CFG {args.cfg:g}", flush=True)
-    run_setting(gen, Setting("warm-up", steps=2, merge_steps=1), prompts[:1], seeds[:1])  # kernels, caches
+          f"{len(rows)} settings; 64x64, {args.frames} frames, CFG {args.cfg:g}", flush=True)
+    run_setting(gen, Setting("warm-up", steps=2, merge_steps=1), prompts[:1], seeds[:1], frames=args.frames)  # kernels, caches
 
     results: dict[str, dict] = {}
     videos: dict[str, list[np.ndarray]] = {}
     other.start()
     if args.interleave:  # video by video, every setting in turn: a change of machine load hits all rows alike
-        runs = [[run_setting(gen, s, [p], [seed], args.cfg) for s in rows] for p in prompts for seed in seeds]
+        runs = [[run_setting(gen, s, [p], [seed], args.cfg, args.frames) for s in rows] for p in prompts for seed in seeds]
         for i, s in enumerate(rows):
             parts = [r[i] for r in runs]
             videos[s.name] = [v for _, vs in parts for v in vs]
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                                "model_calls_min": min(calls), "model_calls_max": max(calls)}
     for s in rows:
         if not args.interleave:
-            results[s.name], videos[s.name] = run_setting(gen, s, prompts, seeds, args.cfg)
+            results[s.name], videos[s.name] = run_setting(gen, s, prompts, seeds, args.cfg, args.frames)
         results[s.name].update(lpl=s.lpl, merge_steps=s.merge_steps, steps=s.steps, merge_positions=s.merge_positions,
                                merge_blocks=s.merge_blocks, merge_when=s.merge_when)
         print(f"  {s.name:<14} {results[s.name]['model_calls']:5.1f} calls/video, denoise "
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     tdtm_ok, tdtm_verdict = tdtm_target(results, rows)
     print(tdtm_verdict)
     doc = {"hardware": hw, "config": {"prompts": prompts, "seeds": seeds, "steps": STEPS, "cfg_scale": args.cfg,
-                                      "resolution": "64x64", "frames": 17, "weights": str(gen.root),
+                                      "resolution": "64x64", "frames": args.frames, "weights": str(gen.root),
                                       "threads": args.threads, "quick": args.quick,
                                       "fidelity_with_shape": args.fidelity_with_shape,
                                       "interleave": args.interleave},
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
            "tdtm_target": {"pass": tdtm_ok, "text": tdtm_verdict}}
     write_results(out_dir, doc, ({"row": s.name, **results[s.name]} for s in rows), CSV_FIELDS)
     text = (f"# LPL / TDTM quality on the shapes model\n\n{len(captions)} videos per setting ({len(prompts)} prompts x "
-            f"{len(seeds)} seeds), 64x64, 17 frames, CFG {args.cfg:g}; {hw['cpu']}, torch threads {args.threads}, other "
+            f"{len(seeds)} seeds), 64x64, {args.frames} frames, CFG {args.cfg:g}; {hw['cpu']}, torch threads {args.threads}, other "
             f"processes {busy:.2f} cores.\n\n{md}\n\n{verdict}\n\n{tdtm_verdict}\n").encode()
     write_atomic(out_dir / "quality.md", lambda f: f.write(text))
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.csv'}, {out_dir / 'quality.md'}")

@@ -1,6 +1,7 @@
 """The synthetic captioned video set: one coloured shape moving over a plain background, generated on the fly.
 
-Every clip is ``FRAMES`` (17) frames of ``SIZE`` x ``SIZE`` (64 x 64) pixels, uint8 ``[T, H, W, 3]``: a circle,
+A clip is ``frames`` frames (``FRAMES``, 17, or 33: ``GEOMETRIES``) of ``SIZE`` x ``SIZE`` (64 x 64) pixels,
+uint8 ``[T, H, W, 3]``: a circle,
 square or triangle of one of ``SHAPE_COLOURS`` moves in a straight line (left, right, up or down) at a
 constant speed over a background of one of ``BACKGROUNDS`` (never the shape's own colour), and never leaves
 the frame. Its caption names all four choices: ``"a red circle moving left on a blue background"``.
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 SIZE = 64  # pixels, square frames
-FRAMES = 17  # one temporal-VAE chunk (17 frames -> 5 latent frames)
+FRAMES = 17  # the shipped model's clips: one temporal-VAE chunk (17 frames -> 5 latent frames)
 FPS = 24
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -40,9 +41,33 @@ SHAPE_COLOURS = ("red", "green", "blue", "yellow")
 BACKGROUNDS = ("black", "white", "gray", "blue")
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy)
 
-RADIUS_RANGE = (7.0, 10.0)  # half the shape's extent, pixels
-SPEED_RANGE = (1.0, 2.0)  # pixels per frame: 16..32 pixels over a clip
 MARGIN = 1.0  # pixels between the shape and the frame edge, at its extreme positions
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A clip length and the ranges its shape's size (``radius``: half its extent, pixels) and speed (pixels per
+    frame) are drawn from."""
+
+    frames: int
+    radius_range: tuple[float, float]
+    speed_range: tuple[float, float]
+
+
+GEOMETRIES: dict[int, Geometry] = {
+    # 16..32 px of travel; radius 7..10 px, which the 8x-downsampling VAE rounds into blobs
+    17: Geometry(17, (7.0, 10.0), (1.0, 2.0)),
+    # 33 frames (two temporal-VAE chunks, 9 latent frames: room for TDTM); the same 16..32 px of travel, and
+    # shapes large enough (radius 10..14 px) for the VAE to keep a square's corners and a triangle's apex
+    33: Geometry(33, (10.0, 14.0), (0.5, 1.0)),
+}
+
+
+def geometry(frames: int) -> Geometry:
+    """``GEOMETRIES[frames]``, or ValueError naming the lengths there are."""
+    if frames not in GEOMETRIES:
+        raise ValueError(f"the shapes set has clips of {sorted(GEOMETRIES)} frames, got {frames!r}")
+    return GEOMETRIES[frames]
 
 
 @dataclass(frozen=True)
@@ -57,6 +82,7 @@ class ClipSpec:
     speed: float
     x0: float
     y0: float
+    frames: int = FRAMES
 
     @property
     def caption(self) -> str:
@@ -107,8 +133,9 @@ def parse_caption(text: str) -> dict[str, str]:
 
 
 def sample_spec(rng: np.random.Generator, *, shape: str | None = None, colour: str | None = None,
-                direction: str | None = None, background: str | None = None) -> ClipSpec:
-    """Draw a clip's content from ``rng``; any of the four caption words may be fixed instead."""
+                direction: str | None = None, background: str | None = None, frames: int = FRAMES) -> ClipSpec:
+    """Draw a ``frames``-frame clip's content from ``rng``; any of the four caption words may be fixed instead."""
+    geo = geometry(frames)
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     colour = colour or SHAPE_COLOURS[rng.integers(len(SHAPE_COLOURS))]
     direction = direction or tuple(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
@@ -116,9 +143,9 @@ def sample_spec(rng: np.random.Generator, *, shape: str | None = None, colour: s
         options = [b for b in BACKGROUNDS if b != colour]
         background = options[rng.integers(len(options))]
     caption(shape, colour, direction, background)  # validates
-    radius = float(rng.uniform(*RADIUS_RANGE))
-    speed = float(rng.uniform(*SPEED_RANGE))
-    travel = speed * (FRAMES - 1)
+    radius = float(rng.uniform(*geo.radius_range))
+    speed = float(rng.uniform(*geo.speed_range))
+    travel = speed * (frames - 1)
     lo, hi = radius + MARGIN, SIZE - 1 - radius - MARGIN  # the centre's allowed range
     dx, dy = DIRECTIONS[direction]
 
@@ -130,7 +157,7 @@ def sample_spec(rng: np.random.Generator, *, shape: str | None = None, colour: s
         return float(rng.uniform(lo, hi))
 
     x0, y0 = start(dx), start(dy)
-    return ClipSpec(shape, colour, direction, background, radius, speed, x0, y0)
+    return ClipSpec(shape, colour, direction, background, radius, speed, x0, y0, frames)
 
 
 def _mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
@@ -147,27 +174,28 @@ def _mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
 
 
 def render(spec: ClipSpec) -> np.ndarray:
-    """The clip's frames: ``(FRAMES, SIZE, SIZE, 3)`` uint8."""
-    frames = np.empty((FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
+    """The clip's frames: ``(spec.frames, SIZE, SIZE, 3)`` uint8."""
+    frames = np.empty((spec.frames, SIZE, SIZE, 3), dtype=np.uint8)
     frames[:] = PALETTE[spec.background]
     colour = np.array(PALETTE[spec.colour], dtype=np.uint8)
-    for t in range(FRAMES):
+    for t in range(spec.frames):
         cx, cy = spec.centre(t)
         frames[t][_mask(spec.shape, cx, cy, spec.radius)] = colour
     return frames
 
 
-def make_clip(seed: int, index: int) -> Clip:
-    """Clip ``index`` of the set with ``seed``: the same ``(seed, index)`` always gives the same clip."""
+def make_clip(seed: int, index: int, frames: int = FRAMES) -> Clip:
+    """Clip ``index`` of the ``frames``-frame set with ``seed``: the same ``(seed, index, frames)`` always gives the
+    same clip (and the same caption whatever ``frames``: the words are drawn first)."""
     if index < 0 or seed < 0:
         raise ValueError(f"seed and index must be >= 0, got seed {seed}, index {index}")
-    spec = sample_spec(np.random.default_rng([seed, index]))
+    spec = sample_spec(np.random.default_rng([seed, index]), frames=frames)
     return Clip(spec, render(spec))
 
 
-def make_batch(seed: int, start: int, n: int) -> tuple[np.ndarray, list[ClipSpec]]:
+def make_batch(seed: int, start: int, n: int, frames: int = FRAMES) -> tuple[np.ndarray, list[ClipSpec]]:
     """Clips ``start .. start + n - 1``: frames ``(n, T, H, W, 3)`` uint8 and their specs."""
-    clips = [make_clip(seed, i) for i in range(start, start + n)]
+    clips = [make_clip(seed, i, frames) for i in range(start, start + n)]
     return np.stack([c.frames for c in clips]), [c.spec for c in clips]
 
 

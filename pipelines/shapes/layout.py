@@ -37,15 +37,20 @@ T5_SIZES: dict[str, Any] = dict(vocab_size=256, d_model=64, d_kv=16, d_ff=128, n
 STDIT3_SIZES: dict[str, Any] = dict(depth=4, hidden_size=128, num_heads=4, mlp_ratio=2.0,
                                     caption_channels=T5_SIZES["d_model"])
 SPATIAL_SIZES: dict[str, Any] = dict(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8)
+# The spatial VAE by clip length (``dataset.GEOMETRIES``): at 33 frames 1.5x wider, which with the larger shapes
+# keeps a square's corners and a triangle's apex through the round trip.
+SPATIAL_SIZES_BY_FRAMES: dict[int, dict[str, Any]] = {
+    17: SPATIAL_SIZES, 33: dict(block_out_channels=[24, 48, 48, 48], layers_per_block=1, norm_num_groups=8)}
 TEMPORAL_SIZES: dict[str, Any] = dict(filters=12, num_res_blocks=1, num_groups=4)
 
 
-def vae_config() -> Any:
-    """``VAEConfig`` of the shapes VAE (all frames through the spatial VAE at once when training)."""
+def vae_config(spatial: dict[str, Any] = SPATIAL_SIZES) -> Any:
+    """``VAEConfig`` of the shapes VAE with ``spatial`` sizes (all frames through the spatial VAE at once when
+    training)."""
     from blockrt.pipelines.opensora.vae import SpatialVAEConfig, VAEConfig
     from blockrt.pipelines.opensora.vae_temporal import TemporalVAEConfig
 
-    return VAEConfig(spatial=SpatialVAEConfig(**SPATIAL_SIZES, micro_batch_size=None),
+    return VAEConfig(spatial=SpatialVAEConfig(**spatial, micro_batch_size=None),
                      temporal=TemporalVAEConfig(**TEMPORAL_SIZES))
 
 
@@ -79,9 +84,10 @@ def write_stdit3(root: str | Path, model: nn.Module) -> Path:
     return write_model_dir(root, "stdit3", stdit3_config_json("full", **STDIT3_SIZES), model)
 
 
-def write_vae(root: str | Path, model: nn.Module) -> Path:
-    """``OpenSora-VAE-v1.2/`` of the shapes VAE; config.json records its sizes and its latent shift/scale."""
-    cfg = vae_config_json("full", SPATIAL_SIZES, TEMPORAL_SIZES)
+def write_vae(root: str | Path, model: nn.Module, spatial: dict[str, Any] = SPATIAL_SIZES) -> Path:
+    """``OpenSora-VAE-v1.2/`` of the shapes VAE (``spatial`` sizes); config.json records its sizes and its latent
+    shift/scale."""
+    cfg = vae_config_json("full", spatial, TEMPORAL_SIZES)
     cfg["shift"] = [float(v) for v in model.shift.reshape(-1)]
     cfg["scale"] = [float(v) for v in model.scale.reshape(-1)]
     return write_model_dir(root, "vae", cfg, model)

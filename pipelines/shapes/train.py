@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from blockrt.pipelines.shapes import layout
-from blockrt.pipelines.shapes.dataset import FPS, SIZE, all_captions, make_batch
-from blockrt.pipelines.shapes.train_vae import (encode_spatial, finish_vae, reconstruction_psnr, round_trip_attributes,
-                                                train_spatial, train_temporal)
+from blockrt.pipelines.shapes.dataset import FPS, FRAMES, GEOMETRIES, SIZE, all_captions, make_batch
+from blockrt.pipelines.shapes.train_vae import (encode_spatial, finish_vae, reconstruction_psnr,
+                                                round_trip_attributes, shape_cells, train_spatial, train_temporal)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ GRAD_CLIP = 1.0
 UNIFORM_FRACTION = 0.5  # share of timesteps drawn uniformly instead of logit-normal + transform
 LOG_EVERY = 50
 FOCUS_LR = 5e-4  # spatial VAE phase 2
-ROUND_TRIP_CLIPS = 48  # held-out clips through the trained VAE: PSNR and what the judge reads back
-FOCUS_REL = 2.0  # shape_cells: deviation over this many times the clip's median deviation
+ROUND_TRIP_CLIPS = 96  # held-out clips through the trained VAE: PSNR and what the judge reads back
 
 
 class Recorder:
@@ -148,15 +147,6 @@ def init_stdit3(model: torch.nn.Module) -> None:
     nn.init.zeros_(model.final_layer.linear.bias)
 
 
-def shape_cells(x0: torch.Tensor) -> torch.Tensor:
-    """``(b, 1, T, H, W)`` 1.0 where a clean latent ``(b, C, T, H, W)`` departs from its clip's background: the
-    cell's absolute deviation from the per-channel median (summed over channels) is over ``FOCUS_REL`` times
-    the clip's median deviation."""
-    med = x0.flatten(2).median(dim=2).values[..., None, None, None]  # (b, C, 1, 1, 1): the background
-    dev = (x0 - med).abs().sum(1, keepdim=True)  # (b, 1, T, H, W)
-    return (dev > FOCUS_REL * dev.flatten(1).median(dim=1).values.view(-1, 1, 1, 1, 1)).float()
-
-
 def sample_sigmas(n: int, gen: torch.Generator, ratio: float) -> torch.Tensor:
     """Noise levels ``s`` in (0, 1): logit-normal then Open-Sora's timestep transform, or uniform (mixed)."""
     s = torch.sigmoid(torch.randn(n, generator=gen))
@@ -194,7 +184,7 @@ def train_stdit3(model, latents: torch.Tensor, cap_idx: torch.Tensor, y_all: tor
     side = dict(fps=torch.tensor([float(FPS)]), height=torch.tensor([float(SIZE)]), width=torch.tensor([float(SIZE)]))
     for step in range(steps):
         idx = torch.randint(n, (batch,), generator=gen)
-        x0 = latents[idx]  # (b, 4, 5, 8, 8)
+        x0 = latents[idx]  # (b, 4, T_z, 8, 8): T_z = 5 (17 frames) or 9 (33)
         y = y_all[cap_idx[idx]].clone()  # (b, L, d)
         mask = mask_all[cap_idx[idx]]  # (b, L)
         drop = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
@@ -203,8 +193,8 @@ def train_stdit3(model, latents: torch.Tensor, cap_idx: torch.Tensor, y_all: tor
         noise = torch.randn(x0.shape, generator=gen)
         sb = s.view(-1, 1, 1, 1, 1)
         xt = (1 - sb) * x0 + sb * noise
-        out = model(xt, s * 1000, y[:, None], mask=mask, **side)  # (b, 8, 5, 8, 8)
-        w = 1.0 + focus * shape_cells(x0)  # (b, 1, 5, 8, 8)
+        out = model(xt, s * 1000, y[:, None], mask=mask, **side)  # (b, 8, T_z, 8, 8)
+        w = 1.0 + focus * shape_cells(x0)  # (b, 1, T_z, 8, 8)
         loss = ((out[:, : x0.shape[1]] - (x0 - noise)).pow(2) * w).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -223,9 +213,12 @@ def train_stdit3(model, latents: torch.Tensor, cap_idx: torch.Tensor, y_all: tor
 
 
 def latents_frames_to_pixels(latent_frames: int) -> int:
-    if latent_frames != 5:
-        raise ValueError(f"the shapes clips have 17 frames (5 latent frames), got {latent_frames} latent frames")
-    return 17
+    """The clip length (``dataset.GEOMETRIES``) whose latents have ``latent_frames`` frames: 5 -> 17, 9 -> 33."""
+    by_latents = {5 * (f // 17) + math.ceil(f % 17 / 4): f for f in GEOMETRIES}
+    if latent_frames not in by_latents:
+        raise ValueError(f"the shapes clips have {sorted(GEOMETRIES)} frames ({sorted(by_latents)} latent frames), "
+                         f"got {latent_frames} latent frames")
+    return by_latents[latent_frames]
 
 
 # -- the whole run ------------------------------------------------------------------------------------------
@@ -237,12 +230,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _caption_index(seed: int, n: int) -> torch.Tensor:
+def _caption_index(seed: int, n: int, frames: int = FRAMES) -> torch.Tensor:
     """Index into ``all_captions()`` of clips ``0..n-1``."""
     from blockrt.pipelines.shapes.dataset import make_clip
 
     order = {c: i for i, c in enumerate(all_captions())}
-    return torch.tensor([order[make_clip(seed, i).spec.caption] for i in range(n)])
+    return torch.tensor([order[make_clip(seed, i, frames).spec.caption] for i in range(n)])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -261,8 +254,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     times: dict[str, float] = {}
     record: dict[str, Any] = {"command": " ".join(["python -m blockrt.pipelines.shapes.train", *sys.argv[1:]]),
                               "args": vars(args), "torch": torch.__version__, "threads": args.threads,
+                              "frames": args.frames,
                               "sizes": {"t5": layout.T5_SIZES, "stdit3": layout.STDIT3_SIZES,
-                                        "spatial_vae": layout.SPATIAL_SIZES, "temporal_vae": layout.TEMPORAL_SIZES},
+                                        "spatial_vae": layout.SPATIAL_SIZES_BY_FRAMES[args.frames],
+                                        "temporal_vae": layout.TEMPORAL_SIZES},
                               "objective": {"caption_dropout": CAPTION_DROPOUT, "ema_decay": EMA_DECAY, "lr": LR,
                                             "warmup": WARMUP, "uniform_fraction": UNIFORM_FRACTION,
                                             "target": "x0 - noise", "x_t": "(1 - s) x0 + s noise, t = 1000 s"}}
@@ -279,49 +274,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     times["t5_s"] = time.perf_counter() - t
     log.info("tokenizer + T5 + caption features %s: %.1f s", tuple(y_all.shape), times["t5_s"])
 
-    vae = VideoAutoencoderPipeline(layout.vae_config())
-    stamp1 = f"seed{args.seed}-clips{args.clips}-s{args.vae_steps}"
+    frames, spatial_sizes = args.frames, layout.SPATIAL_SIZES_BY_FRAMES[args.frames]
+    vae = VideoAutoencoderPipeline(layout.vae_config(spatial_sizes))
+    stamp1 = f"seed{args.seed}-clips{args.clips}-s{args.vae_steps}" + ("" if frames == FRAMES else f"-frames{frames}")
     stamp = f"{stamp1}-f{args.vae_focus_steps}x{args.vae_focus:g}-t{args.tvae_steps}"
+    if args.tvae_focus or args.tvae_cosine:
+        stamp += f"x{args.tvae_focus:g}" + ("c" if args.tvae_cosine else "")
+    if args.init_vae:  # a VAE trained before (a weights directory): only the latents are computed
+        from blockrt.pipelines.opensora.checkpoint_layout import DIRECTORIES
+
+        vae_file = Path(args.init_vae) / DIRECTORIES["vae"] / "model.safetensors"
+        vae.load_state_dict(load_file(vae_file))
+        record["init_vae"] = {"file": str(vae_file), "sha256": _sha256(vae_file)}
+        stamp = f"{stamp1}-vae{record['init_vae']['sha256'][:12]}"
     vae_cache, lat_cache = work / f"vae-{stamp}.safetensors", work / f"latents-{stamp}.safetensors"
     spatial_cache = work / f"spatial-{stamp1}.safetensors"  # after phase 1
     if vae_cache.exists() and lat_cache.exists():
         vae.load_state_dict(load_file(vae_cache))
         latents = load_file(lat_cache)["latents"]
         log.info("VAE and latents reused from %s", work)
+    elif args.init_vae:
+        t = time.perf_counter()
+        latents = finish_vae(vae, encode_spatial(vae, args.seed, args.clips, frames), set_stats=False)
+        times["encode_s"] = time.perf_counter() - t
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, vae_cache)
+        save_file({"latents": latents.contiguous()}, lat_cache)
     else:
         t = time.perf_counter()
         if spatial_cache.exists():
             vae.spatial_vae.load_state_dict(load_file(spatial_cache))
             log.info("spatial VAE phase 1 reused from %s", spatial_cache)
         else:
-            train_spatial(vae, args.seed, args.clips, args.vae_steps, args.vae_batch, rec)
+            train_spatial(vae, args.seed, args.clips, args.vae_steps, args.vae_batch, rec, frames=frames)
             save_file({k: v.contiguous() for k, v in vae.spatial_vae.state_dict().items()}, spatial_cache)
         times["spatial_vae_s"] = time.perf_counter() - t
         t = time.perf_counter()
         train_spatial(vae, args.seed, args.clips, args.vae_focus_steps, args.vae_batch, rec, focus=args.vae_focus,
-                      lr=FOCUS_LR, phase=2)
+                      lr=FOCUS_LR, phase=2, frames=frames)
         times["spatial_vae_phase2_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        spatial = encode_spatial(vae, args.seed, args.clips)  # (n, 4, 17, 8, 8)
+        spatial = encode_spatial(vae, args.seed, args.clips, frames)  # (n, 4, frames, 8, 8)
         times["encode_spatial_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        train_temporal(vae, spatial, args.seed, args.tvae_steps, args.vae_batch, rec)
+        train_temporal(vae, spatial, args.seed, args.tvae_steps, args.vae_batch, rec, focus=args.tvae_focus,
+                       cosine=args.tvae_cosine)
         times["temporal_vae_s"] = time.perf_counter() - t
-        latents = finish_vae(vae, spatial)  # (n, 4, 5, 8, 8), normalised
+        latents = finish_vae(vae, spatial)  # (n, 4, T_z, 8, 8), normalised
         save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, vae_cache)
         save_file({"latents": latents.contiguous()}, lat_cache)
     vae.eval().requires_grad_(False)
-    layout.write_vae(out, vae)
-    psnr, originals, rebuilt = reconstruction_psnr(vae, args.seed + 1, 0, ROUND_TRIP_CLIPS)  # held out (another seed)
+    layout.write_vae(out, vae, spatial_sizes)
+    psnr, originals, rebuilt = reconstruction_psnr(vae, args.seed + 1, 0, ROUND_TRIP_CLIPS, frames)  # held out
     record["vae_reconstruction_psnr_db"] = psnr
-    kept = round_trip_attributes(originals, rebuilt, make_batch(args.seed + 1, 0, ROUND_TRIP_CLIPS)[1])
+    kept = round_trip_attributes(originals, rebuilt, make_batch(args.seed + 1, 0, ROUND_TRIP_CLIPS, frames)[1])
     record["vae_round_trip_kept"], record["vae_round_trip_clips"] = kept, ROUND_TRIP_CLIPS
     log.info("VAE written; on %d held-out clips: round-trip PSNR %.2f dB, the judge reads back shape %.0f%%, "
              "colour %.0f%%, direction %.0f%%", ROUND_TRIP_CLIPS, psnr, 100 * kept["shape"], 100 * kept["colour"],
              100 * kept["direction"])
     write_record()
 
-    cap_idx = _caption_index(args.seed, args.clips)
+    cap_idx = _caption_index(args.seed, args.clips, frames)
     model = STDiT3(layout.stdit3_config())
     init_stdit3(model)
     if args.init_stdit3:  # continue from earlier weights (the EMA of a previous run)
@@ -396,7 +408,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--vae-steps", type=int, default=1200)
     ap.add_argument("--vae-focus-steps", type=int, default=800, help="spatial VAE phase 2: shape pixels weighted")
     ap.add_argument("--vae-focus", type=float, default=20.0, help="phase 2 weight of a shape pixel is 1 + this")
+    ap.add_argument("--frames", type=int, default=FRAMES, choices=sorted(GEOMETRIES),
+                    help="clip length (dataset.GEOMETRIES: 33 draws larger, slower shapes; 9 latent frames)")
     ap.add_argument("--tvae-steps", type=int, default=800)
+    ap.add_argument("--tvae-focus", type=float, default=0.0, help="temporal VAE loss weight 1 + this on shape cells")
+    ap.add_argument("--tvae-cosine", action="store_true", help="decay the temporal VAE's learning rate to 0 (cosine)")
+    ap.add_argument("--init-vae", default=None,
+                    help="a weights directory whose OpenSora-VAE-v1.2 is used as it is (no VAE training)")
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6000, help="STDiT3 steps")
     ap.add_argument("--batch", type=int, default=32)

@@ -5,9 +5,11 @@ Two stages, as Open-Sora's VAE is built:
 1. ``train_spatial``: the spatial ``AutoencoderKL`` on single frames of random clips, MSE in pixels ([-1, 1])
    plus ``KL_WEIGHT`` x the posterior's KL; then a second phase with the shape's pixels weighted up;
 2. ``train_temporal``: the temporal VAE on the *frozen* spatial VAE's latents of whole clips (posterior means,
-   cached once by ``encode_spatial``), MSE in that latent space plus the same small KL.
+   cached once by ``encode_spatial``), cut into the pipeline's chunks of 17 frames (``chunks``), MSE in that
+   latent space (optionally with the shape's cells weighted up) plus the same small KL.
 
-``finish_vae`` then encodes the cached clips through the temporal encoder (means) and sets the pipeline's
+``finish_vae`` then encodes the cached clips chunk by chunk through the temporal encoder (means), exactly as
+``VideoAutoencoderPipeline.encode`` does, and sets the pipeline's
 per-channel ``shift``/``scale`` to the latents' mean and standard deviation, so STDiT3 sees unit-variance
 latents, as Open-Sora's fixed constants do for its own VAE.
 """
@@ -15,6 +17,7 @@ latents, as Open-Sora's fixed constants do for its own VAE.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -28,15 +31,16 @@ log = logging.getLogger(__name__)
 KL_WEIGHT = 1e-6
 LR = 1e-3
 ENCODE_BATCH = 8  # clips per spatial-encoder call when caching
+FOCUS_REL = 2.0  # shape_cells: deviation over this many times the clip's median deviation
 
 Logger = Callable[[str, int, float], None]
 
 
-def _frames(seed: int, n_clips: int, batch: int, rng: np.random.Generator) -> torch.Tensor:
-    """``batch`` random frames of random clips: ``(batch, 3, H, W)`` in [-1, 1]."""
+def _frames(seed: int, n_clips: int, batch: int, rng: np.random.Generator, frames: int) -> torch.Tensor:
+    """``batch`` random frames of random ``frames``-frame clips: ``(batch, 3, H, W)`` in [-1, 1]."""
     idx = rng.integers(n_clips, size=batch)
-    ts = rng.integers(FRAMES, size=batch)
-    frames = np.stack([make_clip(seed, int(i)).frames[int(t)] for i, t in zip(idx, ts)])  # (b, H, W, 3)
+    ts = rng.integers(frames, size=batch)
+    frames = np.stack([make_clip(seed, int(i), frames).frames[int(t)] for i, t in zip(idx, ts)])  # (b, H, W, 3)
     return to_video_tensor(frames[:, None])[:, :, 0]  # (b, 3, H, W)
 
 
@@ -46,8 +50,25 @@ def shape_weights(x: torch.Tensor, focus: float) -> torch.Tensor:
     return 1.0 + focus * (x != x[:, :, :1, :1]).any(dim=1, keepdim=True).float()
 
 
+def shape_cells(x: torch.Tensor) -> torch.Tensor:
+    """``(b, 1, T, H, W)`` 1.0 where a latent ``(b, C, T, H, W)`` departs from its clip's background: the cell's
+    absolute deviation from the per-channel median (summed over channels) is over ``FOCUS_REL`` times the clip's
+    median deviation."""
+    med = x.flatten(2).median(dim=2).values[..., None, None, None]  # (b, C, 1, 1, 1): the background
+    dev = (x - med).abs().sum(1, keepdim=True)  # (b, 1, T, H, W)
+    return (dev > FOCUS_REL * dev.flatten(1).median(dim=1).values.view(-1, 1, 1, 1, 1)).float()
+
+
+def chunks(frames: int, size: int = 17) -> list[slice]:
+    """The pipeline's temporal-VAE chunks of a ``frames``-frame clip (``VideoAutoencoderPipeline.encode``: ``size``
+    = ``micro_frame_size`` frames each, the last one shorter): 17 -> [0:17]; 33 -> [0:17], [17:33]. Each chunk is
+    encoded and decoded alone, so training must cut clips the same way: a 33-frame clip through the temporal
+    VAE whole gives other latents than the pipeline's (relative RMS 0.4-0.8 in the second chunk)."""
+    return [slice(i, min(i + size, frames)) for i in range(0, frames, size)]
+
+
 def train_spatial(vae, seed: int, n_clips: int, steps: int, batch: int, on_loss: Logger, *, focus: float = 0.0,
-                  lr: float = LR, phase: int = 1) -> None:
+                  lr: float = LR, phase: int = 1, frames: int = FRAMES) -> None:
     """Train ``vae.spatial_vae.module`` (diffusers AutoencoderKL) on frames; in place.
 
     ``focus`` > 0 weights the shape's pixels ``1 + focus`` times the background's (``shape_weights``): with
@@ -60,7 +81,7 @@ def train_spatial(vae, seed: int, n_clips: int, steps: int, batch: int, on_loss:
     gen = torch.Generator().manual_seed(seed + 10 * (phase - 1))
     name = "spatial_vae_mse" if phase == 1 else f"spatial_vae_weighted_mse_phase{phase}"
     for step in range(steps):
-        x = _frames(seed, n_clips, batch, rng)  # (b, 3, 64, 64)
+        x = _frames(seed, n_clips, batch, rng, frames)  # (b, 3, 64, 64)
         dist = ae.encode(x).latent_dist
         rec = ae.decode(dist.sample(gen)).sample
         w = shape_weights(x, focus)  # (b, 1, H, W)
@@ -74,41 +95,60 @@ def train_spatial(vae, seed: int, n_clips: int, steps: int, batch: int, on_loss:
 
 
 @torch.no_grad()
-def encode_spatial(vae, seed: int, n_clips: int) -> torch.Tensor:
-    """Spatial latents (posterior means x 0.18215) of clips ``0..n_clips-1``: ``(n, 4, 17, 8, 8)``."""
+def encode_spatial(vae, seed: int, n_clips: int, frames: int = FRAMES) -> torch.Tensor:
+    """Spatial latents (posterior means x 0.18215) of clips ``0..n_clips-1``: ``(n, 4, frames, 8, 8)``."""
     out = []
     for start in range(0, n_clips, ENCODE_BATCH):
-        frames, _ = make_batch(seed, start, min(ENCODE_BATCH, n_clips - start))
-        out.append(vae.spatial_vae.encode(to_video_tensor(frames), sample_posterior=False))
+        clips, _ = make_batch(seed, start, min(ENCODE_BATCH, n_clips - start), frames)
+        out.append(vae.spatial_vae.encode(to_video_tensor(clips), sample_posterior=False))
     return torch.cat(out)
 
 
-def train_temporal(vae, latents: torch.Tensor, seed: int, steps: int, batch: int, on_loss: Logger) -> None:
-    """Train ``vae.temporal_vae`` to reconstruct cached spatial latents ``(n, 4, 17, h, w)``; in place."""
+def train_temporal(vae, latents: torch.Tensor, seed: int, steps: int, batch: int, on_loss: Logger, *,
+                   focus: float = 0.0, cosine: bool = False) -> None:
+    """Train ``vae.temporal_vae`` to reconstruct cached spatial latents ``(n, 4, T, h, w)``, chunk by chunk as the
+    pipeline runs it (``chunks``); in place. ``focus`` > 0 weights the shape's latent cells (``shape_cells``)
+    ``1 + focus`` times: unweighted, the few cells that hold the shape come back blurred. ``cosine`` decays the
+    learning rate to 0 over ``steps``."""
     tv = vae.temporal_vae.train()
     opt = torch.optim.AdamW(tv.parameters(), lr=LR, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)) if cosine else 1.0)
     gen = torch.Generator().manual_seed(seed + 2)
     n = latents.shape[0]
     for step in range(steps):
-        x = latents[torch.randint(n, (batch,), generator=gen)]  # (b, 4, 17, h, w)
-        post = tv.encode(x)
-        rec = tv.decode(post.sample(gen), num_frames=x.shape[2])
-        mse = (rec - x).pow(2).mean()
-        kl = 0.5 * (post.mean.pow(2) + post.std.pow(2) - 1.0 - post.logvar).sum(dim=(1, 2, 3, 4)).mean()
+        x = latents[torch.randint(n, (batch,), generator=gen)]  # (b, 4, T, h, w)
+        w = 1.0 + focus * shape_cells(x)  # (b, 1, T, h, w)
+        mse = kl = 0.0
+        for c in chunks(x.shape[2], vae.micro_frame_size):
+            xc = x[:, :, c]  # (b, 4, <=17, h, w)
+            post = tv.encode(xc)
+            rec = tv.decode(post.sample(gen), num_frames=xc.shape[2])
+            mse = mse + ((rec - xc).pow(2) * w[:, :, c]).sum() / (w[:, :, c].sum() * xc.shape[1])
+            kl = kl + 0.5 * (post.mean.pow(2) + post.std.pow(2) - 1.0 - post.logvar).sum(dim=(1, 2, 3, 4)).mean()
         loss = mse + KL_WEIGHT * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         on_loss("temporal_vae_mse", step, mse.item())
     tv.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def finish_vae(vae, spatial_latents: torch.Tensor) -> torch.Tensor:
-    """Encode the cached clips through the temporal VAE (means), set ``shift``/``scale`` from their per-channel
-    statistics, and return the normalised STDiT3 latents ``(n, 4, 5, h, w)``."""
-    z = torch.cat([vae.temporal_vae.encode(spatial_latents[i:i + 64]).mode()
-                   for i in range(0, spatial_latents.shape[0], 64)])  # (n, 4, 5, h, w)
+def finish_vae(vae, spatial_latents: torch.Tensor, set_stats: bool = True) -> torch.Tensor:
+    """Encode the cached clips through the temporal VAE (means) chunk by chunk, as the pipeline does, set
+    ``shift``/``scale`` from their per-channel statistics (unless ``set_stats`` is False: a VAE loaded from a
+    weights directory keeps its own), and return the normalised STDiT3 latents ``(n, 4, T_z, h, w)`` (5 latent
+    frames from 17 pixel frames, 9 from 33)."""
+    parts = []
+    for i in range(0, spatial_latents.shape[0], 64):
+        x = spatial_latents[i:i + 64]  # (<=64, 4, T, h, w)
+        parts.append(torch.cat([vae.temporal_vae.encode(x[:, :, c]).mode()
+                                for c in chunks(x.shape[2], vae.micro_frame_size)], dim=2))
+    z = torch.cat(parts)  # (n, 4, T_z, h, w)
+    if not set_stats:
+        return vae.normalize(z)
     mean = z.mean(dim=(0, 2, 3, 4)).view(1, -1, 1, 1, 1)
     std = z.std(dim=(0, 2, 3, 4)).view(1, -1, 1, 1, 1)
     vae.shift.copy_(mean)
@@ -117,19 +157,19 @@ def finish_vae(vae, spatial_latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruction_psnr(vae, seed: int, start: int, n: int) -> tuple[float, np.ndarray, np.ndarray]:
+def reconstruction_psnr(vae, seed: int, start: int, n: int, frames: int = FRAMES) -> tuple[float, np.ndarray, np.ndarray]:
     """PSNR (dB, uint8 frames) of clips ``start..start+n-1`` through the whole VAE (encode means, decode), with
     the originals and reconstructions as uint8 ``(n, T, H, W, 3)``."""
     from blockrt.pipelines.opensora.video import to_uint8_frames
 
-    frames, _ = make_batch(seed, start, n)
-    x = to_video_tensor(frames)
+    clips, _ = make_batch(seed, start, n, frames)
+    x = to_video_tensor(clips)
     t0 = time.perf_counter()
-    rec = vae.decode(vae.encode(x, sample_posterior=False), num_frames=FRAMES)  # (n, 3, T, H, W)
+    rec = vae.decode(vae.encode(x, sample_posterior=False), num_frames=frames)  # (n, 3, T, H, W)
     log.info("VAE round trip of %d clips: %.1f s", n, time.perf_counter() - t0)
     out = np.stack([to_uint8_frames(r) for r in rec])
-    mse = np.mean((out.astype(np.float64) - frames.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-12))), frames, out
+    mse = np.mean((out.astype(np.float64) - clips.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-12))), clips, out
 
 
 def round_trip_attributes(original: np.ndarray, reconstructed: np.ndarray, specs) -> dict[str, float]:

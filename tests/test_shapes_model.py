@@ -12,14 +12,14 @@ from blockrt.pipelines.opensora import loading
 from blockrt.pipelines.opensora.pipeline import DIRS, GenerateConfig, OpenSoraPipeline
 from blockrt.pipelines.opensora.video import to_uint8_frames
 from blockrt.pipelines.shapes.judge import judge, matches
-from blockrt.pipelines.shapes.layout import CFG_SCALE, RECORD, WEIGHTS_DIR
+from blockrt.pipelines.shapes.layout import CFG_SCALE, RECORD, WEIGHTS33_DIR, WEIGHTS_DIR
 
 PROMPT = "a red circle moving right on a blue background"
 PROMPTS = [PROMPT, "a green square moving left on a white background", "a blue triangle moving up on a gray background",
            "a yellow circle moving down on a black background"]  # every colour and direction once
 SEED = 42  # the CLI's default seed
 BUDGET = "64MB"
-MAX_SHIPPED_BYTES = 16 * 2**20  # "a few MB": everything under pipelines/shapes/weights
+MAX_SHIPPED_BYTES = 16 * 2**20  # "a few MB": everything under pipelines/shapes/weights (and weights33)
 
 
 def shapes_config(prompt: str = PROMPT, **kw) -> GenerateConfig:
@@ -27,16 +27,17 @@ def shapes_config(prompt: str = PROMPT, **kw) -> GenerateConfig:
                           cfg_scale=kw.pop("cfg_scale", CFG_SCALE), **kw)
 
 
-def test_shipped_weights_are_the_real_layout_and_small():
+@pytest.mark.parametrize("root", [WEIGHTS_DIR, WEIGHTS33_DIR], ids=["17-frames", "33-frames"])
+def test_shipped_weights_are_the_real_layout_and_small(root):
     for component, directory in DIRS.items():
-        d = WEIGHTS_DIR / directory
+        d = root / directory
         assert (d / "config.json").is_file()
         loaded = loading.LOADERS[component](d)  # builds on meta and checks every key, shape and dtype
         assert loaded.weights.is_file()
-    assert (WEIGHTS_DIR / DIRS["t5"] / "spiece.model").is_file()
-    size = sum(p.stat().st_size for p in WEIGHTS_DIR.rglob("*") if p.is_file())
+    assert (root / DIRS["t5"] / "spiece.model").is_file()
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert size <= MAX_SHIPPED_BYTES
-    record = json.loads((WEIGHTS_DIR / RECORD).read_text())
+    record = json.loads((root / RECORD).read_text())
     # the shipped record was written before the module moved under blockrt.pipelines
     assert record["command"].split()[2] in ("pipelines.shapes.train", "blockrt.pipelines.shapes.train")
     assert "seed" in record["args"]

@@ -1,8 +1,8 @@
 """LPL and TDTM quality on a model we can judge: the paper's Tables 3/4 on the shapes model trained here.
 
 For a fixed set of prompts x seeds, every setting generates each video with the shipped shapes model
-(``pipelines/shapes/weights``, 64x64, 17 frames or ``--frames``, the model's CFG scale ``layout.CFG_SCALE``), all models
-resident (``ShapesGenerator``, the same maths as ``OpenSoraPipeline(stream=False)``), and
+(``pipelines/shapes/weights``, 64x64, 17 frames or ``--frames``, the model's CFG scale ``layout.CFG_SCALE``), all
+models resident (``ShapesGenerator``, the same maths as ``OpenSoraPipeline(stream=False)``), and
 ``pipelines/shapes/judge.py`` scores it:
 
     steps30              the 30-step reference
@@ -221,13 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = [rows[0]] + [by_name.get(n) or tdtm_setting(n, rows[0].steps) for n in args.rows if n != rows[0].name]
     print(f"weights: {gen.root}; {len(prompts)} prompts x {len(seeds)} seeds = {len(captions)} videos per setting, "
           f"{len(rows)} settings; 64x64, {args.frames} frames, CFG {args.cfg:g}", flush=True)
-    run_setting(gen, Setting("warm-up", steps=2, merge_steps=1), prompts[:1], seeds[:1], frames=args.frames)  # kernels, caches
+    warm_up = Setting("warm-up", steps=2, merge_steps=1)
+    run_setting(gen, warm_up, prompts[:1], seeds[:1], frames=args.frames)  # kernels, caches
 
     results: dict[str, dict] = {}
     videos: dict[str, list[np.ndarray]] = {}
     other.start()
     if args.interleave:  # video by video, every setting in turn: a change of machine load hits all rows alike
-        runs = [[run_setting(gen, s, [p], [seed], args.cfg, args.frames) for s in rows] for p in prompts for seed in seeds]
+        runs = [[run_setting(gen, s, [p], [seed], args.cfg, args.frames) for s in rows]
+                for p in prompts for seed in seeds]
         for i, s in enumerate(rows):
             parts = [r[i] for r in runs]
             videos[s.name] = [v for _, vs in parts for v in vs]
@@ -273,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
            "tdtm_target": {"pass": tdtm_ok, "text": tdtm_verdict}}
     write_results(out_dir, doc, ({"row": s.name, **results[s.name]} for s in rows), CSV_FIELDS)
     text = (f"# LPL / TDTM quality on the shapes model\n\n{len(captions)} videos per setting ({len(prompts)} prompts x "
-            f"{len(seeds)} seeds), 64x64, {args.frames} frames, CFG {args.cfg:g}; {hw['cpu']}, torch threads {args.threads}, other "
-            f"processes {busy:.2f} cores.\n\n{md}\n\n{verdict}\n\n{tdtm_verdict}\n").encode()
+            f"{len(seeds)} seeds), 64x64, {args.frames} frames, CFG {args.cfg:g}; {hw['cpu']}, torch threads "
+            f"{args.threads}, other processes {busy:.2f} cores.\n\n{md}\n\n{verdict}\n\n{tdtm_verdict}\n").encode()
     write_atomic(out_dir / "quality.md", lambda f: f.write(text))
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.csv'}, {out_dir / 'quality.md'}")
     return 0

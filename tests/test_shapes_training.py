@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from blockrt.pipelines.shapes import layout, train
 from blockrt.pipelines.shapes.dataset import GEOMETRIES, SIZE, geometry, make_batch, make_clip, to_video_tensor
 from blockrt.pipelines.shapes.probe import WORDS, swap, word_gaps
-from blockrt.pipelines.shapes.train_vae import chunks, encode_spatial, finish_vae, shape_cells, train_temporal
+from blockrt.pipelines.shapes.train_vae import encode_spatial, finish_vae, shape_cells, train_temporal
 
 
 def test_33_frame_clips_draw_larger_slower_shapes_with_the_same_captions():
@@ -33,8 +33,13 @@ def test_33_frame_clips_draw_larger_slower_shapes_with_the_same_captions():
 
 
 def test_chunks_are_the_pipelines():
-    assert chunks(17) == [slice(0, 17)]
-    assert chunks(33) == [slice(0, 17), slice(17, 33)]
+    from blockrt.pipelines.opensora.vae import VideoAutoencoderPipeline
+
+    vae = VideoAutoencoderPipeline(layout.vae_config())
+    assert vae.temporal_chunks(17) == [slice(0, 17)]
+    assert vae.temporal_chunks(33) == [slice(0, 17), slice(17, 33)]
+    assert vae.temporal_chunks(51) == [slice(0, 17), slice(17, 34), slice(34, 51)]
+    assert vae.temporal_chunks(20) == [slice(0, 17), slice(17, 20)]
     assert train.latents_frames_to_pixels(5) == 17 and train.latents_frames_to_pixels(9) == 33
     with pytest.raises(ValueError, match="got 7 latent frames"):
         train.latents_frames_to_pixels(7)

@@ -225,11 +225,23 @@ class VideoAutoencoderPipeline(nn.Module):
             generator: for the posterior samples.
         """
         x_z = self.spatial_vae.encode(x, sample_posterior, generator)  # (B, 4, N, h, w)
+        return self.normalize(self.encode_temporal(x_z, sample_posterior, generator))
+
+    def temporal_chunks(self, n: int) -> list[slice]:
+        """The temporal VAE's independent chunks of ``n`` frames: ``micro_frame_size`` (17) each, the last one
+        shorter (17 -> [0:17]; 33 -> [0:17], [17:33]). Each is encoded alone: a trainer must cut clips the same way."""
+        return [slice(i, min(i + self.micro_frame_size, n)) for i in range(0, n, self.micro_frame_size)]
+
+    def encode_temporal(
+        self, x_z: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Spatial latents ``[B, 4, N, h, w]`` -> temporal-VAE latents ``[B, 4, T_z, h, w]`` (not normalised), one
+        chunk (``temporal_chunks``) at a time."""
         z_list = []
-        for i in range(0, x_z.shape[2], self.micro_frame_size):
-            posterior = self.temporal_vae.encode(x_z[:, :, i : i + self.micro_frame_size])  # <= 17 frames
+        for c in self.temporal_chunks(x_z.shape[2]):
+            posterior = self.temporal_vae.encode(x_z[:, :, c])  # <= 17 frames
             z_list.append(posterior.sample(generator) if sample_posterior else posterior.mode())  # <= 5 latents
-        return self.normalize(torch.cat(z_list, dim=2))
+        return torch.cat(z_list, dim=2)
 
     def split_chunks(self, z: torch.Tensor, num_frames: int) -> list[tuple[torch.Tensor, int]]:
         """``[(z_chunk [B, 4, <=5, h, w], frames_in_chunk), ...]``: the independent units of ``decode``.

@@ -26,7 +26,8 @@ from blockrt.pipelines.opensora.tensor_files import write_safetensors
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # The 33-frame model (9 latent frames, room for TDTM; issue 19), shipped while it is trained and evaluated:
-# ``blockrt generate --weights pipelines/shapes/weights33 --frames 33``. Its TRAINING.md says where it stands.
+# ``blockrt generate --weights pipelines/shapes/weights33 --frames 33 --resolution 64x64 --aspect 1:1 --cfg 4``.
+# Its TRAINING.md says where it stands.
 WEIGHTS33_DIR = WEIGHTS_DIR.with_name("weights33")
 RECORD = "training.json"  # what produced the weights: command, seed, steps, losses, times
 # The shapes model's CFG scale. Open-Sora's 7.0 over-saturates this small model's colours (red turns green or

@@ -44,7 +44,8 @@ def swap(spec, word: str) -> str:
 
 
 @torch.no_grad()
-def word_gaps(weights: str | Path, frames: int = FRAMES, clips: int = 96, seed: int = 1) -> dict[str, dict[float, float]]:
+def word_gaps(weights: str | Path, frames: int = FRAMES, clips: int = 96,
+              seed: int = 1) -> dict[str, dict[float, float]]:
     """``{word: {s: loss(swapped caption) - loss(true caption)}}`` of the model in ``weights`` on ``clips``
     held-out clips of ``frames`` frames (noise drawn from ``seed``; the same for both captions)."""
     from blockrt.pipelines.opensora import loading

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from blockrt.pipelines.opensora import resolution
 from blockrt.pipelines.shapes import layout
 from blockrt.pipelines.shapes.dataset import FPS, FRAMES, GEOMETRIES, SIZE, all_captions, make_batch
 from blockrt.pipelines.shapes.train_vae import (encode_spatial, finish_vae, reconstruction_psnr,
@@ -214,7 +215,7 @@ def train_stdit3(model, latents: torch.Tensor, cap_idx: torch.Tensor, y_all: tor
 
 def latents_frames_to_pixels(latent_frames: int) -> int:
     """The clip length (``dataset.GEOMETRIES``) whose latents have ``latent_frames`` frames: 5 -> 17, 9 -> 33."""
-    by_latents = {5 * (f // 17) + math.ceil(f % 17 / 4): f for f in GEOMETRIES}
+    by_latents = {resolution.latent_frames(f): f for f in GEOMETRIES}
     if latent_frames not in by_latents:
         raise ValueError(f"the shapes clips have {sorted(GEOMETRIES)} frames ({sorted(by_latents)} latent frames), "
                          f"got {latent_frames} latent frames")

@@ -5,12 +5,13 @@ Two stages, as Open-Sora's VAE is built:
 1. ``train_spatial``: the spatial ``AutoencoderKL`` on single frames of random clips, MSE in pixels ([-1, 1])
    plus ``KL_WEIGHT`` x the posterior's KL; then a second phase with the shape's pixels weighted up;
 2. ``train_temporal``: the temporal VAE on the *frozen* spatial VAE's latents of whole clips (posterior means,
-   cached once by ``encode_spatial``), cut into the pipeline's chunks of 17 frames (``chunks``), MSE in that
-   latent space (optionally with the shape's cells weighted up) plus the same small KL.
+   cached once by ``encode_spatial``), cut into the pipeline's chunks of 17 frames (``temporal_chunks``; whole
+   33-frame clips would give other latents than the pipeline's: relative RMS 0.4-0.8 in the second chunk), MSE
+   in that latent space (optionally with the shape's cells weighted up) plus the same small KL.
 
-``finish_vae`` then encodes the cached clips chunk by chunk through the temporal encoder (means), exactly as
-``VideoAutoencoderPipeline.encode`` does, and sets the pipeline's
-per-channel ``shift``/``scale`` to the latents' mean and standard deviation, so STDiT3 sees unit-variance
+``finish_vae`` then encodes the cached clips through the temporal encoder (means) with the pipeline's own
+``encode_temporal`` (chunk by chunk, as ``VideoAutoencoderPipeline.encode``) and sets the pipeline's per-channel
+``shift``/``scale`` to the latents' mean and standard deviation, so STDiT3 sees unit-variance
 latents, as Open-Sora's fixed constants do for its own VAE.
 """
 
@@ -40,8 +41,8 @@ def _frames(seed: int, n_clips: int, batch: int, rng: np.random.Generator, frame
     """``batch`` random frames of random ``frames``-frame clips: ``(batch, 3, H, W)`` in [-1, 1]."""
     idx = rng.integers(n_clips, size=batch)
     ts = rng.integers(frames, size=batch)
-    frames = np.stack([make_clip(seed, int(i), frames).frames[int(t)] for i, t in zip(idx, ts)])  # (b, H, W, 3)
-    return to_video_tensor(frames[:, None])[:, :, 0]  # (b, 3, H, W)
+    picked = np.stack([make_clip(seed, int(i), frames).frames[int(t)] for i, t in zip(idx, ts)])  # (b, H, W, 3)
+    return to_video_tensor(picked[:, None])[:, :, 0]  # (b, 3, H, W)
 
 
 def shape_weights(x: torch.Tensor, focus: float) -> torch.Tensor:
@@ -57,14 +58,6 @@ def shape_cells(x: torch.Tensor) -> torch.Tensor:
     med = x.flatten(2).median(dim=2).values[..., None, None, None]  # (b, C, 1, 1, 1): the background
     dev = (x - med).abs().sum(1, keepdim=True)  # (b, 1, T, H, W)
     return (dev > FOCUS_REL * dev.flatten(1).median(dim=1).values.view(-1, 1, 1, 1, 1)).float()
-
-
-def chunks(frames: int, size: int = 17) -> list[slice]:
-    """The pipeline's temporal-VAE chunks of a ``frames``-frame clip (``VideoAutoencoderPipeline.encode``: ``size``
-    = ``micro_frame_size`` frames each, the last one shorter): 17 -> [0:17]; 33 -> [0:17], [17:33]. Each chunk is
-    encoded and decoded alone, so training must cut clips the same way: a 33-frame clip through the temporal
-    VAE whole gives other latents than the pipeline's (relative RMS 0.4-0.8 in the second chunk)."""
-    return [slice(i, min(i + size, frames)) for i in range(0, frames, size)]
 
 
 def train_spatial(vae, seed: int, n_clips: int, steps: int, batch: int, on_loss: Logger, *, focus: float = 0.0,
@@ -107,9 +100,9 @@ def encode_spatial(vae, seed: int, n_clips: int, frames: int = FRAMES) -> torch.
 def train_temporal(vae, latents: torch.Tensor, seed: int, steps: int, batch: int, on_loss: Logger, *,
                    focus: float = 0.0, cosine: bool = False) -> None:
     """Train ``vae.temporal_vae`` to reconstruct cached spatial latents ``(n, 4, T, h, w)``, chunk by chunk as the
-    pipeline runs it (``chunks``); in place. ``focus`` > 0 weights the shape's latent cells (``shape_cells``)
-    ``1 + focus`` times: unweighted, the few cells that hold the shape come back blurred. ``cosine`` decays the
-    learning rate to 0 over ``steps``."""
+    pipeline runs it (``VideoAutoencoderPipeline.temporal_chunks``); in place. ``focus`` > 0 weights the shape's
+    latent cells (``shape_cells``) ``1 + focus`` times: unweighted, the few cells that hold the shape come back
+    blurred. ``cosine`` decays the learning rate to 0 over ``steps``."""
     tv = vae.temporal_vae.train()
     opt = torch.optim.AdamW(tv.parameters(), lr=LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -120,7 +113,7 @@ def train_temporal(vae, latents: torch.Tensor, seed: int, steps: int, batch: int
         x = latents[torch.randint(n, (batch,), generator=gen)]  # (b, 4, T, h, w)
         w = 1.0 + focus * shape_cells(x)  # (b, 1, T, h, w)
         mse = kl = 0.0
-        for c in chunks(x.shape[2], vae.micro_frame_size):
+        for c in vae.temporal_chunks(x.shape[2]):
             xc = x[:, :, c]  # (b, 4, <=17, h, w)
             post = tv.encode(xc)
             rec = tv.decode(post.sample(gen), num_frames=xc.shape[2])
@@ -141,12 +134,8 @@ def finish_vae(vae, spatial_latents: torch.Tensor, set_stats: bool = True) -> to
     ``shift``/``scale`` from their per-channel statistics (unless ``set_stats`` is False: a VAE loaded from a
     weights directory keeps its own), and return the normalised STDiT3 latents ``(n, 4, T_z, h, w)`` (5 latent
     frames from 17 pixel frames, 9 from 33)."""
-    parts = []
-    for i in range(0, spatial_latents.shape[0], 64):
-        x = spatial_latents[i:i + 64]  # (<=64, 4, T, h, w)
-        parts.append(torch.cat([vae.temporal_vae.encode(x[:, :, c]).mode()
-                                for c in chunks(x.shape[2], vae.micro_frame_size)], dim=2))
-    z = torch.cat(parts)  # (n, 4, T_z, h, w)
+    z = torch.cat([vae.encode_temporal(spatial_latents[i:i + 64], sample_posterior=False)
+                   for i in range(0, spatial_latents.shape[0], 64)])  # (n, 4, T_z, h, w)
     if not set_stats:
         return vae.normalize(z)
     mean = z.mean(dim=(0, 2, 3, 4)).view(1, -1, 1, 1, 1)
@@ -157,7 +146,8 @@ def finish_vae(vae, spatial_latents: torch.Tensor, set_stats: bool = True) -> to
 
 
 @torch.no_grad()
-def reconstruction_psnr(vae, seed: int, start: int, n: int, frames: int = FRAMES) -> tuple[float, np.ndarray, np.ndarray]:
+def reconstruction_psnr(vae, seed: int, start: int, n: int,
+                        frames: int = FRAMES) -> tuple[float, np.ndarray, np.ndarray]:
     """PSNR (dB, uint8 frames) of clips ``start..start+n-1`` through the whole VAE (encode means, decode), with
     the originals and reconstructions as uint8 ``(n, T, H, W, 3)``."""
     from blockrt.pipelines.opensora.video import to_uint8_frames

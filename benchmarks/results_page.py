@@ -348,11 +348,8 @@ SECTIONS: tuple[Section, ...] = (
     Section("storage", "Storage dtypes for blocks", "storage", "", None,
             "fp32 / fp16 / bf16 / int8 block storage: bytes loaded and the quality cost."),
     Section("coreml", "Core ML export of the blocks", "coreml", "", None),
-    Section("quality", "LPL / TDTM quality on the trained shapes model", "quality", "", None),
-    Section("quality-12seeds", "The quality target on 144 videos", "quality-12seeds",
-            f"{PY} benchmarks/quality.py --seeds 12 --rows lpl16,steps16 --out out/bench/quality-12seeds", None,
-            "At 48 videos one video is 2.1 points of fidelity, more than the target allows; the target's rows on "
-            "12 seeds."),
+    Section("quality", "LPL / TDTM quality on the trained shapes model", "quality",
+            f"{PY} benchmarks/quality.py --threads 2", None),
 )
 
 

@@ -291,7 +291,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache", default="out/weights/random/demo", help="where --random-weights are written")
     gen.add_argument("--resolution", default=None, help="preset (default: 64x64 with the built-in model, else 144p)")
     gen.add_argument("--aspect", default=None, help="H:W (default: 1:1 with the built-in model, else 3:4)")
-    gen.add_argument("--frames", type=_count(1), default=17)
+    gen.add_argument("--frames", type=_count(1), default=None,
+                     help="video length in frames (default: 33 with the built-in model, its clips; else 17)")
     gen.add_argument("--steps", type=_count(1), default=30)
     gen.add_argument("--cfg", type=float, default=None,
                      help="CFG scale (default: 7.0, Open-Sora's; 4.0 for the built-in shapes model)")

@@ -37,6 +37,10 @@ def prepare(args: argparse.Namespace, say: Any) -> tuple[list[GenerateConfig], b
     shapes = args.weights is None and not args.random_weights  # the built-in trained model: its own defaults
     args.resolution = args.resolution or (SHAPES_RESOLUTION if shapes else "144p")
     args.aspect = args.aspect or ("1:1" if shapes else "3:4")
+    if args.frames is None:
+        from blockrt.pipelines.shapes.dataset import FRAMES
+
+        args.frames = FRAMES if shapes else 17
     if args.cfg is None:
         from blockrt.pipelines.shapes.layout import CFG_SCALE
 

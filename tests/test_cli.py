@@ -117,7 +117,7 @@ def test_generate_defaults_to_the_trained_shapes_model(tmp_path, capsys):
     rc = main(["generate", "--out", str(tmp_path / "out"), "--trace"])  # what `make demo` runs
     out = capsys.readouterr().out
     assert rc == 0
-    assert "trained here on synthetic shapes" in out and "17 frames at 64x64 1:1, 30 STDiT3 calls" in out
+    assert "trained here on synthetic shapes" in out and "33 frames at 64x64 1:1, 30 STDiT3 calls" in out
     judged = next(line for line in out.splitlines() if line.startswith("judge: "))
     assert judged.startswith("judge: a red ") and "moving right" in judged and judged.endswith(": matches the prompt")
     assert "whole run: peak_ledger_bytes" in out

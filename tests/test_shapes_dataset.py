@@ -91,13 +91,14 @@ def test_judge_reads_blurred_shapes():
     assert np.mean([judge(_blur(c.frames, 1.5)).shape == c.spec.shape for c in clips]) >= 0.95
 
 
-def test_shape_counts_only_when_asked():
+def test_shape_counts_unless_left_out():
     spec = sample_spec(np.random.default_rng(0), shape="square", colour="red", direction="left", background="white")
     v = judge(render(spec))
     assert v.shape == "square"
     wrong_shape = caption("circle", "red", "left", "white")
-    assert matches(v, wrong_shape)  # the default fidelity: colour and direction
-    assert not matches(v, wrong_shape, shape=True) and matches(v, spec.caption, shape=True)
+    assert not matches(v, wrong_shape) and matches(v, spec.caption)  # the default: shape, colour and direction
+    assert matches(v, wrong_shape, shape=False)  # colour and direction only
+    assert fidelity([v, v], [spec.caption, wrong_shape]) == 0.5 and fidelity([v], [wrong_shape], shape=False) == 1.0
 
 
 def test_judge_rejects_what_the_caption_does_not_say():

@@ -12,23 +12,24 @@ from blockrt.pipelines.opensora import loading
 from blockrt.pipelines.opensora.pipeline import DIRS, GenerateConfig, OpenSoraPipeline
 from blockrt.pipelines.opensora.video import to_uint8_frames
 from blockrt.pipelines.shapes.judge import judge, matches
-from blockrt.pipelines.shapes.layout import CFG_SCALE, RECORD, WEIGHTS33_DIR, WEIGHTS_DIR
+from blockrt.pipelines.shapes.dataset import FRAMES
+from blockrt.pipelines.shapes.layout import CFG_SCALE, RECORD, WEIGHTS_DIR
 
 PROMPT = "a red circle moving right on a blue background"
 PROMPTS = [PROMPT, "a green square moving left on a white background", "a blue triangle moving up on a gray background",
            "a yellow circle moving down on a black background"]  # every colour and direction once
 SEED = 42  # the CLI's default seed
 BUDGET = "64MB"
-MAX_SHIPPED_BYTES = 16 * 2**20  # "a few MB": everything under pipelines/shapes/weights (and weights33)
+MAX_SHIPPED_BYTES = 16 * 2**20  # "a few MB": everything under pipelines/shapes/weights
 
 
 def shapes_config(prompt: str = PROMPT, **kw) -> GenerateConfig:
-    return GenerateConfig(prompt, resolution="64x64", aspect="1:1", frames=17, seed=kw.pop("seed", SEED),
+    return GenerateConfig(prompt, resolution="64x64", aspect="1:1", frames=FRAMES, seed=kw.pop("seed", SEED),
                           cfg_scale=kw.pop("cfg_scale", CFG_SCALE), **kw)
 
 
-@pytest.mark.parametrize("root", [WEIGHTS_DIR, WEIGHTS33_DIR], ids=["17-frames", "33-frames"])
-def test_shipped_weights_are_the_real_layout_and_small(root):
+def test_shipped_weights_are_the_real_layout_and_small():
+    root = WEIGHTS_DIR
     for component, directory in DIRS.items():
         d = root / directory
         assert (d / "config.json").is_file()
@@ -63,7 +64,7 @@ def test_a_30_step_sample_scores_as_the_prompt_says(tmp_path):
     pipe = OpenSoraPipeline(WEIGHTS_DIR, budget=BUDGET)
     result = pipe.generate(shapes_config(steps=30), out=tmp_path / "v.mp4")
     frames = to_uint8_frames(result.video)
-    assert frames.shape == (17, 64, 64, 3) and (tmp_path / "v.mp4").stat().st_size > 0
+    assert frames.shape == (FRAMES, 64, 64, 3) and (tmp_path / "v.mp4").stat().st_size > 0
     verdicts = [judge(frames)] + [judge(to_uint8_frames(pipe.generate(shapes_config(p, steps=30)).video))
                                   for p in PROMPTS[1:]]  # same seed, streamed under the budget
     assert all(matches(v, p) for v, p in zip(verdicts, PROMPTS)), verdicts
@@ -94,7 +95,7 @@ def test_round_trip_attributes_reads_what_a_vae_keeps():
     from blockrt.pipelines.shapes.dataset import make_batch
     from blockrt.pipelines.shapes.train_vae import round_trip_attributes
 
-    frames, specs = make_batch(5, 0, 12)
+    frames, specs = make_batch(5, 0, 12, frames=17)  # the 17-frame set's small shapes (radius 7..10 px)
     assert round_trip_attributes(frames, frames.copy(), specs) == {"shape": 1.0, "colour": 1.0, "direction": 1.0}
     x = torch.from_numpy(frames).float().permute(0, 1, 4, 2, 3).flatten(0, 1)  # (n*T, 3, H, W)
     blurred = torch.nn.functional.avg_pool2d(x, 9, 1, 4, count_include_pad=False)

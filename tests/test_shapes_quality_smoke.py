@@ -37,6 +37,10 @@ def test_tdtm_rows_and_target():
     assert (s.merge_steps, s.merge_positions, s.merge_blocks, s.merge_when) == (10, "index", "all", "first")
     assert quality.tdtm_setting("tdtm31") is None and quality.tdtm_setting("tdtm10-middle") is None
     assert quality.parse_args(["--rows", "tdtm7-centre"]).rows == ["tdtm7-centre"]
+    lpl, naive = quality.named_setting("lpl10"), quality.named_setting("steps25")  # rows outside the default table
+    assert (lpl.lpl, lpl.steps, naive.lpl, naive.steps) == (10, 30, None, 25)
+    assert quality.named_setting("lpl31") is None and quality.named_setting("steps0") is None
+    assert quality.parse_args(["--rows", "lpl10,steps25"]).rows == ["lpl10", "steps25"]
     rows = [quality.Setting("steps30"), quality.tdtm_setting("tdtm10"), quality.tdtm_setting("tdtm30-centre"),
             quality.tdtm_setting("tdtm10-last")]
 

@@ -1,6 +1,7 @@
 """The synthetic captioned video set: one coloured shape moving over a plain background, generated on the fly.
 
-A clip is ``frames`` frames (``FRAMES``, 17, or 33: ``GEOMETRIES``) of ``SIZE`` x ``SIZE`` (64 x 64) pixels,
+A clip is ``frames`` frames (``FRAMES``: 33, the shipped model's; or 17: ``GEOMETRIES``) of ``SIZE`` x ``SIZE``
+(64 x 64) pixels,
 uint8 ``[T, H, W, 3]``: a circle,
 square or triangle of one of ``SHAPE_COLOURS`` moves in a straight line (left, right, up or down) at a
 constant speed over a background of one of ``BACKGROUNDS`` (never the shape's own colour), and never leaves
@@ -13,7 +14,7 @@ shapes, 4 colours, 4 directions, 4 backgrounds: 180 captions) so a small model c
 Example:
     >>> clip = make_clip(0, 7)            # ClipSpec + frames
     >>> clip.frames.shape, clip.spec.caption
-    ((17, 64, 64, 3), 'a green triangle moving up on a black background')
+    ((33, 64, 64, 3), 'a green triangle moving up on a black background')
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 SIZE = 64  # pixels, square frames
-FRAMES = 17  # the shipped model's clips: one temporal-VAE chunk (17 frames -> 5 latent frames)
+FRAMES = 33  # the shipped model's clips: two temporal-VAE chunks (33 frames -> 9 latent frames)
 FPS = 24
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -55,7 +56,8 @@ class Geometry:
 
 
 GEOMETRIES: dict[int, Geometry] = {
-    # 16..32 px of travel; radius 7..10 px, which the 8x-downsampling VAE rounds into blobs
+    # the first shipped model's (one temporal-VAE chunk, 5 latent frames): 16..32 px of travel; radius 7..10 px,
+    # which the 8x-downsampling VAE rounds into blobs
     17: Geometry(17, (7.0, 10.0), (1.0, 2.0)),
     # 33 frames (two temporal-VAE chunks, 9 latent frames: room for TDTM); the same 16..32 px of travel, and
     # shapes large enough (radius 10..14 px) for the VAE to keep a square's corners and a triangle's apex

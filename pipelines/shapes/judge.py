@@ -13,9 +13,8 @@ From uint8 frames ``[T, H, W, 3]``:
   best median score over the frames names the shape. It reads the generator's own clean clips right every time,
   and blurred ones too (``tests/test_shapes_dataset.py``); the bounding box's fill ratio, used before, read
   blurred triangles as circles.
-- ``fidelity``: the fraction of videos whose detected colour *and* direction are the caption's; with
-  ``shape=True`` the shape must match too. The shape stays off the default fidelity (the benchmark reports it as
-  its own column) until a model that draws its shapes is trained: the shipped model draws round blobs.
+- ``fidelity``: the fraction of videos whose detected shape, colour *and* direction are all the caption's
+  (``shape=False``: colour and direction only, as the first shipped model, which drew round blobs, was judged).
 - ``flicker``: mean absolute change (0..255) between consecutive frames over the pixels that are background
   in both frames and at least ``FLICKER_MARGIN_PX`` away from the shape in both: the moving shape's own
   change is excluded, so a perfectly steady video scores 0 whatever its motion. (VBench's "temporal
@@ -155,15 +154,16 @@ def judge(frames: np.ndarray) -> Verdict:
     return Verdict(_NAMES[best], direction, shape, background, travel, float(counts[best] / T))
 
 
-def matches(verdict: Verdict, caption: str, shape: bool = False) -> bool:
-    """True when the detected colour and direction are the caption's (and its shape, with ``shape=True``)."""
+def matches(verdict: Verdict, caption: str, shape: bool = True) -> bool:
+    """True when the detected shape, colour and direction are the caption's (``shape=False``: colour and direction)."""
     want = parse_caption(caption)
     return verdict.colour == want["colour"] and verdict.direction == want["direction"] and \
         (not shape or verdict.shape == want["shape"])
 
 
-def fidelity(verdicts: list[Verdict], captions: list[str], shape: bool = False) -> float:
-    """The fraction of videos whose colour and direction (and shape, with ``shape=True``) match their caption."""
+def fidelity(verdicts: list[Verdict], captions: list[str], shape: bool = True) -> float:
+    """The fraction of videos whose shape, colour and direction (``shape=False``: colour and direction) match their
+    caption."""
     if len(verdicts) != len(captions) or not verdicts:
         raise ValueError(f"need one caption per verdict (and at least one), got {len(verdicts)} and {len(captions)}")
     return sum(matches(v, c, shape) for v, c in zip(verdicts, captions)) / len(verdicts)

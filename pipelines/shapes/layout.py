@@ -5,7 +5,8 @@ downloads do (``config.json`` + ``model.safetensors``; the T5 directory also its
 so ``OpenSoraPipeline(weights=...)`` and ``loading.load_*`` read it unchanged. Every file is fp32, as the
 loaders expect. Each directory is built under a temporary name and renamed into place.
 
-``WEIGHTS_DIR`` is the trained model shipped with the package (``pipelines/shapes/weights``).
+``WEIGHTS_DIR`` is the trained model shipped with the package (``pipelines/shapes/weights``): 33-frame clips
+(``dataset.FRAMES``), 9 latent frames. The first shipped model (17 frames, blobs for every shape) is in git history.
 """
 
 from __future__ import annotations
@@ -23,12 +24,9 @@ from torch import nn
 from blockrt.files import replace_dir
 from blockrt.pipelines.opensora.checkpoint_layout import DIRECTORIES, stdit3_config_json, t5_spec, vae_config_json
 from blockrt.pipelines.opensora.tensor_files import write_safetensors
+from blockrt.pipelines.shapes.dataset import FRAMES
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-# The 33-frame model (9 latent frames, room for TDTM; issue 19), shipped while it is trained and evaluated:
-# ``blockrt generate --weights pipelines/shapes/weights33 --frames 33 --resolution 64x64 --aspect 1:1 --cfg 4``.
-# Its TRAINING.md says where it stands.
-WEIGHTS33_DIR = WEIGHTS_DIR.with_name("weights33")
 RECORD = "training.json"  # what produced the weights: command, seed, steps, losses, times
 # The shapes model's CFG scale. Open-Sora's 7.0 over-saturates this small model's colours (red turns green or
 # yellow). Chosen on seeds 100-103 of the quality benchmark's 12 prompts, not on its seeds 0-3: fidelity
@@ -40,11 +38,12 @@ T5_SIZES: dict[str, Any] = dict(vocab_size=256, d_model=64, d_kv=16, d_ff=128, n
                                 num_heads=4)
 STDIT3_SIZES: dict[str, Any] = dict(depth=4, hidden_size=128, num_heads=4, mlp_ratio=2.0,
                                     caption_channels=T5_SIZES["d_model"])
-SPATIAL_SIZES: dict[str, Any] = dict(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8)
 # The spatial VAE by clip length (``dataset.GEOMETRIES``): at 33 frames 1.5x wider, which with the larger shapes
 # keeps a square's corners and a triangle's apex through the round trip.
 SPATIAL_SIZES_BY_FRAMES: dict[int, dict[str, Any]] = {
-    17: SPATIAL_SIZES, 33: dict(block_out_channels=[24, 48, 48, 48], layers_per_block=1, norm_num_groups=8)}
+    17: dict(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8),
+    33: dict(block_out_channels=[24, 48, 48, 48], layers_per_block=1, norm_num_groups=8)}
+SPATIAL_SIZES: dict[str, Any] = SPATIAL_SIZES_BY_FRAMES[FRAMES]  # the shipped model's
 TEMPORAL_SIZES: dict[str, Any] = dict(filters=12, num_res_blocks=1, num_groups=4)
 
 

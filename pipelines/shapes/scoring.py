@@ -37,11 +37,11 @@ def mean_psnr(values: list[float]) -> float:
     return float("inf") if not finite else float(np.mean(finite))
 
 
-def score(videos: list[np.ndarray], refs: list[np.ndarray], captions: list[str], shape: bool = False) -> dict[str, Any]:
+def score(videos: list[np.ndarray], refs: list[np.ndarray], captions: list[str], shape: bool = True) -> dict[str, Any]:
     """Judge uint8 videos ``[T, H, W, 3]`` against their captions and same-seed reference videos.
 
-    Returns ``matches`` (per video), ``fidelity`` (colour and direction both the caption's, and the shape too when
-    ``shape``: off by default while the shipped model draws round blobs), ``colour_accuracy``,
+    Returns ``matches`` (per video), ``fidelity`` (shape, colour and direction all the caption's; colour and
+    direction only when ``shape`` is False), ``colour_accuracy``,
     ``direction_accuracy``, ``shape_accuracy``, ``flicker`` (0..255), ``psnr_db`` (inf: all identical), ``ssim`` and ``detected``
     (what the judge saw, per video). Every caption must be one the shapes model was trained on."""
     if not (len(videos) == len(refs) == len(captions)) or not videos:

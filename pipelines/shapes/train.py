@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     frames, spatial_sizes = args.frames, layout.SPATIAL_SIZES_BY_FRAMES[args.frames]
     vae = VideoAutoencoderPipeline(layout.vae_config(spatial_sizes))
-    stamp1 = f"seed{args.seed}-clips{args.clips}-s{args.vae_steps}" + ("" if frames == FRAMES else f"-frames{frames}")
+    stamp1 = f"seed{args.seed}-clips{args.clips}-s{args.vae_steps}-frames{frames}"  # caches of either length apart
     stamp = f"{stamp1}-f{args.vae_focus_steps}x{args.vae_focus:g}-t{args.tvae_steps}"
     if args.tvae_focus or args.tvae_cosine:
         stamp += f"x{args.tvae_focus:g}" + ("c" if args.tvae_cosine else "")

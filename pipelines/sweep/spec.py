@@ -7,7 +7,7 @@ A spec (JSON object; every key but ``prompts`` and ``settings`` optional)::
      "settings": [{"name": "steps30"}, {"name": "lpl16", "lpl": 16}, {"name": "tdtm10", "tdtm": 10},
                   {"name": "int8", "storage_dtype": "int8", "budget": "32MB"}],
      "reference": "steps30",          # PSNR/SSIM are against this setting's video of the same prompt and seed
-     "frames": 17, "resolution": "64x64", "aspect": "1:1", "cfg": 4.0,
+     "frames": 33, "resolution": "64x64", "aspect": "1:1", "cfg": 4.0,
      "weights": null,                 # a weights directory; null: the built-in shapes model
      "threads": 1,                    # torch threads per task (and the CPUs Ray reserves for it)
      "task_memory": null}             # memory Ray reserves per task; null: the setting's budget + TASK_BASE_BYTES
@@ -98,7 +98,7 @@ class SweepSpec:
     settings: tuple[Setting, ...]
     seeds: tuple[int, ...] = (0,)
     reference: str | None = None
-    frames: int = 17
+    frames: int = 33  # the built-in shapes model's clips (dataset.FRAMES)
     resolution: str = "64x64"
     aspect: str = "1:1"
     cfg: float = 4.0

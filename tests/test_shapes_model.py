@@ -11,8 +11,8 @@ import torch
 from blockrt.pipelines.opensora import loading
 from blockrt.pipelines.opensora.pipeline import DIRS, GenerateConfig, OpenSoraPipeline
 from blockrt.pipelines.opensora.video import to_uint8_frames
-from blockrt.pipelines.shapes.judge import judge, matches
 from blockrt.pipelines.shapes.dataset import FRAMES
+from blockrt.pipelines.shapes.judge import judge, matches
 from blockrt.pipelines.shapes.layout import CFG_SCALE, RECORD, WEIGHTS_DIR
 
 PROMPT = "a red circle moving right on a blue background"
@@ -29,16 +29,15 @@ def shapes_config(prompt: str = PROMPT, **kw) -> GenerateConfig:
 
 
 def test_shipped_weights_are_the_real_layout_and_small():
-    root = WEIGHTS_DIR
     for component, directory in DIRS.items():
-        d = root / directory
+        d = WEIGHTS_DIR / directory
         assert (d / "config.json").is_file()
         loaded = loading.LOADERS[component](d)  # builds on meta and checks every key, shape and dtype
         assert loaded.weights.is_file()
-    assert (root / DIRS["t5"] / "spiece.model").is_file()
-    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert (WEIGHTS_DIR / DIRS["t5"] / "spiece.model").is_file()
+    size = sum(p.stat().st_size for p in WEIGHTS_DIR.rglob("*") if p.is_file())
     assert size <= MAX_SHIPPED_BYTES
-    record = json.loads((root / RECORD).read_text())
+    record = json.loads((WEIGHTS_DIR / RECORD).read_text())
     # the shipped record was written before the module moved under blockrt.pipelines
     assert record["command"].split()[2] in ("pipelines.shapes.train", "blockrt.pipelines.shapes.train")
     assert "seed" in record["args"]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from blockrt.device import resolve_budget
+from blockrt.pipelines.shapes.dataset import FRAMES
 
 TASK_BASE_BYTES = 1536 * 2**20  # a task process's memory outside the budget: torch, transformers, diffusers, ffmpeg
 _SETTING_KEYS = {"name", "steps", "lpl", "tdtm", "budget", "storage_dtype"}
@@ -98,7 +99,7 @@ class SweepSpec:
     settings: tuple[Setting, ...]
     seeds: tuple[int, ...] = (0,)
     reference: str | None = None
-    frames: int = 33  # the built-in shapes model's clips (dataset.FRAMES)
+    frames: int = FRAMES  # the built-in shapes model's clips
     resolution: str = "64x64"
     aspect: str = "1:1"
     cfg: float = 4.0

@@ -91,7 +91,7 @@ def tiny_run(tmp_path_factory):
                 "--vae-steps", "2", "--vae-focus-steps", "2", "--tvae-steps", "2", "--tvae-focus", "20",
                 "--tvae-cosine", "--steps", "2", "--batch", "2", "--vae-batch", "2"]
         assert train.main(args) == 0
-        assert train.main(["--out", str(root / "w2"), *args[2:], "--init-vae", str(root / "w")]) == 0
+        assert train.main(["--out", str(root / "w2"), *args[2:], "--init-vae", str(root / "w"), "--lr", "1e-4"]) == 0
     return root
 
 
@@ -121,6 +121,14 @@ def test_init_vae_reuses_a_trained_vae_unchanged(tiny_run):
     record = json.loads((tiny_run / "w2" / layout.RECORD).read_text())
     assert record["init_vae"]["file"].endswith("model.safetensors") and len(record["init_vae"]["sha256"]) == 64
     assert "temporal_vae_s" not in record["times"]  # nothing was trained
+
+
+def test_the_learning_rate_is_an_option_and_recorded(tiny_run):
+    first = json.loads((tiny_run / "w" / layout.RECORD).read_text())
+    second = json.loads((tiny_run / "w2" / layout.RECORD).read_text())
+    assert first["objective"]["lr"] == train.LR and second["objective"]["lr"] == 1e-4
+    with pytest.raises(SystemExit, match="--lr must be > 0"):
+        train.main(["--out", "unused", "--lr", "0"])
 
 
 def test_the_probe_measures_every_word_at_every_noise_level(tiny_run):

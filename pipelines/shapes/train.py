@@ -159,12 +159,12 @@ def sample_sigmas(n: int, gen: torch.Generator, ratio: float) -> torch.Tensor:
 
 def train_stdit3(model, latents: torch.Tensor, cap_idx: torch.Tensor, y_all: torch.Tensor, mask_all: torch.Tensor,
                  *, steps: int, batch: int, seed: int, on_loss, save, save_every: int,
-                 focus: float = 0.0, cosine: bool = False) -> dict[str, float]:
+                 focus: float = 0.0, cosine: bool = False, lr: float = LR) -> dict[str, float]:
     """The rectified-flow loop; ``save(ema_model, step)`` is called every ``save_every`` steps and at the end.
 
     ``focus`` > 0 weights the loss of the latent cells that hold the shape ``1 + focus`` times (``shape_cells``):
     the background is learnt first and the shape's colour and motion, a few cells of 320, much later.
-    ``cosine`` decays the learning rate to 0 over ``steps`` after the warm-up (else it stays at ``LR``).
+    ``cosine`` decays the learning rate ``lr`` to 0 over ``steps`` after the warm-up (else it stays at ``lr``).
     """
     import copy
 
@@ -173,7 +173,7 @@ def train_stdit3(model, latents: torch.Tensor, cap_idx: torch.Tensor, y_all: tor
     ratio = timestep_ratio(SIZE, SIZE, latents_frames_to_pixels(latents.shape[2]))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 
     def lr_factor(k: int) -> float:
         return min(1.0, (k + 1) / WARMUP) * (0.5 * (1 + math.cos(math.pi * k / steps)) if cosine else 1.0)
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "sizes": {"t5": layout.T5_SIZES, "stdit3": layout.STDIT3_SIZES,
                                         "spatial_vae": layout.SPATIAL_SIZES_BY_FRAMES[args.frames],
                                         "temporal_vae": layout.TEMPORAL_SIZES},
-                              "objective": {"caption_dropout": CAPTION_DROPOUT, "ema_decay": EMA_DECAY, "lr": LR,
+                              "objective": {"caption_dropout": CAPTION_DROPOUT, "ema_decay": EMA_DECAY, "lr": args.lr,
                                             "warmup": WARMUP, "uniform_fraction": UNIFORM_FRACTION,
                                             "target": "x0 - noise", "x_t": "(1 - s) x0 + s noise, t = 1000 s"}}
 
@@ -349,7 +349,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_stdit = time.perf_counter()
     info = train_stdit3(model, latents, cap_idx, y_all, mask_all, steps=args.steps, batch=args.batch,
                         seed=args.seed, on_loss=rec, save=save, save_every=args.save_every, focus=args.latent_focus,
-                        cosine=args.cosine)
+                        cosine=args.cosine, lr=args.lr)
     times["stdit3_s"] = time.perf_counter() - t_stdit
     write_record(stdit3_steps_saved=args.steps, **info)
     write_summary(out)
@@ -422,6 +422,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--latent-focus", type=float, default=4.0, help="STDiT3 loss weight 1 + this on shape cells")
     ap.add_argument("--cosine", action="store_true", help="decay the STDiT3 learning rate to 0 (cosine)")
+    ap.add_argument("--lr", type=float, default=LR, help="STDiT3 peak learning rate (AdamW)")
     ap.add_argument("--init-stdit3", default=None, help="start STDiT3 from this model.safetensors (else Open-Sora's init)")
     ap.add_argument("--vocab", type=int, default=64, help="SentencePiece vocabulary bound")
     ap.add_argument("--threads", type=int, default=1,
@@ -434,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if min(args.clips, args.steps, args.batch, args.vae_batch, args.save_every) < 1:
         raise SystemExit("--clips, --steps, --batch, --vae-batch and --save-every must be >= 1")
+    if not args.lr > 0:
+        raise SystemExit(f"--lr must be > 0, got {args.lr}")
     run(args)
     return 0
 

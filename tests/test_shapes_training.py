@@ -127,6 +127,8 @@ def test_the_learning_rate_is_an_option_and_recorded(tiny_run):
     first = json.loads((tiny_run / "w" / layout.RECORD).read_text())
     second = json.loads((tiny_run / "w2" / layout.RECORD).read_text())
     assert first["objective"]["lr"] == train.LR and second["objective"]["lr"] == 1e-4
+    # and the optimiser runs at it: the same schedule (2 warm-up steps) scaled by the peak rate
+    assert second["final_lr"] / first["final_lr"] == pytest.approx(1e-4 / train.LR)
     with pytest.raises(SystemExit, match="--lr must be > 0"):
         train.main(["--out", "unused", "--lr", "0"])
 

@@ -26,9 +26,10 @@ steps30, measured in this run. The issue's targets are checked and printed as PA
 steps (lpl16) keeps fidelity within 2 points of steps30 and beats the naive steps16 on SSIM; some TDTM row keeps
 fidelity within 3 points of steps30 with SSIM >= 0.90 against it, at a measured speedup (> 1).
 
-    .venv/bin/python benchmarks/quality.py             # 12 prompts x 4 seeds, 16 settings (~14 min on 2 cores)
+    .venv/bin/python benchmarks/quality.py --threads 2 # 12 prompts x 8 seeds, 19 settings (~38 min on 2 cores)
     .venv/bin/python benchmarks/quality.py --quick     # 2 prompts x 1 seed, 4 settings (the smoke test)
     .venv/bin/python benchmarks/quality.py --seeds 12 --rows lpl16,steps16   # the target's rows, 144 videos
+    .venv/bin/python benchmarks/quality.py --interleave --rows tdtm10-last   # video by video in turn: fairer speedups
     .venv/bin/python benchmarks/quality.py --rows tdtm10,tdtm10-centre,tdtm30-spatial   # TDTM variants only
 
 Writes ``results.json``, ``results.csv`` and ``quality.md`` to ``--out`` (default ``out/bench/quality``).

@@ -240,6 +240,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from blockrt.pipelines.shapes.layout import CFG_SCALE  # the built-in model's; imported where it is used
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="log what blockrt does (-vv: debug)")
     common.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and --json)")
@@ -295,7 +297,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="video length in frames (default: 33 with the built-in model, its clips; else 17)")
     gen.add_argument("--steps", type=_count(1), default=30)
     gen.add_argument("--cfg", type=float, default=None,
-                     help="CFG scale (default: 7.0, Open-Sora's; 4.0 for the built-in shapes model)")
+                     help=f"CFG scale (default: 7.0, Open-Sora's; {CFG_SCALE} for the built-in shapes model)")
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--lpl", type=_leap, default=None,
                      help="LPL: model calls before one leap to t=0 (the paper: 16 of 30), or 'dynamic'")

@@ -7,7 +7,7 @@ A spec (JSON object; every key but ``prompts`` and ``settings`` optional)::
      "settings": [{"name": "steps30"}, {"name": "lpl16", "lpl": 16}, {"name": "tdtm10", "tdtm": 10},
                   {"name": "int8", "storage_dtype": "int8", "budget": "32MB"}],
      "reference": "steps30",          # PSNR/SSIM are against this setting's video of the same prompt and seed
-     "frames": 33, "resolution": "64x64", "aspect": "1:1", "cfg": 4.0,
+     "frames": 33, "resolution": "64x64", "aspect": "1:1", "cfg": 2.0,
      "weights": null,                 # a weights directory; null: the built-in shapes model
      "threads": 1,                    # torch threads per task (and the CPUs Ray reserves for it)
      "task_memory": null}             # memory Ray reserves per task; null: the setting's budget + TASK_BASE_BYTES
@@ -30,6 +30,7 @@ from typing import Any
 
 from blockrt.device import resolve_budget
 from blockrt.pipelines.shapes.dataset import FRAMES
+from blockrt.pipelines.shapes.layout import CFG_SCALE
 
 TASK_BASE_BYTES = 1536 * 2**20  # a task process's memory outside the budget: torch, transformers, diffusers, ffmpeg
 _SETTING_KEYS = {"name", "steps", "lpl", "tdtm", "budget", "storage_dtype"}
@@ -102,7 +103,7 @@ class SweepSpec:
     frames: int = FRAMES  # the built-in shapes model's clips
     resolution: str = "64x64"
     aspect: str = "1:1"
-    cfg: float = 4.0
+    cfg: float = CFG_SCALE  # the built-in shapes model's
     weights: str | None = None
     threads: int = 1
     task_memory: str | int | None = None

@@ -65,7 +65,7 @@ def test_an_unchanged_checkpoint_is_not_hashed_and_a_touched_one_once(tmp_path, 
 def test_a_bin_checkpoint_replaced_with_the_same_size_and_mtime_is_converted_again(tmp_path):
     from safetensors.torch import load_file
 
-    from blockrt.pipelines.opensora.loading import convert_bin_checkpoint
+    from blockrt.pipelines.opensora.bin_checkpoint import convert_bin_checkpoint
 
     d = tmp_path / "bin"
     d.mkdir()

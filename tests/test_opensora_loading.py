@@ -21,7 +21,8 @@ from models import stdit3_feed
 from blockrt.pipelines.opensora import checkpoint_layout as layout
 from blockrt.pipelines.opensora import random_weights as rw
 from blockrt.pipelines.opensora import tensor_files
-from blockrt.pipelines.opensora.loading import CheckpointError, check_weights, load_bin, load_stdit3, load_t5, load_vae
+from blockrt.pipelines.opensora.bin_checkpoint import load_bin
+from blockrt.pipelines.opensora.loading import CheckpointError, check_weights, load_stdit3, load_t5, load_vae
 from blockrt.pipelines.opensora.t5 import (MAX_LENGTH, encode_prompts, load_tokenizer, precompiled_charsmap,
                                    t5_tiny_config, t5_xxl_config, tokenize, train_tiny_tokenizer)
 

@@ -73,6 +73,7 @@ def test_finished_needs_the_same_arguments_and_the_last_step(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_smoke_chain_runs_and_resumes(tmp_path, capsys):
     """The whole chain at a few steps a stage (about 5 minutes on 2 cores), then a rerun that skips every run."""
     out = tmp_path / "rb"

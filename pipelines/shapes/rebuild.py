@@ -1,6 +1,6 @@
 """Rebuild the shipped shapes weights with one command: the four training runs of ``weights/TRAINING.md`` in turn.
 
-    python -m blockrt.pipelines.shapes.rebuild --out out/shapes/rebuild     # about 3.5 h on 2 cores
+    python -m blockrt.pipelines.shapes.rebuild --out out/shapes/rebuild     # about 4 h on 2 cores
 
 Run 1 starts STDiT3 from the first shipped model (17 frames), read from git history (``BASE_COMMIT``) or from
 ``--base FILE`` and checked against ``BASE_SHA256``; it trains the VAE first (its work directory starts empty).

@@ -14,6 +14,9 @@ RECORDS = ["training-run1.json", "training-run2.json", "training-run3.json", lay
 PATHS = {"out", "work", "init_stdit3", "init_vae"}
 
 
+DEFAULTS = vars(parse_args(["--out", "unused"]))
+
+
 def _chain(tmp_path: Path) -> dict[str, list[str]]:
     return rebuild.commands(tmp_path / "o", tmp_path / "w", tmp_path / "base.safetensors", threads=2)
 
@@ -22,7 +25,9 @@ def test_chain_repeats_the_shipped_runs(tmp_path):
     for (name, cmd), record in zip(_chain(tmp_path).items(), RECORDS, strict=True):
         shipped = json.loads((layout.WEIGHTS_DIR / record).read_text())["args"]
         got = vars(parse_args(cmd))
-        differ = {k for k in got if got[k] != shipped.get(k)} - PATHS
+        differ = {k for k in got if k in shipped and got[k] != shipped[k]} - PATHS
+        later = {k: got[k] for k in got if k not in shipped}  # options added after the run: at their defaults
+        assert later == {k: v for k, v in DEFAULTS.items() if k in later}, f"{name}: {later}"
         if shipped.get("lr") is None:  # recorded before --lr existed: the default then, 5e-4
             assert got["lr"] == LR == 5e-4
             differ.discard("lr")

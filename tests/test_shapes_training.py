@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from blockrt.pipelines.shapes import layout, train
 from blockrt.pipelines.shapes.dataset import GEOMETRIES, SIZE, geometry, make_batch, make_clip, to_video_tensor
 from blockrt.pipelines.shapes.probe import WORDS, swap, word_gaps
-from blockrt.pipelines.shapes.train_vae import encode_spatial, finish_vae, shape_cells, train_temporal
+from blockrt.pipelines.shapes.train_vae import encode_spatial, finish_vae, shape_cells, shape_weights, train_temporal
 
 
 def test_33_frame_clips_draw_larger_slower_shapes_with_the_same_captions():
@@ -92,7 +92,40 @@ def tiny_run(tmp_path_factory):
                 "--tvae-cosine", "--steps", "2", "--batch", "2", "--vae-batch", "2"]
         assert train.main(args) == 0
         assert train.main(["--out", str(root / "w2"), *args[2:], "--init-vae", str(root / "w"), "--lr", "1e-4"]) == 0
+        assert train.main(["--out", str(root / "w3"), *args[2:], "--init-vae", str(root / "w"), "--refine-vae", "2",
+                           "--tvae-ring", "1"]) == 0
     return root
+
+
+def test_ring_weights_cover_the_shape_and_the_background_next_to_it():
+    clip = make_clip(0, 7, 33).frames[:1]  # (1, 64, 64, 3): a triangle
+    x = to_video_tensor(clip[None])[:, :, 0]  # (1, 3, 64, 64)
+    shape = shape_weights(x, 20.0) > 1  # (1, 1, 64, 64)
+    ringed = shape_weights(x, 20.0, ring=2) > 1
+    assert shape.sum() > 100 and torch.equal(ringed & shape, shape)  # the shape keeps its weight
+    grown = ringed & ~shape
+    assert grown.sum() > 0.2 * shape.sum()  # the ring: background next to the outline
+    # every ring pixel is within 2 pixels (Chebyshev) of the shape, and the far background stays at 1
+    ys, xs = torch.nonzero(shape[0, 0], as_tuple=True)
+    for y, x_ in torch.nonzero(grown[0, 0]).tolist():
+        assert ((ys - y).abs().maximum((xs - x_).abs())).min() <= 2
+    assert shape_weights(x, 20.0, ring=2)[0, 0, 0, 0] == 1.0
+
+
+def test_refine_vae_fine_tunes_both_stages_and_keeps_the_latent_scale(tiny_run):
+    from blockrt.pipelines.opensora.pipeline import DIRS
+
+    first = load_file(tiny_run / "w" / DIRS["vae"] / "model.safetensors")
+    refined = load_file(tiny_run / "w3" / DIRS["vae"] / "model.safetensors")
+    changed = {k.split(".")[0] for k in first if not torch.equal(first[k], refined[k])}
+    assert changed == {"spatial_vae", "temporal_vae"}  # shift/scale are kept: STDiT3's latents keep their scale
+    record = json.loads((tiny_run / "w3" / layout.RECORD).read_text())
+    assert {"spatial_vae_phase3_s", "encode_spatial_s", "temporal_vae_s"} <= set(record["times"])
+    assert record["args"]["refine_vae"] == 2 and record["args"]["tvae_ring"] == 1
+    with pytest.raises(SystemExit, match="--refine-vae 5 fine-tunes a trained VAE: give it with --init-vae"):
+        train.main(["--out", "unused", "--refine-vae", "5"])
+    with pytest.raises(SystemExit, match="must be >= 0"):
+        train.main(["--out", "unused", "--init-vae", "w", "--refine-vae", "5", "--vae-ring", "-1"])
 
 
 def test_a_33_frame_run_writes_the_real_layout_and_its_record(tiny_run):

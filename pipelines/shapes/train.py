@@ -50,6 +50,8 @@ GRAD_CLIP = 1.0
 UNIFORM_FRACTION = 0.5  # share of timesteps drawn uniformly instead of logit-normal + transform
 LOG_EVERY = 50
 FOCUS_LR = 5e-4  # spatial VAE phase 2
+REFINE_LR = 1e-4  # --refine-vae: the spatial VAE's fine-tune (phase 3)
+TEMPORAL_REFINE_LR = 3e-4  # --refine-vae: the temporal VAE's fine-tune on the refined spatial latents
 ROUND_TRIP_CLIPS = 96  # held-out clips through the trained VAE: PSNR and what the judge reads back
 
 
@@ -281,19 +283,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stamp = f"{stamp1}-f{args.vae_focus_steps}x{args.vae_focus:g}-t{args.tvae_steps}"
     if args.tvae_focus or args.tvae_cosine:
         stamp += f"x{args.tvae_focus:g}" + ("c" if args.tvae_cosine else "")
-    if args.init_vae:  # a VAE trained before (a weights directory): only the latents are computed
+    if args.init_vae:  # a VAE trained before (a weights directory): only the latents are computed, or refined
         from blockrt.pipelines.opensora.checkpoint_layout import DIRECTORIES
 
         vae_file = Path(args.init_vae) / DIRECTORIES["vae"] / "model.safetensors"
         vae.load_state_dict(load_file(vae_file))
         record["init_vae"] = {"file": str(vae_file), "sha256": _sha256(vae_file)}
         stamp = f"{stamp1}-vae{record['init_vae']['sha256'][:12]}"
+        if args.refine_vae:
+            stamp += f"-refine{args.refine_vae}r{args.vae_ring}-t{args.tvae_steps}x{args.tvae_focus:g}r{args.tvae_ring}"
     vae_cache, lat_cache = work / f"vae-{stamp}.safetensors", work / f"latents-{stamp}.safetensors"
     spatial_cache = work / f"spatial-{stamp1}.safetensors"  # after phase 1
     if vae_cache.exists() and lat_cache.exists():
         vae.load_state_dict(load_file(vae_cache))
         latents = load_file(lat_cache)["latents"]
         log.info("VAE and latents reused from %s", work)
+    elif args.init_vae and args.refine_vae:  # fine-tune both stages; shift/scale kept, so STDiT3's latents stay
+        t = time.perf_counter()
+        train_spatial(vae, args.seed, args.clips, args.refine_vae, args.vae_batch, rec, focus=args.vae_focus,
+                      ring=args.vae_ring, lr=REFINE_LR, cosine=True, phase=3, frames=frames)
+        times["spatial_vae_phase3_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        spatial = encode_spatial(vae, args.seed, args.clips, frames)  # (n, 4, frames, 8, 8)
+        times["encode_spatial_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        train_temporal(vae, spatial, args.seed, args.tvae_steps, args.vae_batch, rec, focus=args.tvae_focus,
+                       ring=args.tvae_ring, cosine=args.tvae_cosine, lr=TEMPORAL_REFINE_LR)
+        times["temporal_vae_s"] = time.perf_counter() - t
+        latents = finish_vae(vae, spatial, set_stats=False)
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, vae_cache)
+        save_file({"latents": latents.contiguous()}, lat_cache)
     elif args.init_vae:
         t = time.perf_counter()
         latents = finish_vae(vae, encode_spatial(vae, args.seed, args.clips, frames), set_stats=False)
@@ -363,7 +382,7 @@ def _record_lines(r: dict[str, Any], name: str) -> list[str]:
              "| stage | last step | time | loss (first logged -> last logged, each a mean of 50 steps) |",
              "|---|---|---|---|"]
     stage_time = {"spatial_vae_mse": "spatial_vae_s", "spatial_vae_weighted_mse_phase2": "spatial_vae_phase2_s",
-                  "temporal_vae_mse": "temporal_vae_s"}
+                  "spatial_vae_weighted_mse_phase3": "spatial_vae_phase3_s", "temporal_vae_mse": "temporal_vae_s"}
     for stage, curve in r["losses"].items():
         if not curve:
             continue
@@ -415,7 +434,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tvae-focus", type=float, default=0.0, help="temporal VAE loss weight 1 + this on shape cells")
     ap.add_argument("--tvae-cosine", action="store_true", help="decay the temporal VAE's learning rate to 0 (cosine)")
     ap.add_argument("--init-vae", default=None,
-                    help="a weights directory whose OpenSora-VAE-v1.2 is used as it is (no VAE training)")
+                    help="a weights directory whose OpenSora-VAE-v1.2 is used as it is (no VAE training) or refined")
+    ap.add_argument("--refine-vae", type=int, default=0, metavar="STEPS",
+                    help="with --init-vae: fine-tune its spatial VAE this many steps (cosine; shape and --vae-ring "
+                         "weighted --vae-focus), then its temporal VAE --tvae-steps on the new latents")
+    ap.add_argument("--vae-ring", type=int, default=2, help="--refine-vae: background pixels this near the shape "
+                                                             "are weighted as the shape")
+    ap.add_argument("--tvae-ring", type=int, default=0, help="temporal VAE: latent cells this near the shape's "
+                                                              "are weighted as the shape's")
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6000, help="STDiT3 steps")
     ap.add_argument("--batch", type=int, default=32)
@@ -437,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--clips, --steps, --batch, --vae-batch and --save-every must be >= 1")
     if not args.lr > 0:
         raise SystemExit(f"--lr must be > 0, got {args.lr}")
+    if args.refine_vae and not args.init_vae:
+        raise SystemExit(f"--refine-vae {args.refine_vae} fine-tunes a trained VAE: give it with --init-vae DIR")
+    if min(args.refine_vae, args.vae_ring, args.tvae_ring) < 0:
+        raise SystemExit("--refine-vae, --vae-ring and --tvae-ring must be >= 0")
     run(args)
     return 0
 

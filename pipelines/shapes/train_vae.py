@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from blockrt.pipelines.shapes.dataset import FRAMES, make_batch, make_clip, to_video_tensor
 
@@ -45,10 +46,15 @@ def _frames(seed: int, n_clips: int, batch: int, rng: np.random.Generator, frame
     return to_video_tensor(picked[:, None])[:, :, 0]  # (b, 3, H, W)
 
 
-def shape_weights(x: torch.Tensor, focus: float) -> torch.Tensor:
-    """Per-pixel loss weights ``(b, 1, H, W)``: 1 on the background, ``1 + focus`` on the shape. The background
-    is the colour of pixel (0, 0), which no shape ever covers (``dataset.MARGIN``)."""
-    return 1.0 + focus * (x != x[:, :, :1, :1]).any(dim=1, keepdim=True).float()
+def shape_weights(x: torch.Tensor, focus: float, ring: int = 0) -> torch.Tensor:
+    """Per-pixel loss weights ``(b, 1, H, W)``: 1 on the background, ``1 + focus`` on the shape and, with
+    ``ring`` > 0, on the background within ``ring`` pixels of it (a disc or square painted where a triangle's
+    sides are then costs as much as a missing apex). The background is the colour of pixel (0, 0), which no
+    shape ever covers (``dataset.MARGIN``)."""
+    mask = (x != x[:, :, :1, :1]).any(dim=1, keepdim=True).float()  # (b, 1, H, W)
+    if ring:
+        mask = F.max_pool2d(mask, 2 * ring + 1, stride=1, padding=ring)
+    return 1.0 + focus * mask
 
 
 def shape_cells(x: torch.Tensor) -> torch.Tensor:
@@ -61,15 +67,18 @@ def shape_cells(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_spatial(vae, seed: int, n_clips: int, steps: int, batch: int, on_loss: Logger, *, focus: float = 0.0,
-                  lr: float = LR, phase: int = 1, frames: int = FRAMES) -> None:
+                  ring: int = 0, lr: float = LR, cosine: bool = False, phase: int = 1, frames: int = FRAMES) -> None:
     """Train ``vae.spatial_vae.module`` (diffusers AutoencoderKL) on frames; in place.
 
     ``focus`` > 0 weights the shape's pixels ``1 + focus`` times the background's (``shape_weights``): with
-    plain MSE the shape, ~5% of a frame, comes out as a blurred, discoloured blob. ``phase`` picks the data
-    stream, so a second phase sees other frames than the first.
+    plain MSE the shape, ~5% of a frame, comes out as a blurred, discoloured blob; ``ring`` weights the
+    background around it too. ``cosine`` decays ``lr`` to 0 over ``steps``. ``phase`` picks the data stream, so
+    each phase sees other frames.
     """
     ae = vae.spatial_vae.module.train().requires_grad_(True)
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)) if cosine else 1.0)
     rng = np.random.default_rng([seed, phase])
     gen = torch.Generator().manual_seed(seed + 10 * (phase - 1))
     name = "spatial_vae_mse" if phase == 1 else f"spatial_vae_weighted_mse_phase{phase}"
@@ -77,12 +86,13 @@ def train_spatial(vae, seed: int, n_clips: int, steps: int, batch: int, on_loss:
         x = _frames(seed, n_clips, batch, rng, frames)  # (b, 3, 64, 64)
         dist = ae.encode(x).latent_dist
         rec = ae.decode(dist.sample(gen)).sample
-        w = shape_weights(x, focus)  # (b, 1, H, W)
+        w = shape_weights(x, focus, ring)  # (b, 1, H, W)
         mse = ((rec - x).pow(2) * w).mean() / w.mean()
         loss = mse + KL_WEIGHT * dist.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         on_loss(name, step, mse.item())
     ae.eval().requires_grad_(False)
 
@@ -98,20 +108,24 @@ def encode_spatial(vae, seed: int, n_clips: int, frames: int = FRAMES) -> torch.
 
 
 def train_temporal(vae, latents: torch.Tensor, seed: int, steps: int, batch: int, on_loss: Logger, *,
-                   focus: float = 0.0, cosine: bool = False) -> None:
+                   focus: float = 0.0, ring: int = 0, cosine: bool = False, lr: float = LR) -> None:
     """Train ``vae.temporal_vae`` to reconstruct cached spatial latents ``(n, 4, T, h, w)``, chunk by chunk as the
     pipeline runs it (``VideoAutoencoderPipeline.temporal_chunks``); in place. ``focus`` > 0 weights the shape's
     latent cells (``shape_cells``) ``1 + focus`` times: unweighted, the few cells that hold the shape come back
-    blurred. ``cosine`` decays the learning rate to 0 over ``steps``."""
-    tv = vae.temporal_vae.train()
-    opt = torch.optim.AdamW(tv.parameters(), lr=LR, weight_decay=0.0)
+    blurred; ``ring`` > 0 weights the cells within ``ring`` cells of them too. ``cosine`` decays the learning rate
+    ``lr`` to 0 over ``steps``. Starts from the temporal VAE's current weights."""
+    tv = vae.temporal_vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(tv.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)) if cosine else 1.0)
     gen = torch.Generator().manual_seed(seed + 2)
     n = latents.shape[0]
     for step in range(steps):
         x = latents[torch.randint(n, (batch,), generator=gen)]  # (b, 4, T, h, w)
-        w = 1.0 + focus * shape_cells(x)  # (b, 1, T, h, w)
+        cells = shape_cells(x)  # (b, 1, T, h, w)
+        if ring:
+            cells = F.max_pool3d(cells, (1, 2 * ring + 1, 2 * ring + 1), stride=1, padding=(0, ring, ring))
+        w = 1.0 + focus * cells
         mse = kl = 0.0
         for c in vae.temporal_chunks(x.shape[2]):
             xc = x[:, :, c]  # (b, 4, <=17, h, w)

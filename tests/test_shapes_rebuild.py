@@ -1,4 +1,4 @@
-"""The one command that rebuilds the shipped shapes weights: its chain is the four recorded runs, linked."""
+"""The one command that rebuilds the shipped shapes weights: its chain is the five recorded runs, linked."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from blockrt.pipelines.shapes import layout, rebuild
 from blockrt.pipelines.shapes.train import LR, parse_args
 
-RECORDS = ["training-run1.json", "training-run2.json", "training-run3.json", layout.RECORD]
+RECORDS = ["training-run1.json", "training-run2.json", "training-run3.json", "training-run4.json", layout.RECORD]
 PATHS = {"out", "work", "init_stdit3", "init_vae"}
 
 
@@ -40,10 +40,11 @@ def test_chain_repeats_the_shipped_runs(tmp_path):
 def test_each_run_starts_from_the_one_before(tmp_path):
     chain = {name: vars(parse_args(cmd)) for name, cmd in _chain(tmp_path).items()}
     assert chain["run1"]["init_stdit3"] == str(tmp_path / "base.safetensors") and chain["run1"]["init_vae"] is None
-    for prev, name in [("run1", "run2"), ("run2", "run3"), ("run3", "run4")]:
+    for prev, name in [("run1", "run2"), ("run2", "run3"), ("run3", "run4"), ("run4", "run5")]:
         assert chain[name]["init_stdit3"] == str(Path(chain[prev]["out"]) / rebuild.STDIT3_FILE)
     assert chain["run2"]["init_vae"] is None  # reuses run 1's VAE through the shared work directory
     assert chain["run3"]["init_vae"] == chain["run2"]["out"] and chain["run4"]["init_vae"] == chain["run3"]["out"]
+    assert chain["run5"]["init_vae"] == chain["run4"]["out"] and chain["run5"]["refine_vae"] == 2000
     assert len({a["work"] for a in chain.values()}) == 1
 
 
@@ -84,8 +85,8 @@ def test_smoke_chain_runs_and_resumes(tmp_path, capsys):
     out = tmp_path / "rb"
     assert rebuild.main(["--out", str(out), "--smoke"]) == 0
     final = out / "weights"
-    assert sorted(p.name for p in final.glob("training-*.json")) == [f"training-run{k}.json" for k in (1, 2, 3, 4)]
-    assert (final / rebuild.STDIT3_FILE).exists() and "## Run 4" in (final / "TRAINING.md").read_text()
-    stamp = (out / "run4" / layout.RECORD).stat().st_mtime_ns
+    assert sorted(p.name for p in final.glob("training-*.json")) == [f"training-run{k}.json" for k in (1, 2, 3, 4, 5)]
+    assert (final / rebuild.STDIT3_FILE).exists() and "## Run 5" in (final / "TRAINING.md").read_text()
+    stamp = (out / "run5" / layout.RECORD).stat().st_mtime_ns
     assert rebuild.main(["--out", str(out), "--smoke"]) == 0
-    assert (out / "run4" / layout.RECORD).stat().st_mtime_ns == stamp
+    assert (out / "run5" / layout.RECORD).stat().st_mtime_ns == stamp

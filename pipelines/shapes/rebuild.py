@@ -1,15 +1,16 @@
-"""Rebuild the shipped shapes weights with one command: the four training runs of ``weights/TRAINING.md`` in turn.
+"""Rebuild the shipped shapes weights with one command: the five training runs of ``weights/TRAINING.md`` in turn.
 
-    python -m blockrt.pipelines.shapes.rebuild --out out/shapes/rebuild     # about 4 h on 2 cores
+    python -m blockrt.pipelines.shapes.rebuild --out out/shapes/rebuild     # about 5 h on 2 cores
 
 Run 1 starts STDiT3 from the first shipped model (17 frames), read from git history (``BASE_COMMIT``) or from
 ``--base FILE`` and checked against ``BASE_SHA256``; it trains the VAE first (its work directory starts empty).
 Each later run starts from the one before: run 2 from run 1's STDiT3, runs 3 and 4 also take run 2's and run 3's
-VAE as it is (``--init-vae``). Every run is ``python -m blockrt.pipelines.shapes.train`` in a process of its own,
+VAE as it is (``--init-vae``); run 5 refines run 4's VAE (``--refine-vae``) and continues run 4's STDiT3 on the
+refined latents. Every run is ``python -m blockrt.pipelines.shapes.train`` in a process of its own,
 with the arguments recorded in ``TRAINING.md`` (run 1 ran with ``--steps 12000`` and was stopped at step 3750; its
 learning rate is constant after the warm-up, so ``--steps 3750`` is the same run), its log in ``OUT/logs/``. A run
 whose directory already holds its finished record is skipped, so a stopped rebuild resumes where it stopped.
-``OUT/weights`` gets run 4's weights, the four records and a ``TRAINING.md``; the log says whether its STDiT3 is
+``OUT/weights`` gets run 5's weights, the five records and a ``TRAINING.md``; the log says whether its STDiT3 is
 byte for byte the shipped one (``layout.WEIGHTS_DIR``).
 """
 
@@ -41,6 +42,8 @@ RUNS: dict[str, tuple[list[str], str | None, str | None]] = {
     "run2": (["--steps", "4800", "--cosine"], None, "run1"),
     "run3": (["--steps", "7000", "--cosine"], "run2", "run2"),
     "run4": (["--clips", "6000", "--steps", "7000", "--cosine", "--lr", "3e-4"], "run3", "run3"),
+    "run5": (["--clips", "6000", "--tvae-steps", "1500", "--tvae-ring", "1", "--refine-vae", "2000", "--vae-ring", "2",
+              "--steps", "4000", "--cosine", "--lr", "3e-4"], "run4", "run4"),
 }
 # --smoke: the same chain with every stage a few steps long (checks the chain, not the weights)
 SMOKE = ["--clips", "8", "--steps", "2", "--vae-steps", "2", "--vae-focus-steps", "2", "--tvae-steps", "2",
@@ -62,7 +65,8 @@ def commands(out: Path, work: Path, base: Path, threads: int, smoke: bool = Fals
         init = base if stdit3_from is None else out / stdit3_from / STDIT3_FILE
         args = ["--out", str(out / name), "--work", str(work), *COMMON, *extra, "--threads", str(threads)]
         args += ["--init-vae", str(out / vae_from)] if vae_from else []
-        cmds[name] = args + ["--init-stdit3", str(init)] + (SMOKE if smoke else [])
+        smoke_args = SMOKE + (["--refine-vae", "2"] if "--refine-vae" in extra else []) if smoke else []
+        cmds[name] = args + ["--init-stdit3", str(init)] + smoke_args
     return cmds
 
 
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="caches shared by the runs (default OUT/work)")
     ap.add_argument("--base", default=None, help="the first shipped model's STDiT3 file (default: from git)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the shipped runs: 2)")
-    ap.add_argument("--dry-run", action="store_true", help="print the four commands and stop")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     ap.add_argument("--smoke", action="store_true", help="every stage a few steps long: checks the chain only")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()

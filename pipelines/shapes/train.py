@@ -37,6 +37,7 @@ import torch
 from blockrt.pipelines.opensora import resolution
 from blockrt.pipelines.shapes import layout
 from blockrt.pipelines.shapes.dataset import FPS, FRAMES, GEOMETRIES, SIZE, all_captions, make_batch
+from blockrt.pipelines.shapes.train_vae import LR as VAE_LR
 from blockrt.pipelines.shapes.train_vae import (encode_spatial, finish_vae, reconstruction_psnr,
                                                 round_trip_attributes, shape_cells, train_spatial, train_temporal)
 
@@ -241,6 +242,21 @@ def _caption_index(seed: int, n: int, frames: int = FRAMES) -> torch.Tensor:
     return torch.tensor([order[make_clip(seed, i, frames).spec.caption] for i in range(n)])
 
 
+def _temporal_stage(vae, args: argparse.Namespace, rec: Recorder, times: dict[str, float], *, lr: float,
+                    set_stats: bool) -> torch.Tensor:
+    """Encode the training clips' spatial latents, train the temporal VAE on them from its current weights
+    (``--tvae-*``, peak ``lr``) and return STDiT3's normalised latents ``(n, 4, T_z, 8, 8)`` (``set_stats``: the
+    pipeline's shift/scale set from them, else kept)."""
+    t = time.perf_counter()
+    spatial = encode_spatial(vae, args.seed, args.clips, args.frames)  # (n, 4, frames, 8, 8)
+    times["encode_spatial_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    train_temporal(vae, spatial, args.seed, args.tvae_steps, args.vae_batch, rec, focus=args.tvae_focus,
+                   ring=args.tvae_ring, cosine=args.tvae_cosine, lr=lr)
+    times["temporal_vae_s"] = time.perf_counter() - t
+    return finish_vae(vae, spatial, set_stats=set_stats)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from safetensors.torch import load_file, save_file
 
@@ -283,6 +299,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stamp = f"{stamp1}-f{args.vae_focus_steps}x{args.vae_focus:g}-t{args.tvae_steps}"
     if args.tvae_focus or args.tvae_cosine:
         stamp += f"x{args.tvae_focus:g}" + ("c" if args.tvae_cosine else "")
+    if args.tvae_ring:
+        stamp += f"r{args.tvae_ring}"
     if args.init_vae:  # a VAE trained before (a weights directory): only the latents are computed, or refined
         from blockrt.pipelines.opensora.checkpoint_layout import DIRECTORIES
 
@@ -303,14 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_spatial(vae, args.seed, args.clips, args.refine_vae, args.vae_batch, rec, focus=args.vae_focus,
                       ring=args.vae_ring, lr=REFINE_LR, cosine=True, phase=3, frames=frames)
         times["spatial_vae_phase3_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        spatial = encode_spatial(vae, args.seed, args.clips, frames)  # (n, 4, frames, 8, 8)
-        times["encode_spatial_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        train_temporal(vae, spatial, args.seed, args.tvae_steps, args.vae_batch, rec, focus=args.tvae_focus,
-                       ring=args.tvae_ring, cosine=args.tvae_cosine, lr=TEMPORAL_REFINE_LR)
-        times["temporal_vae_s"] = time.perf_counter() - t
-        latents = finish_vae(vae, spatial, set_stats=False)
+        latents = _temporal_stage(vae, args, rec, times, lr=TEMPORAL_REFINE_LR, set_stats=False)
         save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, vae_cache)
         save_file({"latents": latents.contiguous()}, lat_cache)
     elif args.init_vae:
@@ -332,14 +343,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_spatial(vae, args.seed, args.clips, args.vae_focus_steps, args.vae_batch, rec, focus=args.vae_focus,
                       lr=FOCUS_LR, phase=2, frames=frames)
         times["spatial_vae_phase2_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        spatial = encode_spatial(vae, args.seed, args.clips, frames)  # (n, 4, frames, 8, 8)
-        times["encode_spatial_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        train_temporal(vae, spatial, args.seed, args.tvae_steps, args.vae_batch, rec, focus=args.tvae_focus,
-                       cosine=args.tvae_cosine)
-        times["temporal_vae_s"] = time.perf_counter() - t
-        latents = finish_vae(vae, spatial)  # (n, 4, T_z, 8, 8), normalised
+        latents = _temporal_stage(vae, args, rec, times, lr=VAE_LR, set_stats=True)
         save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, vae_cache)
         save_file({"latents": latents.contiguous()}, lat_cache)
     vae.eval().requires_grad_(False)

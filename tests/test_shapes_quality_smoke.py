@@ -9,7 +9,7 @@ from benchmark_modules import load_benchmark
 
 def test_quality_benchmark_quick(tmp_path, capsys):
     quality = load_benchmark("quality")
-    assert quality.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert quality.main(["--quick", "--out", str(tmp_path)]) == 0  # settings video by video in turn (the default)
     out = capsys.readouterr().out
     assert "target: lpl2 fidelity" in out and ("PASS" in out or "MISS" in out)
     doc = json.loads((tmp_path / "results.json").read_text())
@@ -19,9 +19,12 @@ def test_quality_benchmark_quick(tmp_path, capsys):
     assert all(0.0 <= r["fidelity"] <= 1.0 for r in rows.values())
     assert (tmp_path / "quality.md").read_text().startswith("# LPL / TDTM quality")
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 5
-    # interleaved (video by video, every setting in turn): the same videos, so the same scores
-    assert quality.main(["--quick", "--interleave", "--out", str(tmp_path / "interleaved")]) == 0
-    again = json.loads((tmp_path / "interleaved" / "results.json").read_text())["rows"]
+    assert doc["config"]["interleave"] is True
+    # row after row (each setting's videos in one go): the same videos, so the same scores
+    assert quality.main(["--quick", "--no-interleave", "--out", str(tmp_path / "by_row")]) == 0
+    again = json.loads((tmp_path / "by_row" / "results.json").read_text())
+    assert again["config"]["interleave"] is False
+    again = again["rows"]
     for name, row in rows.items():
         assert {k: again[name][k] for k in ("matches", "ssim", "psnr_db", "model_calls")} == \
             {k: row[k] for k in ("matches", "ssim", "psnr_db", "model_calls")}, name

@@ -301,7 +301,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--lpl", type=_leap, default=None,
                      help="LPL: model calls before one leap to t=0 (the paper: 16 of 30), or 'dynamic'")
-    gen.add_argument("--tdtm", type=_count(0), default=0, help="merge frame pairs for the first N steps")
+    gen.add_argument("--tdtm", type=_count(0), default=0,
+                     help="merge frame pairs for N steps (the first N; --tdtm-when last: the last N)")
     gen.add_argument("--tdtm-positions", choices=("index", "centre"), default="index",
                      help="RoPE positions of merged frames: index 0..T'-1 (the paper's) or centre 2g+0.5")
     gen.add_argument("--tdtm-blocks", choices=("all", "spatial", "temporal"), default="all",

@@ -25,11 +25,11 @@ absolute change of the steady background between frames, 0..255), PSNR and SSIM 
 the same prompt and seed, model calls per video, the denoising wall time (all videos) and its speedup over
 steps30, measured in this run. The settings run video by video in turn (``--no-interleave``: row after row), so a
 change of the machine's load hits every row alike: TDTM's gain on this model is a few per cent, inside the drift
-of a 38-minute run. The issue's targets are checked and printed as PASS or MISS: LPL at about half the
+of a half-hour run. The issue's targets are checked and printed as PASS or MISS: LPL at about half the
 steps (lpl16) keeps fidelity within 2 points of steps30 and beats the naive steps16 on SSIM; some TDTM row keeps
 fidelity within 3 points of steps30 with SSIM >= 0.90 against it, at a measured speedup (> 1).
 
-    .venv/bin/python benchmarks/quality.py --threads 2 # 12 prompts x 8 seeds, 19 settings (~38 min on 2 cores)
+    .venv/bin/python benchmarks/quality.py --threads 2 # 12 prompts x 8 seeds, 19 settings (~32 min on 2 cores)
     .venv/bin/python benchmarks/quality.py --quick     # 2 prompts x 1 seed, 4 settings (the smoke test)
     .venv/bin/python benchmarks/quality.py --seeds 12 --rows lpl16,steps16   # the target's rows, 144 videos
     .venv/bin/python benchmarks/quality.py --rows tdtm10-last,tdtm15-centre-last   # a few rows, against steps30
@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"# LPL / TDTM quality on the shapes model\n\n{len(captions)} videos per setting ({len(prompts)} prompts x "
             f"{len(seeds)} seeds), 64x64, {args.frames} frames, CFG {args.cfg:g}; {hw['cpu']}, torch threads "
             f"{args.threads}, other processes {busy:.2f} cores; "
-            f"{'settings video by video in turn' if args.interleave else 'each row after the other'}.\n\n{md}\n\n{verdict}\n\n{tdtm_verdict}\n").encode()
+            f"{'settings video by video in turn' if args.interleave else 'each row after the other'}.\n\n"
+            f"{md}\n\n{verdict}\n\n{tdtm_verdict}\n").encode()
     write_atomic(out_dir / "quality.md", lambda f: f.write(text))
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.csv'}, {out_dir / 'quality.md'}")
     return 0

@@ -122,6 +122,12 @@ def test_refine_vae_fine_tunes_both_stages_and_keeps_the_latent_scale(tiny_run):
     record = json.loads((tiny_run / "w3" / layout.RECORD).read_text())
     assert {"spatial_vae_phase3_s", "encode_spatial_s", "temporal_vae_s"} <= set(record["times"])
     assert record["args"]["refine_vae"] == 2 and record["args"]["tvae_ring"] == 1
+    # its VAE and latents are cached under --work (a rerun reuses them), whole files, no temporary left behind
+    caches = sorted(p.name.split("-")[0] for p in (tiny_run / "work").glob("*-refine2r2-*.safetensors"))
+    assert caches == ["latents", "vae"]
+    cached = load_file(next((tiny_run / "work").glob("latents-*-refine2r2-*.safetensors")))["latents"]
+    assert cached.shape[0] == 8 and torch.isfinite(cached).all()
+    assert not [p.name for p in (tiny_run / "work").iterdir() if p.name.startswith(".")]
     with pytest.raises(SystemExit, match="--refine-vae 5 fine-tunes a trained VAE: give it with --init-vae"):
         train.main(["--out", "unused", "--refine-vae", "5"])
     with pytest.raises(SystemExit, match="must be >= 0"):

@@ -65,7 +65,7 @@ def commands(out: Path, work: Path, base: Path, threads: int, smoke: bool = Fals
         init = base if stdit3_from is None else out / stdit3_from / STDIT3_FILE
         args = ["--out", str(out / name), "--work", str(work), *COMMON, *extra, "--threads", str(threads)]
         args += ["--init-vae", str(out / vae_from)] if vae_from else []
-        smoke_args = SMOKE + (["--refine-vae", "2"] if "--refine-vae" in extra else []) if smoke else []
+        smoke_args = (SMOKE + (["--refine-vae", "2"] if "--refine-vae" in extra else [])) if smoke else []
         cmds[name] = args + ["--init-stdit3", str(init)] + smoke_args
     return cmds
 
@@ -122,7 +122,7 @@ def run_chain(cmds: dict[str, list[str]], logs: Path) -> None:
 def assemble(out: Path, names: list[str]) -> Path:
     """``out/weights``: the last run's weights, every run's record (``training-<run>.json``) and ``TRAINING.md``."""
     from blockrt.files import replace_dir
-    from blockrt.pipelines.shapes.train import write_summary
+    from blockrt.pipelines.shapes.training_summary import write_summary
 
     final = out / "weights"
     tmp = out / "weights.tmp"

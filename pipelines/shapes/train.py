@@ -7,8 +7,9 @@ Stages (each resumable: its result is kept under ``--work`` and reused by a reru
    to keep every caption word one piece, and a small T5 encoder with random frozen weights ->
    ``DIR/t5-v1_1-xxl``;
 2. the VAE (``train_vae.py``): spatial (plain MSE, then ``--vae-focus-steps`` with the shape's pixels weighted
-   up), then temporal, then frozen -> ``DIR/OpenSora-VAE-v1.2``; the latents of ``--clips`` clips are encoded
-   once and cached;
+   up), then temporal, then frozen -> ``DIR/OpenSora-VAE-v1.2``; or ``--init-vae`` takes a trained one as it is,
+   or fine-tunes it (``--refine-vae``: spatial with a ``--vae-ring`` of background weighted, then temporal); the
+   latents of ``--clips`` clips are encoded once and cached (written atomically);
 3. STDiT3 (the full-size model's class at small width) with Open-Sora's rectified-flow objective: for clean
    latents ``x0`` and noise ``e``, ``x_t = (1 - s) x0 + s e`` at ``t = 1000 s`` and the target is the velocity
    ``x0 - e`` (what ``sampler.sample`` integrates: ``z += v dt`` from ``t = 1000`` down to 0). ``s`` is drawn
@@ -36,10 +37,12 @@ import torch
 
 from blockrt.pipelines.opensora import resolution
 from blockrt.pipelines.shapes import layout
+from blockrt.files import write_atomic
 from blockrt.pipelines.shapes.dataset import FPS, FRAMES, GEOMETRIES, SIZE, all_captions, make_batch
 from blockrt.pipelines.shapes.train_vae import LR as VAE_LR
 from blockrt.pipelines.shapes.train_vae import (encode_spatial, finish_vae, reconstruction_psnr,
                                                 round_trip_attributes, shape_cells, train_spatial, train_temporal)
+from blockrt.pipelines.shapes.training_summary import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +245,14 @@ def _caption_index(seed: int, n: int, frames: int = FRAMES) -> torch.Tensor:
     return torch.tensor([order[make_clip(seed, i, frames).spec.caption] for i in range(n)])
 
 
+def _save_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` to the safetensors file ``path`` atomically: a stopped run never leaves a torn cache."""
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in tensors.items()})
+    write_atomic(path, lambda f: f.write(data))
+
+
 def _temporal_stage(vae, args: argparse.Namespace, rec: Recorder, times: dict[str, float], *, lr: float,
                     set_stats: bool) -> torch.Tensor:
     """Encode the training clips' spatial latents, train the temporal VAE on them from its current weights
@@ -258,7 +269,7 @@ def _temporal_stage(vae, args: argparse.Namespace, rec: Recorder, times: dict[st
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from blockrt.pipelines.opensora.stdit3 import STDiT3
     from blockrt.pipelines.opensora.t5 import train_tiny_tokenizer
@@ -283,7 +294,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def write_record(**extra: Any) -> None:
         record.update(times=times, losses=rec.curves, **extra)
-        (out / layout.RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        text = (json.dumps(record, indent=1) + "\n").encode()
+        write_atomic(out / layout.RECORD, lambda f: f.write(text))  # rebuild.finished reads it
 
     t = time.perf_counter()
     tok = train_tiny_tokenizer(tokenizer_corpus(), work / "tokenizer", vocab_size=args.vocab)
@@ -312,7 +324,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stamp += f"-refine{args.refine_vae}r{args.vae_ring}-t{args.tvae_steps}x{args.tvae_focus:g}r{args.tvae_ring}"
     vae_cache, lat_cache = work / f"vae-{stamp}.safetensors", work / f"latents-{stamp}.safetensors"
     spatial_cache = work / f"spatial-{stamp1}.safetensors"  # after phase 1
-    if vae_cache.exists() and lat_cache.exists():
+    reused = vae_cache.exists() and lat_cache.exists()
+    if reused:
         vae.load_state_dict(load_file(vae_cache))
         latents = load_file(lat_cache)["latents"]
         log.info("VAE and latents reused from %s", work)
@@ -322,14 +335,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       ring=args.vae_ring, lr=REFINE_LR, cosine=True, phase=3, frames=frames)
         times["spatial_vae_phase3_s"] = time.perf_counter() - t
         latents = _temporal_stage(vae, args, rec, times, lr=TEMPORAL_REFINE_LR, set_stats=False)
-        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, vae_cache)
-        save_file({"latents": latents.contiguous()}, lat_cache)
     elif args.init_vae:
         t = time.perf_counter()
         latents = finish_vae(vae, encode_spatial(vae, args.seed, args.clips, frames), set_stats=False)
         times["encode_s"] = time.perf_counter() - t
-        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, vae_cache)
-        save_file({"latents": latents.contiguous()}, lat_cache)
     else:
         t = time.perf_counter()
         if spatial_cache.exists():
@@ -337,15 +346,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log.info("spatial VAE phase 1 reused from %s", spatial_cache)
         else:
             train_spatial(vae, args.seed, args.clips, args.vae_steps, args.vae_batch, rec, frames=frames)
-            save_file({k: v.contiguous() for k, v in vae.spatial_vae.state_dict().items()}, spatial_cache)
+            _save_cache(spatial_cache, vae.spatial_vae.state_dict())
         times["spatial_vae_s"] = time.perf_counter() - t
         t = time.perf_counter()
         train_spatial(vae, args.seed, args.clips, args.vae_focus_steps, args.vae_batch, rec, focus=args.vae_focus,
                       lr=FOCUS_LR, phase=2, frames=frames)
         times["spatial_vae_phase2_s"] = time.perf_counter() - t
         latents = _temporal_stage(vae, args, rec, times, lr=VAE_LR, set_stats=True)
-        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, vae_cache)
-        save_file({"latents": latents.contiguous()}, lat_cache)
+    if not reused:
+        _save_cache(vae_cache, vae.state_dict())
+        _save_cache(lat_cache, {"latents": latents})
     vae.eval().requires_grad_(False)
     layout.write_vae(out, vae, spatial_sizes)
     psnr, originals, rebuilt = reconstruction_psnr(vae, args.seed + 1, 0, ROUND_TRIP_CLIPS, frames)  # held out
@@ -377,50 +387,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_record(stdit3_steps_saved=args.steps, **info)
     write_summary(out)
     return record
-
-
-def _record_lines(r: dict[str, Any], name: str) -> list[str]:
-    lines = [f"    {r['command']}", "",
-             f"seed {r['args']['seed']}; {r['args']['clips']} training clips; torch {r['torch']}, {r['threads']} "
-             f"thread(s) on a 2-core CPU; record: `{name}`.", "",
-             "| stage | last step | time | loss (first logged -> last logged, each a mean of 50 steps) |",
-             "|---|---|---|---|"]
-    stage_time = {"spatial_vae_mse": "spatial_vae_s", "spatial_vae_weighted_mse_phase2": "spatial_vae_phase2_s",
-                  "spatial_vae_weighted_mse_phase3": "spatial_vae_phase3_s", "temporal_vae_mse": "temporal_vae_s"}
-    for stage, curve in r["losses"].items():
-        if not curve:
-            continue
-        (s0, v0), (s1, v1) = curve[0], curve[-1]
-        secs = r.get("stdit3_s") if stage == "stdit3_loss" else r["times"].get(stage_time.get(stage, ""))
-        when = "-" if secs is None else f"{secs / 60:.1f} min"
-        lines.append(f"| {stage} | {s1} | {when} | {v0:.4f} (step {s0}) -> {v1:.4f} |")
-    kept = r.get("vae_round_trip_kept")
-    read_back = "" if kept is None else (
-        f" The judge reads back shape {kept['shape']:.0%}, colour {kept['colour']:.0%}, direction {kept['direction']:.0%}.")
-    lines += ["", f"VAE round-trip PSNR on {r.get('vae_round_trip_clips', 16)} held-out clips: "
-              f"{r.get('vae_reconstruction_psnr_db', float('nan')):.2f} dB.{read_back} "
-              f"STDiT3 (EMA, decay {r['objective']['ema_decay']}) saved at step {r.get('stdit3_steps_saved')}."
-              + (f" Started from `{r['init_stdit3']['file']}` (sha256 {r['init_stdit3']['sha256'][:16]}...)."
-                 if r.get("init_stdit3") else ""), ""]
-    return lines
-
-
-def write_summary(weights: str | Path, records: tuple[str, ...] = (layout.RECORD,), notes: tuple[str, ...] = ()) -> Path:
-    """``TRAINING.md`` in ``weights``: for each record (json files there, in order) its command, seed, stage
-    times and losses; then ``notes``; then the sizes and objective of the last record."""
-    d = Path(weights)
-    lines = ["# How these weights were made", ""]
-    last: dict[str, Any] = {}
-    for k, name in enumerate(records):
-        last = json.loads((d / name).read_text())
-        if len(records) > 1:
-            lines += [f"## Run {k + 1}", ""]
-        lines += _record_lines(last, name)
-    lines += [*notes, "" if notes else "", f"Sizes: `{json.dumps(last['sizes'])}`.", "",
-              f"Objective: `{json.dumps(last['objective'])}`.", ""]
-    path = d / "TRAINING.md"
-    path.write_text("\n".join(lines))
-    return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
